@@ -1,0 +1,266 @@
+//! Wiring: metrics and health first (so probes answer during start-up), then NATS, the stream
+//! and consumer, the state poller and the pull loop; and the drain on shutdown.
+//!
+//! Shutdown order: not ready → stop pulling (messages that arrived after that are handed
+//! back) → running calls finish within `drain_timeout` and are settled → at the deadline the
+//! rest are NAKed without delay, so another replica takes them at once → flush acks → exit.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::callback::Callbacks;
+use crate::config::Config;
+use crate::consumer::Puller;
+use crate::invoke::Invoker;
+use crate::metrics::{Metrics, ALL_FUNCTIONS};
+use crate::server::{self, Health};
+use crate::stream::{self, Layout, LayoutError};
+use crate::worker::Worker;
+
+/// A worker started by [`start`].
+pub struct Running {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Begins the graceful drain.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// True once the worker task has ended (after a drain, or on a fatal error).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Waits until the worker has stopped: after a shutdown and drain, or on a fatal error.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("worker task panicked")?
+    }
+}
+
+/// Starts the worker. Binding the metrics port is the only step that fails here; the rest
+/// (connecting, setting up the stream) happens in the background with retries, and a fatal
+/// problem there (an incompatible stream) ends the task with an error.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let metrics = Metrics::new(&config.queue, config.max_inflight);
+    let health = Arc::new(Health::default());
+    let shutdown = CancellationToken::new();
+    let server_stop = CancellationToken::new();
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.metrics_port));
+    let (metrics_addr, server) =
+        server::serve(addr, metrics.clone(), health.clone(), server_stop.clone())
+            .await
+            .with_context(|| format!("cannot listen on metrics_port {}", config.metrics_port))?;
+    tracing::info!(port = metrics_addr.port(), "Starting metrics server");
+
+    let task = tokio::spawn(run(
+        config,
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+        server_stop,
+        server,
+    ));
+    Ok(Running {
+        metrics_addr,
+        metrics,
+        health,
+        shutdown,
+        task,
+    })
+}
+
+async fn run(
+    config: Config,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    server_stop: CancellationToken,
+    server: JoinHandle<()>,
+) -> anyhow::Result<()> {
+    let result = work(&config, metrics, &health, &shutdown).await;
+    server_stop.cancel();
+    let _ = server.await;
+    result
+}
+
+async fn work(
+    config: &Config,
+    metrics: Arc<Metrics>,
+    health: &Arc<Health>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        maxInflight = config.max_inflight,
+        stream = %config.stream_name(),
+        durable = %config.durable,
+        gateway = %config.gateway_url,
+        ackWait = ?config.ack_wait,
+        "Starting queue-worker"
+    );
+    let conn = crate::nats::connect(&config.nats, metrics.clone()).await?;
+    let client = conn.client.clone();
+    let _ = health.nats.set(client.clone());
+    let js = async_nats::jetstream::new(client.clone());
+    let layout = Layout {
+        queue: config.queue.clone(),
+        stream: config.stream_name(),
+        durable: config.durable.clone(),
+        replicas: config.stream_replicas,
+        ack_wait: config.ack_wait,
+    };
+
+    // Set up the stream and consumer, waiting out an unavailable server.
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let attempt = async {
+            stream::ensure_stream(&js, &layout).await?;
+            stream::ensure_consumer(&js, &layout).await
+        };
+        let result = tokio::select! {
+            r = attempt => r,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        match result {
+            Ok(_) => break,
+            Err(LayoutError::Incompatible(msg)) => anyhow::bail!(msg),
+            Err(LayoutError::Unavailable(msg)) => {
+                tracing::warn!(error = %msg, retry_in = ?wait, "waiting for JetStream");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return Ok(()),
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    health.layout_ready.store(true, Ordering::Relaxed);
+    tracing::info!(stream = %layout.stream, durable = %layout.durable, "Subscribed");
+
+    let poller_stop = CancellationToken::new();
+    let poller = tokio::spawn(poll_state(
+        js.clone(),
+        layout.clone(),
+        config.stream_poll_interval,
+        metrics.clone(),
+        health.clone(),
+        poller_stop.clone(),
+    ));
+
+    let slots = Arc::new(Semaphore::new(config.max_inflight));
+    let tracker = TaskTracker::new();
+    let deadline = CancellationToken::new();
+    let worker = Arc::new(Worker {
+        invoker: Invoker::new(config.upstream_timeout, config.max_inflight)?,
+        callbacks: Callbacks::new(config.callback.clone(), metrics.clone())?,
+        metrics: metrics.clone(),
+        retry: config.retry.clone(),
+        gateway: config.gateway_url.as_str().trim_end_matches('/').to_string(),
+        default_namespace: config.default_namespace.clone(),
+        progress_interval: config.progress_interval(),
+        slots: slots.clone(),
+        tracker: tracker.clone(),
+        deadline: deadline.clone(),
+        debug: config.debug,
+    });
+
+    let intake = CancellationToken::new();
+    let puller = Puller {
+        client: client.clone(),
+        js: js.clone(),
+        layout: layout.clone(),
+        slots,
+        max_outstanding: config.pull_max_messages.min(config.max_inflight),
+        generation: conn.generation,
+    };
+    let pull_worker = worker.clone();
+    let pull_stop = intake.clone();
+    let pull_task = tokio::spawn(async move {
+        puller
+            .run(pull_stop, move |msg, slot| pull_worker.dispatch(msg, slot))
+            .await
+    });
+
+    shutdown.cancelled().await;
+    health.draining.store(true, Ordering::Relaxed);
+    let running = tracker.len();
+    tracing::info!(drain_timeout = ?config.drain_timeout, running, "Draining: no new work is pulled");
+    intake.cancel();
+    let _ = pull_task.await;
+    tracker.close();
+    if tokio::time::timeout(config.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Drain deadline reached; handing back unfinished messages");
+        deadline.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!("some tasks did not stop; their messages are redelivered after ack_wait");
+        }
+    }
+    poller_stop.cancel();
+    let _ = poller.await;
+    // Acks are fire-and-forget publishes: make sure they left before the process ends.
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), client.flush()).await {
+        tracing::warn!(error = %e, "could not flush NATS before exit");
+    }
+    tracing::info!("Stopped");
+    Ok(())
+}
+
+/// Reads stream and consumer state every `interval`: the pending gauge (what OpenFaaS's
+/// autoscaler averages across replicas, so every replica reports the whole queue), the
+/// submitted gauge, and the stream part of readiness.
+async fn poll_state(
+    js: async_nats::jetstream::Context,
+    layout: Layout,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) {
+    let pending = metrics
+        .pending
+        .with_label_values(&[layout.queue.as_str(), ALL_FUNCTIONS]);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        match stream::read_state(&js, &layout).await {
+            Ok(state) => {
+                pending.set(state.pending as f64);
+                metrics.submitted.set(state.submitted as f64);
+                health.stream_ok.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if health.stream_ok.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "cannot read stream state");
+                }
+            }
+        }
+    }
+}

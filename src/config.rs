@@ -1,0 +1,902 @@
+//! Configuration: one flat set of keys, named exactly like the OpenFaaS queue-worker's env vars
+//! (`max_inflight`, `ack_wait`, ...), read from four layers with the precedence
+//! flag > env > file > default.
+//!
+//! Loading has two stages, as in ripgrep: [`Sources`] only collects strings and knows which
+//! keys exist; [`Config::load`] turns them into typed values, checks ranges and cross-field
+//! rules, and reads secret files. Every failure is a [`ConfigError`] that names the key, the
+//! value and what is allowed, and the binary exits with code 2 on it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::duration;
+use crate::retry::{Backoff, RetryPolicy};
+
+/// One configuration key: the env var name, which is also the YAML key and the `--set` key.
+pub struct Key {
+    pub name: &'static str,
+    /// The default as a user would write it; empty when the key is unset by default.
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+macro_rules! keys {
+    ($($name:literal = $default:literal : $help:literal,)*) => {
+        /// Every key the worker understands, with its default and a one-line description.
+        /// `config.example.yaml` documents each of them (a test checks it).
+        pub const KEYS: &[Key] = &[$(Key { name: $name, default: $default, help: $help },)*];
+    };
+}
+
+keys! {
+    "gateway_url" = "http://gateway.openfaas:8080": "Base URL of the OpenFaaS gateway; functions are called at <gateway_url>/function/<name>.",
+    "nats_url" = "": "Comma-separated NATS URLs; overrides nats_host and nats_port.",
+    "nats_host" = "nats": "NATS host, used when nats_url is empty.",
+    "nats_port" = "4222": "NATS port, used when nats_url is empty.",
+    "nats_user" = "": "NATS user name (with nats_password_file).",
+    "nats_password_file" = "": "File holding the NATS password.",
+    "nats_token_file" = "": "File holding a NATS token.",
+    "nats_creds_file" = "": "NATS .creds file (JWT and nkey seed).",
+    "nats_nkey_file" = "": "File holding an nkey seed.",
+    "nats_tls_ca_file" = "": "PEM file of CA certificates to trust for NATS TLS.",
+    "nats_tls_cert_file" = "": "PEM client certificate for NATS mutual TLS (with nats_tls_key_file).",
+    "nats_tls_key_file" = "": "PEM client key for NATS mutual TLS (with nats_tls_cert_file).",
+    "queue_name" = "": "Queue to consume; empty falls back to nats_stream. The stream is OF_<queue>.",
+    "nats_stream" = "faas-request": "Queue name used when queue_name is empty (OpenFaaS's nats.channel / nats.stream.name).",
+    "nats_stream_replicas" = "1": "Replicas of the stream when the worker creates it.",
+    "nats_durable" = "faas-workers": "Name of the shared durable consumer (static mode).",
+    "ack_wait" = "60s": "Lease of a delivered message; renewed with in-progress acks while a call runs.",
+    "max_inflight" = "50": "Most invocations running at once in this replica.",
+    "consumer_pull_max_messages" = "": "Most messages requested from NATS but not yet received; empty means max_inflight.",
+    "scaling_mode" = "static": "static (one shared consumer) or function (not supported yet).",
+    "limiter_enabled" = "true": "Adaptive concurrency; applies only in function mode (not supported yet).",
+    "consumer_inactive_threshold" = "30s": "Function mode: idle time before a function's consumer is removed.",
+    "queue_partitions" = "1": "Partitions of the queue (only 1 is supported yet).",
+    "filter_partition" = "0": "Partition this worker consumes (only 0 is supported yet).",
+    "upstream_timeout" = "1m": "Longest a function call may take.",
+    "max_retry_attempts" = "100": "Most times a message is sent to its function before giving up.",
+    "initial_retry_wait" = "10s": "Delay before the first retry; doubles per attempt.",
+    "max_retry_wait" = "120s": "Longest delay between retries.",
+    "retry_http_codes" = "408,429,500,502,503,504": "HTTP status codes that are retried.",
+    "backoff" = "exponential": "exponential, full (random in [0, d]) or equal (d/2 + random in [0, d/2]); empty means exponential.",
+    "tls_insecure" = "false": "Skip TLS verification for callbacks.",
+    "default_function_name" = "openfaas-fn": "Namespace used to qualify function names without one (metric labels, subjects).",
+    "callback_max_attempts" = "3": "Most tries to deliver one callback.",
+    "callback_timeout" = "10s": "Timeout of one callback request.",
+    "callback_retry_wait" = "1s": "Delay before the first callback retry; doubles per try.",
+    "metrics_port" = "8081": "Port of /metrics, /healthz and /readyz.",
+    "drain_timeout" = "25s": "On SIGTERM, how long in-flight calls may run before their messages are handed back.",
+    "stream_poll_interval" = "5s": "How often stream and consumer state is read for metrics and readiness.",
+    "debug" = "false": "Log at debug level (includes bodies).",
+    "log_encoding" = "console": "console or json.",
+}
+
+/// Env vars of older OpenFaaS queue-workers that are accepted and ignored with a warning, so a
+/// values file written for those versions does not stop the worker.
+pub const LEGACY_KEYS: &[(&str, &str)] = &[
+    ("max_waiting", "pull requests are sized to free slots"),
+    ("max_reconnect", "the worker reconnects to NATS forever"),
+    ("reconnect_delay", "reconnect delays are managed by the NATS client"),
+    ("gateway_address", "use gateway_url"),
+    ("gateway_port", "use gateway_url"),
+    ("print_request_body", "set debug=true to log bodies"),
+    ("print_response_body", "set debug=true to log bodies"),
+    ("write_debug", "set debug=true"),
+    ("inactive_threshold", "renamed to consumer_inactive_threshold"),
+];
+
+/// Where a value came from, for error messages ("max_inflight=abc (from env)").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File,
+    Env,
+    Flag,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::Default => "default",
+            Origin::File => "config file",
+            Origin::Env => "env",
+            Origin::Flag => "flag",
+        })
+    }
+}
+
+/// Why configuration was refused. Each variant names the key so the operator can fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid value {value:?} for {key} (from {origin}): expected {allowed}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        origin: Origin,
+        allowed: String,
+    },
+    #[error("{key}={value:?} is not supported yet: {why}")]
+    Unsupported {
+        key: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("unknown key {key:?} in {origin}{hint}")]
+    UnknownKey {
+        key: String,
+        origin: String,
+        hint: String,
+    },
+    #[error("cannot read {key} file {path}: {reason}")]
+    File {
+        key: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// The raw layers, as strings. No parsing beyond YAML happens here.
+#[derive(Debug, Default, Clone)]
+pub struct Sources {
+    file: BTreeMap<String, String>,
+    env: BTreeMap<String, String>,
+    flags: BTreeMap<String, String>,
+    /// Legacy keys that were set, to warn about once logging is up.
+    legacy_seen: Vec<(String, Origin)>,
+}
+
+impl Sources {
+    /// Reads the optional YAML file and the process environment; `flags` are `(key, value)`
+    /// pairs from the command line and win over both.
+    pub fn gather(
+        file: Option<&Path>,
+        flags: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut sources = Sources::default();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                key: "--config".into(),
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+            sources.add_yaml(&text, &path.display().to_string())?;
+        }
+        for key in KEYS {
+            if let Ok(value) = std::env::var(key.name) {
+                sources.env.insert(key.name.to_string(), value);
+            }
+        }
+        for (legacy, _) in LEGACY_KEYS {
+            if let Ok(value) = std::env::var(legacy) {
+                sources.env.insert(legacy.to_string(), value);
+                sources.legacy_seen.push((legacy.to_string(), Origin::Env));
+            }
+        }
+        for (key, value) in flags {
+            sources.set(Origin::Flag, &key, value)?;
+        }
+        Ok(sources)
+    }
+
+    /// Sources made only of `(key, value)` pairs at flag precedence; no env, no file. Tests and
+    /// embedders use this to get a fully deterministic configuration.
+    pub fn from_pairs<K: AsRef<str>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, ConfigError> {
+        let mut sources = Sources::default();
+        for (k, v) in pairs {
+            sources.set(Origin::Flag, k.as_ref(), v.into())?;
+        }
+        Ok(sources)
+    }
+
+    /// Adds a YAML document of `key: value` pairs at file precedence.
+    pub fn add_yaml(&mut self, text: &str, name: &str) -> Result<(), ConfigError> {
+        let bad = |reason: String| ConfigError::File {
+            key: "--config".into(),
+            path: PathBuf::from(name),
+            reason,
+        };
+        let doc: serde_norway::Value = serde_norway::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let map = match doc {
+            serde_norway::Value::Null => return Ok(()),
+            serde_norway::Value::Mapping(map) => map,
+            _ => return Err(bad("expected a mapping of key: value".into())),
+        };
+        for (k, v) in map {
+            let key = match k {
+                serde_norway::Value::String(s) => s,
+                other => return Err(bad(format!("key {other:?} is not a string"))),
+            };
+            let value = match v {
+                serde_norway::Value::Null => continue,
+                serde_norway::Value::Bool(b) => b.to_string(),
+                serde_norway::Value::Number(n) => n.to_string(),
+                serde_norway::Value::String(s) => s,
+                serde_norway::Value::Sequence(items) => items
+                    .into_iter()
+                    .map(|i| match i {
+                        serde_norway::Value::String(s) => Ok(s),
+                        serde_norway::Value::Number(n) => Ok(n.to_string()),
+                        _ => Err(bad(format!("{key}: list items must be scalars"))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+                    .join(","),
+                _ => return Err(bad(format!("{key}: expected a scalar value"))),
+            };
+            self.set(Origin::File, &key, value)?;
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, origin: Origin, key: &str, value: String) -> Result<(), ConfigError> {
+        let layer = match origin {
+            Origin::File => &mut self.file,
+            Origin::Env => &mut self.env,
+            _ => &mut self.flags,
+        };
+        if KEYS.iter().any(|k| k.name == key) {
+            layer.insert(key.to_string(), value);
+            return Ok(());
+        }
+        if LEGACY_KEYS.iter().any(|(k, _)| *k == key) {
+            layer.insert(key.to_string(), value);
+            self.legacy_seen.push((key.to_string(), origin));
+            return Ok(());
+        }
+        Err(ConfigError::UnknownKey {
+            key: key.to_string(),
+            origin: origin.to_string(),
+            hint: suggest(key),
+        })
+    }
+
+    /// The winning value of `key` and where it came from; `None` when only the default applies.
+    pub fn get(&self, key: &str) -> Option<(&str, Origin)> {
+        if let Some(v) = self.flags.get(key) {
+            return Some((v, Origin::Flag));
+        }
+        if let Some(v) = self.env.get(key) {
+            return Some((v, Origin::Env));
+        }
+        self.file.get(key).map(|v| (v.as_str(), Origin::File))
+    }
+}
+
+fn suggest(key: &str) -> String {
+    let lower = key.to_ascii_lowercase().replace('-', "_");
+    if let Some(k) = KEYS.iter().find(|k| k.name == lower) {
+        return format!("; did you mean {}?", k.name);
+    }
+    let close = KEYS
+        .iter()
+        .filter(|k| k.name.contains(&lower) || lower.contains(k.name))
+        .map(|k| k.name)
+        .collect::<Vec<_>>();
+    if close.is_empty() {
+        "; see config.example.yaml for the keys".into()
+    } else {
+        format!("; did you mean {}?", close.join(" or "))
+    }
+}
+
+/// A secret read from a file. Its `Debug` never prints the value, so a config dump or a panic
+/// message cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// How the worker authenticates to NATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    None,
+    Token(Secret),
+    UserPassword { user: String, password: Secret },
+    CredsFile(PathBuf),
+    NkeySeed(Secret),
+}
+
+/// Everything needed to open the NATS connection.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    pub urls: Vec<String>,
+    pub auth: NatsAuth,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_client: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogEncoding {
+    Console,
+    Json,
+}
+
+/// Callback delivery settings. Callbacks are best effort with bounded retries; they never
+/// change the fate of the message.
+#[derive(Debug, Clone)]
+pub struct CallbackConfig {
+    pub max_attempts: u32,
+    pub timeout: Duration,
+    pub retry_wait: Duration,
+    pub tls_insecure: bool,
+}
+
+/// The validated configuration. Built only by [`Config::load`], so holding one means every
+/// value is in range.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gateway_url: url::Url,
+    pub nats: NatsConfig,
+    /// The queue name; subjects are `<queue>` and `<queue>.>`.
+    pub queue: String,
+    pub stream_replicas: usize,
+    pub durable: String,
+    pub ack_wait: Duration,
+    pub max_inflight: usize,
+    pub pull_max_messages: usize,
+    pub upstream_timeout: Duration,
+    pub retry: RetryPolicy,
+    pub default_namespace: String,
+    pub callback: CallbackConfig,
+    pub metrics_port: u16,
+    pub drain_timeout: Duration,
+    pub stream_poll_interval: Duration,
+    pub debug: bool,
+    pub log_encoding: LogEncoding,
+    /// Notes about accepted-but-ignored settings, logged once logging is configured.
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// The JetStream stream that holds the queue.
+    pub fn stream_name(&self) -> String {
+        format!("OF_{}", self.queue)
+    }
+
+    /// How often an in-progress ack renews the lease of a running call: a third of `ack_wait`,
+    /// so two renewals can be lost before the server redelivers.
+    pub fn progress_interval(&self) -> Duration {
+        (self.ack_wait / 3).max(Duration::from_millis(50))
+    }
+
+    /// Validates every key of `sources` into a `Config`.
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let r = Reader { sources };
+        let mut warnings = Vec::new();
+        for (key, origin) in &sources.legacy_seen {
+            let why = LEGACY_KEYS
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, why)| *why)
+                .unwrap_or("");
+            warnings.push(format!(
+                "{key} (from {origin}) is no longer used and is ignored: {why}"
+            ));
+        }
+
+        let gateway_url = r.url("gateway_url")?;
+        let nats = r.nats()?;
+
+        let queue = match r.string("queue_name") {
+            (q, _) if !q.trim().is_empty() => q.trim().to_string(),
+            _ => r.string("nats_stream").0.trim().to_string(),
+        };
+        let queue_key = if r.string("queue_name").0.trim().is_empty() {
+            "nats_stream"
+        } else {
+            "queue_name"
+        };
+        if queue.is_empty()
+            || !queue
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(r.invalid(
+                queue_key,
+                "a queue name of letters, digits, '-' and '_' (it becomes the subject and the stream OF_<queue>)",
+            ));
+        }
+
+        let durable = r.string("nats_durable").0.trim().to_string();
+        if durable.is_empty()
+            || !durable
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(r.invalid(
+                "nats_durable",
+                "a consumer name of letters, digits, '-' and '_'",
+            ));
+        }
+
+        let stream_replicas = r.number("nats_stream_replicas", 1, 5)? as usize;
+        let ack_wait = r.duration("ack_wait", Duration::from_millis(100), None)?;
+        let max_inflight = r.number("max_inflight", 1, 100_000)? as usize;
+        let pull_max_messages = match r.sources.get("consumer_pull_max_messages") {
+            Some((v, _)) if !v.trim().is_empty() => {
+                r.number("consumer_pull_max_messages", 1, 100_000)? as usize
+            }
+            _ => max_inflight,
+        };
+        let upstream_timeout = r.duration("upstream_timeout", Duration::from_millis(1), None)?;
+
+        match r.string("scaling_mode").0.trim() {
+            "static" | "" => {}
+            "function" => {
+                return Err(ConfigError::Unsupported {
+                    key: "scaling_mode",
+                    value: "function".into(),
+                    why: "function mode (one consumer per function) is planned; use scaling_mode=static",
+                })
+            }
+            _ => return Err(r.invalid("scaling_mode", "static or function")),
+        }
+        if r.boolean("limiter_enabled")? && r.sources.get("limiter_enabled").is_some() {
+            warnings.push(
+                "limiter_enabled applies only in function mode; ignored in static mode".into(),
+            );
+        }
+        r.duration("consumer_inactive_threshold", Duration::from_secs(1), None)?;
+        if r.number("queue_partitions", 1, 1024)? != 1 {
+            return Err(ConfigError::Unsupported {
+                key: "queue_partitions",
+                value: r.string("queue_partitions").0.into(),
+                why: "queue partitions are not implemented; use 1",
+            });
+        }
+        if r.number("filter_partition", 0, 1023)? != 0 {
+            return Err(ConfigError::Unsupported {
+                key: "filter_partition",
+                value: r.string("filter_partition").0.into(),
+                why: "queue partitions are not implemented; use 0",
+            });
+        }
+
+        let retry = RetryPolicy {
+            max_attempts: r.number("max_retry_attempts", 1, 1_000_000)? as u32,
+            initial_wait: r.duration("initial_retry_wait", Duration::ZERO, None)?,
+            max_wait: r.duration("max_retry_wait", Duration::ZERO, None)?,
+            codes: r.codes("retry_http_codes")?,
+            backoff: match r.string("backoff").0.trim() {
+                "" | "exponential" => Backoff::Exponential,
+                "full" => Backoff::Full,
+                "equal" => Backoff::Equal,
+                _ => return Err(r.invalid("backoff", "exponential, full or equal (empty means exponential)")),
+            },
+        };
+        if retry.max_wait < retry.initial_wait {
+            return Err(ConfigError::Conflict(format!(
+                "max_retry_wait ({}) must not be shorter than initial_retry_wait ({})",
+                duration::format(retry.max_wait),
+                duration::format(retry.initial_wait)
+            )));
+        }
+
+        let default_namespace = r.string("default_function_name").0.trim().to_string();
+        if default_namespace.is_empty()
+            || !default_namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(r.invalid(
+                "default_function_name",
+                "a Kubernetes namespace name (letters, digits, '-')",
+            ));
+        }
+
+        let callback = CallbackConfig {
+            max_attempts: r.number("callback_max_attempts", 1, 100)? as u32,
+            timeout: r.duration("callback_timeout", Duration::from_millis(1), None)?,
+            retry_wait: r.duration("callback_retry_wait", Duration::ZERO, None)?,
+            tls_insecure: r.boolean("tls_insecure")?,
+        };
+
+        let metrics_port = r.number("metrics_port", 0, 65535)? as u16;
+        let drain_timeout = r.duration("drain_timeout", Duration::ZERO, None)?;
+        let stream_poll_interval =
+            r.duration("stream_poll_interval", Duration::from_millis(100), None)?;
+        let debug = r.boolean("debug")?;
+        let log_encoding = match r.string("log_encoding").0.trim() {
+            "console" | "" => LogEncoding::Console,
+            "json" => LogEncoding::Json,
+            _ => return Err(r.invalid("log_encoding", "console or json")),
+        };
+
+        Ok(Config {
+            gateway_url,
+            nats,
+            queue,
+            stream_replicas,
+            durable,
+            ack_wait,
+            max_inflight,
+            pull_max_messages,
+            upstream_timeout,
+            retry,
+            default_namespace,
+            callback,
+            metrics_port,
+            drain_timeout,
+            stream_poll_interval,
+            debug,
+            log_encoding,
+            warnings,
+        })
+    }
+}
+
+/// Typed access to `Sources` with the key's default applied and errors that name the key.
+struct Reader<'a> {
+    sources: &'a Sources,
+}
+
+impl Reader<'_> {
+    fn string(&self, key: &'static str) -> (&str, Origin) {
+        self.sources.get(key).unwrap_or_else(|| {
+            let default = KEYS
+                .iter()
+                .find(|k| k.name == key)
+                .map(|k| k.default)
+                .unwrap_or_else(|| panic!("config key {key} is not in KEYS"));
+            (default, Origin::Default)
+        })
+    }
+
+    fn invalid(&self, key: &'static str, allowed: &str) -> ConfigError {
+        let (value, origin) = self.string(key);
+        ConfigError::Invalid {
+            key,
+            value: value.to_string(),
+            origin,
+            allowed: allowed.to_string(),
+        }
+    }
+
+    fn number(&self, key: &'static str, min: u64, max: u64) -> Result<u64, ConfigError> {
+        let allowed = format!("a whole number from {min} to {max}");
+        match self.string(key).0.trim().parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(self.invalid(key, &allowed)),
+        }
+    }
+
+    fn duration(
+        &self,
+        key: &'static str,
+        min: Duration,
+        max: Option<Duration>,
+    ) -> Result<Duration, ConfigError> {
+        let allowed = match max {
+            Some(max) => format!(
+                "a duration like 30s, 1m or 1m30s, from {} to {}",
+                duration::format(min),
+                duration::format(max)
+            ),
+            None if min.is_zero() => "a duration like 30s, 1m or 1m30s".to_string(),
+            None => format!(
+                "a duration like 30s, 1m or 1m30s, at least {}",
+                duration::format(min)
+            ),
+        };
+        match duration::parse(self.string(key).0) {
+            Some(d) if d >= min && max.is_none_or(|m| d <= m) => Ok(d),
+            _ => Err(self.invalid(key, &allowed)),
+        }
+    }
+
+    fn boolean(&self, key: &'static str) -> Result<bool, ConfigError> {
+        match self.string(key).0.trim().to_ascii_lowercase().as_str() {
+            "1" | "t" | "true" | "yes" | "on" => Ok(true),
+            "0" | "f" | "false" | "no" | "off" | "" => Ok(false),
+            _ => Err(self.invalid(key, "true or false")),
+        }
+    }
+
+    fn url(&self, key: &'static str) -> Result<url::Url, ConfigError> {
+        let raw = self.string(key).0.trim();
+        match url::Url::parse(raw) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(u),
+            _ => Err(self.invalid(key, "an http:// or https:// URL such as http://gateway.openfaas:8080")),
+        }
+    }
+
+    fn codes(&self, key: &'static str) -> Result<Vec<u16>, ConfigError> {
+        let raw = self.string(key).0;
+        let mut codes = Vec::new();
+        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.parse::<u16>() {
+                Ok(c) if (100..=599).contains(&c) => codes.push(c),
+                _ => {
+                    return Err(self.invalid(
+                        key,
+                        "a comma-separated list of HTTP status codes (100-599), e.g. 429,502,503",
+                    ))
+                }
+            }
+        }
+        codes.sort_unstable();
+        codes.dedup();
+        Ok(codes)
+    }
+
+    fn optional_path(&self, key: &'static str) -> Option<PathBuf> {
+        match self.sources.get(key) {
+            Some((v, _)) if !v.trim().is_empty() => Some(PathBuf::from(v.trim())),
+            _ => None,
+        }
+    }
+
+    fn read_secret(&self, key: &'static str) -> Result<Option<Secret>, ConfigError> {
+        let Some(path) = self.optional_path(key) else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::File {
+            key: key.into(),
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let value = text.trim().to_string();
+        if value.is_empty() {
+            return Err(ConfigError::File {
+                key: key.into(),
+                path,
+                reason: "the file is empty".into(),
+            });
+        }
+        Ok(Some(Secret(value)))
+    }
+
+    fn existing_file(&self, key: &'static str) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(path) = self.optional_path(key) else {
+            return Ok(None);
+        };
+        std::fs::metadata(&path).map_err(|e| ConfigError::File {
+            key: key.into(),
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Some(path))
+    }
+
+    fn nats(&self) -> Result<NatsConfig, ConfigError> {
+        let urls: Vec<String> = match self.sources.get("nats_url") {
+            Some((v, _)) if !v.trim().is_empty() => {
+                let mut urls = Vec::new();
+                for part in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                    let with_scheme = if part.contains("://") {
+                        part.to_string()
+                    } else {
+                        format!("nats://{part}")
+                    };
+                    match url::Url::parse(&with_scheme) {
+                        Ok(u)
+                            if matches!(u.scheme(), "nats" | "tls" | "ws" | "wss")
+                                && u.host().is_some() =>
+                        {
+                            urls.push(with_scheme)
+                        }
+                        _ => {
+                            return Err(self.invalid(
+                                "nats_url",
+                                "comma-separated NATS URLs such as nats://nats:4222,nats://nats-2:4222",
+                            ))
+                        }
+                    }
+                }
+                urls
+            }
+            _ => {
+                let host = self.string("nats_host").0.trim().to_string();
+                if host.is_empty() || host.contains([' ', '/', ',']) {
+                    return Err(self.invalid("nats_host", "a host name or IP address"));
+                }
+                let port = self.number("nats_port", 1, 65535)?;
+                let host = if host.contains(':') && !host.starts_with('[') {
+                    format!("[{host}]")
+                } else {
+                    host
+                };
+                vec![format!("nats://{host}:{port}")]
+            }
+        };
+
+        let token = self.read_secret("nats_token_file")?;
+        let password = self.read_secret("nats_password_file")?;
+        let nkey = self.read_secret("nats_nkey_file")?;
+        let creds = self.existing_file("nats_creds_file")?;
+        let user = self.string("nats_user").0.trim().to_string();
+        let mut chosen = Vec::new();
+        let mut auth = NatsAuth::None;
+        if let Some(t) = token {
+            chosen.push("nats_token_file");
+            auth = NatsAuth::Token(t);
+        }
+        if !user.is_empty() || password.is_some() {
+            chosen.push("nats_user/nats_password_file");
+            match password {
+                Some(password) if !user.is_empty() => {
+                    auth = NatsAuth::UserPassword { user, password }
+                }
+                _ => {
+                    return Err(ConfigError::Conflict(
+                        "nats_user and nats_password_file must be set together".into(),
+                    ))
+                }
+            }
+        }
+        if let Some(c) = creds {
+            chosen.push("nats_creds_file");
+            auth = NatsAuth::CredsFile(c);
+        }
+        if let Some(n) = nkey {
+            chosen.push("nats_nkey_file");
+            auth = NatsAuth::NkeySeed(n);
+        }
+        if chosen.len() > 1 {
+            return Err(ConfigError::Conflict(format!(
+                "choose one NATS authentication method, not {}",
+                chosen.join(" and ")
+            )));
+        }
+
+        let tls_ca_file = self.existing_file("nats_tls_ca_file")?;
+        let cert = self.existing_file("nats_tls_cert_file")?;
+        let key = self.existing_file("nats_tls_key_file")?;
+        let tls_client = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Conflict(
+                    "nats_tls_cert_file and nats_tls_key_file must be set together".into(),
+                ))
+            }
+        };
+        Ok(NatsConfig {
+            urls,
+            auth,
+            tls_ca_file,
+            tls_client,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load(&Sources::from_pairs(pairs.iter().copied()).unwrap())
+    }
+
+    #[test]
+    fn defaults_match_openfaas() {
+        let c = load(&[]).unwrap();
+        assert_eq!(c.queue, "faas-request");
+        assert_eq!(c.stream_name(), "OF_faas-request");
+        assert_eq!(c.durable, "faas-workers");
+        assert_eq!(c.ack_wait, Duration::from_secs(60));
+        assert_eq!(c.max_inflight, 50);
+        assert_eq!(c.retry.max_attempts, 100);
+        assert_eq!(c.retry.initial_wait, Duration::from_secs(10));
+        assert_eq!(c.retry.max_wait, Duration::from_secs(120));
+        assert_eq!(c.retry.codes, vec![408, 429, 500, 502, 503, 504]);
+        assert_eq!(c.retry.backoff, Backoff::Exponential);
+        assert_eq!(c.upstream_timeout, Duration::from_secs(60));
+        assert_eq!(c.metrics_port, 8081);
+        assert_eq!(c.default_namespace, "openfaas-fn");
+        assert_eq!(c.nats.urls, vec!["nats://nats:4222".to_string()]);
+    }
+
+    #[test]
+    fn queue_name_falls_back_to_nats_stream() {
+        assert_eq!(load(&[("nats_stream", "custom-request")]).unwrap().queue, "custom-request");
+        let c = load(&[("nats_stream", "custom-request"), ("queue_name", "slow-fns")]).unwrap();
+        assert_eq!(c.queue, "slow-fns");
+        assert_eq!(load(&[("queue_name", "")]).unwrap().queue, "faas-request");
+    }
+
+    #[test]
+    fn empty_backoff_means_exponential() {
+        assert_eq!(load(&[("backoff", "")]).unwrap().retry.backoff, Backoff::Exponential);
+        assert_eq!(load(&[("backoff", "full")]).unwrap().retry.backoff, Backoff::Full);
+    }
+
+    #[test]
+    fn invalid_values_name_key_value_and_allowed() {
+        let cases = [
+            ("max_inflight", "abc", "a whole number from 1 to 100000"),
+            ("max_inflight", "0", "a whole number"),
+            ("ack_wait", "60", "a duration like 30s"),
+            ("backoff", "linear", "exponential, full or equal"),
+            ("retry_http_codes", "500,abc", "comma-separated list of HTTP status codes"),
+            ("gateway_url", "gateway:8080", "http:// or https:// URL"),
+            ("log_encoding", "xml", "console or json"),
+            ("debug", "maybe", "true or false"),
+            ("nats_url", "http://x", "NATS URLs"),
+            ("queue_name", "a.b", "queue name"),
+        ];
+        for (key, value, allowed) in cases {
+            let err = load(&[(key, value)]).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+            assert!(err.contains(&format!("{value:?}")), "{err}");
+            assert!(err.contains(allowed), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_a_hint() {
+        let err = Sources::from_pairs([("max-inflight", "3")]).unwrap_err().to_string();
+        assert!(err.contains("did you mean max_inflight"), "{err}");
+    }
+
+    #[test]
+    fn function_mode_is_refused_clearly() {
+        let err = load(&[("scaling_mode", "function")]).unwrap_err().to_string();
+        assert!(err.contains("scaling_mode") && err.contains("not supported yet"), "{err}");
+    }
+
+    #[test]
+    fn legacy_keys_warn() {
+        let c = load(&[("max_waiting", "512")]).unwrap();
+        assert!(c.warnings.iter().any(|w| w.contains("max_waiting")));
+    }
+
+    #[test]
+    fn precedence_is_flag_env_file_default() {
+        let mut s = Sources::default();
+        s.add_yaml("max_inflight: 7\nack_wait: 5s\nbackoff: full\n", "test.yaml")
+            .unwrap();
+        s.env.insert("max_inflight".into(), "8".into());
+        s.env.insert("ack_wait".into(), "6s".into());
+        s.flags.insert("max_inflight".into(), "9".into());
+        let c = Config::load(&s).unwrap();
+        assert_eq!(c.max_inflight, 9);
+        assert_eq!(c.ack_wait, Duration::from_secs(6));
+        assert_eq!(c.retry.backoff, Backoff::Full);
+        assert_eq!(c.drain_timeout, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let c = load(&[("nats_token_file", path.to_str().unwrap())]).unwrap();
+        assert_eq!(c.nats.auth, NatsAuth::Token(Secret("s3cret".into())));
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let err = load(&[("nats_token_file", "/nonexistent/token")]).unwrap_err().to_string();
+        assert!(err.contains("nats_token_file"), "{err}");
+    }
+
+    #[test]
+    fn example_file_parses_and_documents_every_key() {
+        let text = include_str!("../config.example.yaml");
+        let mut s = Sources::default();
+        s.add_yaml(text, "config.example.yaml").unwrap();
+        Config::load(&s).unwrap();
+        for key in KEYS {
+            assert!(
+                text.contains(&format!("\n{}:", key.name))
+                    || text.contains(&format!("\n# {}:", key.name)),
+                "config.example.yaml does not document {}",
+                key.name
+            );
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! ① The pull loop. It asks JetStream only for as many messages as there are free slots, so
+//! nothing waits in a local buffer while its `ack_wait` runs out; each delivered message
+//! arrives with the slot (semaphore permit) that was reserved for it.
+//!
+//! Protocol, as nats-server 2.9 and later speak it: pull requests
+//! `{"batch":n,"expires":ns,"idle_heartbeat":ns}` go to
+//! `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>` with one long-lived inbox as reply subject.
+//! The server answers with messages, `100` heartbeats while a request waits, and a status
+//! (`408` expired, `409` consumer deleted, ...) carrying `Nats-Pending-Messages` for what a
+//! request did not deliver. Several requests may be outstanding at once, so pulls pipeline
+//! with the work instead of waiting for each batch to finish.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::StatusCode;
+use futures_util::StreamExt;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::stream::{ensure_consumer, Layout};
+
+/// How long a pull request waits on the server for messages.
+const EXPIRES: Duration = Duration::from_secs(30);
+/// Heartbeat interval the server keeps while a request waits.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// No heartbeat for this long while requests are outstanding: assume they are gone.
+const HEARTBEAT_LOST: Duration = Duration::from_secs(11);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What the pull loop needs.
+pub struct Puller {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub layout: Layout,
+    /// One permit per invocation slot (`max_inflight`).
+    pub slots: Arc<Semaphore>,
+    /// Most messages requested but not yet received (`consumer_pull_max_messages`).
+    pub max_outstanding: usize,
+    /// Changes on every NATS reconnect.
+    pub generation: watch::Receiver<u64>,
+}
+
+/// Permits held by the loop: acquired but not yet asked for (`free`), and backing requests
+/// the server has not filled yet (`reserved`).
+#[derive(Default)]
+struct Slots {
+    free: Option<OwnedSemaphorePermit>,
+    reserved: Option<OwnedSemaphorePermit>,
+}
+
+fn count(p: &Option<OwnedSemaphorePermit>) -> usize {
+    p.as_ref().map_or(0, |p| p.num_permits())
+}
+
+fn merge(into: &mut Option<OwnedSemaphorePermit>, p: OwnedSemaphorePermit) {
+    match into {
+        Some(existing) => existing.merge(p),
+        None => *into = Some(p),
+    }
+}
+
+fn take(from: &mut Option<OwnedSemaphorePermit>, n: usize) -> Option<OwnedSemaphorePermit> {
+    if n == 0 {
+        return None;
+    }
+    let have = count(from);
+    if n >= have {
+        return from.take();
+    }
+    from.as_mut().and_then(|p| p.split(n))
+}
+
+/// Why the loop starts over with a new inbox.
+enum Reset {
+    /// The connection was re-established; outstanding requests died with the old one.
+    Reconnected,
+    /// The server said something went wrong; pause before asking again.
+    Trouble(String),
+    /// The consumer is gone or unreachable: recreate it, then pause.
+    Consumer(String),
+}
+
+impl Puller {
+    /// Pulls until `stop` is cancelled, handing each message and its slot to `dispatch`.
+    /// The slot is `None` only for a message the loop did not ask for; the receiver must then
+    /// wait for a slot itself. Returns after unsubscribing; messages that arrived after `stop`
+    /// are handed back to JetStream for immediate redelivery.
+    pub async fn run<F>(mut self, stop: CancellationToken, mut dispatch: F)
+    where
+        F: FnMut(jetstream::Message, Option<OwnedSemaphorePermit>),
+    {
+        let subject = format!(
+            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+            self.layout.stream, self.layout.durable
+        );
+        let threshold = (self.max_outstanding / 2).max(1);
+        let mut backoff = BACKOFF_MIN;
+        let mut slots = Slots::default();
+        self.generation.borrow_and_update();
+
+        'session: loop {
+            let inbox = self.client.new_inbox();
+            let mut sub = match self.client.subscribe(inbox.clone()).await {
+                Ok(sub) => sub,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to pull inbox; retrying");
+                    if sleep_or_stop(&stop, backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            let mut last_activity = Instant::now();
+
+            let reset = loop {
+                // Ask for what we have slots for: at once when nothing is outstanding, in
+                // batches of at least `threshold` otherwise. (A request that stays
+                // outstanding means the stream is empty, and new messages go to it anyway.)
+                let outstanding = count(&slots.reserved);
+                let free = count(&slots.free);
+                if free > 0
+                    && (outstanding == 0
+                        || free >= threshold
+                        || free + outstanding >= self.max_outstanding)
+                {
+                    let n = free;
+                    let payload = format!(
+                        r#"{{"batch":{n},"expires":{},"idle_heartbeat":{}}}"#,
+                        EXPIRES.as_nanos(),
+                        HEARTBEAT.as_nanos()
+                    );
+                    match self
+                        .client
+                        .publish_with_reply(subject.clone(), inbox.clone(), payload.into())
+                        .await
+                    {
+                        Ok(()) => {
+                            if outstanding == 0 {
+                                last_activity = Instant::now();
+                            }
+                            if let Some(p) = take(&mut slots.free, n) {
+                                merge(&mut slots.reserved, p);
+                            }
+                            continue;
+                        }
+                        Err(e) => break Reset::Trouble(format!("pull request not sent: {e}")),
+                    }
+                }
+
+                let want_permits = free + outstanding < self.max_outstanding;
+                let watchdog = last_activity + HEARTBEAT_LOST;
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => {
+                        drop(slots);
+                        let _ = sub.unsubscribe().await;
+                        while let Some(msg) = sub.next().await {
+                            if msg.status.is_none() && msg.reply.is_some() {
+                                let msg = jetstream::Message { message: msg, context: self.js.clone() };
+                                let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+                            }
+                        }
+                        return;
+                    }
+                    changed = self.generation.changed() => {
+                        if changed.is_err() {
+                            // The connection is gone for good; only shutdown is left.
+                            stop.cancelled().await;
+                            continue;
+                        }
+                        break Reset::Reconnected;
+                    }
+                    permit = self.slots.clone().acquire_owned(), if want_permits => {
+                        let Ok(mut permit) = permit else { return };
+                        let room = self.max_outstanding - (free + outstanding + 1);
+                        let more = self.slots.available_permits().min(room);
+                        if more > 0 {
+                            if let Ok(p) = self.slots.clone().try_acquire_many_owned(more as u32) {
+                                permit.merge(p);
+                            }
+                        }
+                        merge(&mut slots.free, permit);
+                    }
+                    msg = sub.next() => {
+                        let Some(msg) = msg else {
+                            break Reset::Trouble("pull inbox closed".into());
+                        };
+                        last_activity = Instant::now();
+                        match msg.status {
+                            None => {
+                                backoff = BACKOFF_MIN;
+                                let permit = take(&mut slots.reserved, 1);
+                                if permit.is_none() {
+                                    tracing::debug!("message arrived without a reserved slot");
+                                }
+                                dispatch(jetstream::Message { message: msg, context: self.js.clone() }, permit);
+                            }
+                            Some(StatusCode::IDLE_HEARTBEAT) => {}
+                            Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => {
+                                match pending_messages(&msg) {
+                                    Some(n) => drop(take(&mut slots.reserved, n)),
+                                    // Without the count we cannot tell which request ended:
+                                    // start over so no slot stays reserved forever.
+                                    None => break Reset::Trouble(String::new()),
+                                }
+                            }
+                            Some(StatusCode::NO_RESPONDERS) => {
+                                break Reset::Consumer("no responders (consumer missing or no JetStream leader)".into());
+                            }
+                            Some(code) => {
+                                let what = msg.description.clone().unwrap_or_default();
+                                let lower = what.to_ascii_lowercase();
+                                if lower.contains("consumer deleted") || lower.contains("consumer is push based") {
+                                    break Reset::Consumer(format!("{code} {what}"));
+                                }
+                                if let (Some(n), true) = (pending_messages(&msg), lower.contains("exceeded maxwaiting")) {
+                                    drop(take(&mut slots.reserved, n));
+                                    continue;
+                                }
+                                break Reset::Trouble(format!("{code} {what}"));
+                            }
+                        }
+                    }
+                    _ = tokio::time::sleep_until(watchdog), if count(&slots.reserved) > 0 => {
+                        break Reset::Trouble("no heartbeat from the server".into());
+                    }
+                }
+            };
+
+            // Every outstanding request dies with this inbox; release its slots.
+            drop(slots.reserved.take());
+            let _ = sub.unsubscribe().await;
+            match reset {
+                Reset::Reconnected => {
+                    tracing::info!("resuming pulls after reconnect");
+                    continue 'session;
+                }
+                Reset::Trouble(why) if why.is_empty() => continue 'session,
+                Reset::Trouble(why) => {
+                    tracing::warn!(reason = %why, retry_in = ?backoff, "pull interrupted");
+                }
+                Reset::Consumer(why) => {
+                    tracing::warn!(reason = %why, retry_in = ?backoff, "consumer unavailable; recreating it");
+                    if let Err(e) = ensure_consumer(&self.js, &self.layout).await {
+                        tracing::warn!(error = %e, "consumer not ready yet");
+                    }
+                }
+            }
+            if sleep_or_stop(&stop, backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+}
+
+/// The `Nats-Pending-Messages` header of a terminal status: what the request did not deliver.
+fn pending_messages(msg: &async_nats::Message) -> Option<usize> {
+    msg.headers
+        .as_ref()?
+        .get("Nats-Pending-Messages")?
+        .as_str()
+        .parse()
+        .ok()
+}
+
+/// Sleeps unless `stop` fires first; true when stopping.
+async fn sleep_or_stop(stop: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permit_pools_split_and_merge() {
+        let sem = Arc::new(Semaphore::new(10));
+        let mut free = Some(sem.clone().try_acquire_many_owned(6).unwrap());
+        let mut reserved = None;
+        merge(&mut reserved, take(&mut free, 4).unwrap());
+        assert_eq!((count(&free), count(&reserved)), (2, 4));
+        drop(take(&mut reserved, 1));
+        assert_eq!(sem.available_permits(), 5);
+        assert!(take(&mut reserved, 0).is_none());
+        let all = take(&mut reserved, 10).unwrap();
+        assert_eq!(all.num_permits(), 3);
+        assert_eq!(count(&reserved), 0);
+    }
+}

@@ -1,0 +1,203 @@
+//! ⑤ The function call: one pooled HTTP client, the queued method, headers and body, a
+//! timeout. The result is a value ([`Response`]), never an error: every way a call can end is
+//! an input to the retry decision.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::job::Invocation;
+use crate::retry::CallResult;
+
+/// Headers that describe one hop, not the request: the client sets its own.
+pub(crate) fn is_hop_by_hop(name: &str) -> bool {
+    [
+        "host",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// How a call ended when there was no HTTP response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Timeout,
+    Error,
+}
+
+/// What the function returned.
+#[derive(Debug)]
+pub struct Response {
+    pub status: Result<u16, Failure>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// Error text when there was no response, for logs.
+    pub error: Option<String>,
+    pub duration: Duration,
+}
+
+impl Response {
+    /// The status label of metrics and logs.
+    pub fn status_label(&self) -> String {
+        match self.status {
+            Ok(code) => code.to_string(),
+            Err(Failure::Timeout) => "timeout".into(),
+            Err(Failure::Error) => "error".into(),
+        }
+    }
+
+    /// The reduced form the retry decision takes.
+    pub fn call_result(&self) -> CallResult {
+        match self.status {
+            Err(_) => CallResult::NoResponse,
+            Ok(code) => CallResult::Status {
+                code,
+                internal: self.headers.contains_key("x-openfaas-internal"),
+                retry_after: if code == 429 || code == 503 {
+                    self.headers
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| parse_retry_after(v, SystemTime::now()))
+                } else {
+                    None
+                },
+            },
+        }
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP-date; `None` when it does not parse.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Calls functions through the gateway.
+#[derive(Clone)]
+pub struct Invoker {
+    client: reqwest::Client,
+    timeout: Duration,
+}
+
+impl Invoker {
+    /// One client for all calls, with a connection pool sized to the concurrency so that every
+    /// in-flight call can reuse a kept-alive connection.
+    pub fn new(timeout: Duration, max_inflight: usize) -> anyhow::Result<Invoker> {
+        crate::tls::install_provider();
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(max_inflight.max(1))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Invoker { client, timeout })
+    }
+
+    pub async fn call(&self, inv: &Invocation) -> Response {
+        let started = Instant::now();
+        let req = &inv.request;
+        let method = match req.method.trim() {
+            "" => reqwest::Method::POST,
+            m => reqwest::Method::from_bytes(m.as_bytes()).unwrap_or(reqwest::Method::POST),
+        };
+        let mut headers = HeaderMap::with_capacity(req.header.len());
+        for (name, values) in &req.header {
+            if is_hop_by_hop(name) {
+                continue;
+            }
+            let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+                tracing::debug!(callId = %inv.call_id, header = %name, "skipping invalid header name");
+                continue;
+            };
+            for v in values {
+                match HeaderValue::from_str(v) {
+                    Ok(v) => {
+                        headers.append(name.clone(), v);
+                    }
+                    Err(_) => {
+                        tracing::debug!(callId = %inv.call_id, header = %name, "skipping invalid header value")
+                    }
+                }
+            }
+        }
+        let result = self
+            .client
+            .request(method, &inv.url)
+            .headers(headers)
+            .body(req.body.clone())
+            .timeout(self.timeout)
+            .send()
+            .await;
+        let (status, headers, body, error) = match result {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let headers = resp.headers().clone();
+                match resp.bytes().await {
+                    Ok(body) => (Ok(status), headers, body, None),
+                    // The status arrived; the body did not. Keep the status: it is the
+                    // function's answer, and a retry decision on it is still right.
+                    Err(e) => (Ok(status), headers, Bytes::new(), Some(e.to_string())),
+                }
+            }
+            Err(e) => {
+                let failure = if e.is_timeout() {
+                    Failure::Timeout
+                } else {
+                    Failure::Error
+                };
+                (Err(failure), HeaderMap::new(), Bytes::new(), Some(error_chain(&e)))
+            }
+        };
+        Response {
+            status,
+            headers,
+            body,
+            error,
+            duration: started.elapsed(),
+        }
+    }
+}
+
+/// The error and its causes in one line: reqwest's own message alone ("error sending request")
+/// hides whether the connection was refused or reset.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

@@ -1,0 +1,289 @@
+//! The `queue-worker` binary. With no subcommand it runs the worker configured from env vars,
+//! as the OpenFaaS container does. Exit codes: 0 after a clean stop, 1 on a runtime failure
+//! (for example an incompatible stream), 2 on bad configuration or usage.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use queue_worker::config::{Config, ConfigError, LogEncoding, Sources};
+
+#[derive(Parser)]
+#[command(name = "queue-worker", version, about = "Runs OpenFaaS asynchronous invocations out of NATS JetStream")]
+struct Cli {
+    #[command(flatten)]
+    settings: Settings,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Configuration flags. Each is the same key as the env var and the YAML file; flags win.
+#[derive(Args)]
+struct Settings {
+    /// YAML file of settings (same keys as the env vars; see config.example.yaml).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Any setting as KEY=VALUE (repeatable), e.g. --set max_retry_attempts=5.
+    #[arg(long = "set", short = 's', global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    #[arg(long, global = true, value_name = "URL")]
+    gateway_url: Option<String>,
+    #[arg(long, global = true, value_name = "URLS")]
+    nats_url: Option<String>,
+    #[arg(long, global = true, value_name = "NAME")]
+    queue_name: Option<String>,
+    #[arg(long, global = true, value_name = "N")]
+    max_inflight: Option<String>,
+    #[arg(long, global = true, value_name = "DURATION")]
+    ack_wait: Option<String>,
+    #[arg(long, global = true, value_name = "DURATION")]
+    upstream_timeout: Option<String>,
+    #[arg(long, global = true, value_name = "DURATION")]
+    drain_timeout: Option<String>,
+    #[arg(long, global = true, value_name = "PORT")]
+    metrics_port: Option<String>,
+    #[arg(long, global = true, value_name = "console|json")]
+    log_encoding: Option<String>,
+    /// Log at debug level.
+    #[arg(long, global = true)]
+    debug: bool,
+}
+
+impl Settings {
+    fn pairs(&self) -> Result<Vec<(String, String)>, String> {
+        let mut pairs = Vec::new();
+        let named = [
+            ("gateway_url", &self.gateway_url),
+            ("nats_url", &self.nats_url),
+            ("queue_name", &self.queue_name),
+            ("max_inflight", &self.max_inflight),
+            ("ack_wait", &self.ack_wait),
+            ("upstream_timeout", &self.upstream_timeout),
+            ("drain_timeout", &self.drain_timeout),
+            ("metrics_port", &self.metrics_port),
+            ("log_encoding", &self.log_encoding),
+        ];
+        for (k, v) in named {
+            if let Some(v) = v {
+                pairs.push((k.to_string(), v.clone()));
+            }
+        }
+        if self.debug {
+            pairs.push(("debug".into(), "true".into()));
+        }
+        for kv in &self.set {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--set {kv:?}: expected KEY=VALUE"))?;
+            pairs.push((k.trim().to_string(), v.to_string()));
+        }
+        Ok(pairs)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker (the default).
+    Run,
+    /// Publish invocations in the gateway's format, e.g. `queue-worker publish sleep --data hi`.
+    Publish(PublishArgs),
+    /// Run a sample gateway: /function/<name> sleeps and echoes, /callback counts.
+    SampleFunction(SampleArgs),
+    /// Run a self-contained demo: nats-server, sample function, worker, a burst of jobs.
+    Demo {
+        #[arg(long, default_value_t = 40)]
+        jobs: usize,
+        #[arg(long = "inflight", default_value_t = 8)]
+        inflight: usize,
+    },
+    /// Validate the configuration and print the effective settings (secrets hidden).
+    CheckConfig,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    /// Function name, `fn` or `fn.namespace`.
+    function: String,
+    /// Request body.
+    #[arg(long, conflicts_with = "data_file")]
+    data: Option<String>,
+    /// Read the request body from a file.
+    #[arg(long, value_name = "FILE")]
+    data_file: Option<PathBuf>,
+    /// How many copies to publish, each with its own call id.
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Where to post the result.
+    #[arg(long, value_name = "URL")]
+    callback_url: Option<String>,
+    /// Extra header as `Name: value` (repeatable).
+    #[arg(long = "header", short = 'H', value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// Path after the function name, e.g. `/sub/path`.
+    #[arg(long, default_value = "")]
+    path: String,
+    /// Query string without `?`.
+    #[arg(long, default_value = "")]
+    query: String,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    #[arg(long, default_value_t = 50)]
+    min_ms: u64,
+    #[arg(long, default_value_t = 500)]
+    max_ms: u64,
+    /// Answer 503 to the first try of one call in N (0: never).
+    #[arg(long, default_value_t = 0)]
+    fail_every: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load_config(&cli.settings) {
+        Ok(c) => c,
+        Err(msg) => {
+            eprintln!("queue-worker: configuration error: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let (encoding, debug) = config
+        .as_ref()
+        .map(|c| (c.log_encoding, c.debug))
+        .unwrap_or((LogEncoding::Console, false));
+    let quiet = matches!(cli.command, Some(Command::Demo { .. }));
+    queue_worker::logging::init(encoding, debug, quiet);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("queue-worker: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(run(cli.command, config));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("queue-worker: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Loads the configuration; `Ok(None)` is never returned today but keeps room for commands
+/// that need none.
+fn load_config(settings: &Settings) -> Result<Option<Config>, String> {
+    let pairs = settings.pairs()?;
+    let sources = Sources::gather(settings.config.as_deref(), pairs).map_err(|e: ConfigError| e.to_string())?;
+    Config::load(&sources).map(Some).map_err(|e| e.to_string())
+}
+
+async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result<()> {
+    let config = config.expect("configuration is loaded for every command");
+    match command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let worker = queue_worker::app::start(config).await?;
+            let shutdown = async {
+                shutdown_signal().await;
+                tracing::info!("Signal received, shutting down");
+            };
+            tokio::select! {
+                _ = shutdown => worker.shutdown(),
+                // A fatal start-up error ends the worker before any signal.
+                _ = worker_finished(&worker) => {}
+            }
+            worker.wait().await
+        }
+        Command::Publish(args) => {
+            let body = match (&args.data, &args.data_file) {
+                (Some(d), _) => d.clone().into_bytes(),
+                (None, Some(path)) => std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("--data-file {}: {e}", path.display()))?,
+                (None, None) => Vec::new(),
+            };
+            let mut headers = Vec::new();
+            for h in &args.headers {
+                let (k, v) = h
+                    .split_once(':')
+                    .ok_or_else(|| anyhow::anyhow!("--header {h:?}: expected 'Name: value'"))?;
+                headers.push((k.trim().to_string(), v.trim().to_string()));
+            }
+            let sub = queue_worker::publish::Submission {
+                function: args.function.clone(),
+                body,
+                headers,
+                path: args.path,
+                query: args.query,
+                callback_url: args.callback_url,
+                ..Default::default()
+            };
+            let ids = queue_worker::publish::publish(&config, &sub, args.count).await?;
+            println!(
+                "published {} message(s) for {} to {}{}",
+                ids.len(),
+                args.function,
+                config.stream_name(),
+                if ids.len() == 1 {
+                    format!(" (call id {})", ids[0])
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
+        Command::SampleFunction(args) => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let (addr, _) = queue_worker::sample::serve(
+                args.listen,
+                queue_worker::sample::SampleOptions {
+                    min_delay: std::time::Duration::from_millis(args.min_ms),
+                    max_delay: std::time::Duration::from_millis(args.max_ms.max(args.min_ms)),
+                    fail_every: args.fail_every,
+                },
+                stop.clone(),
+            )
+            .await?;
+            println!("sample gateway on http://{addr} (functions at /function/<name>)");
+            shutdown_signal().await;
+            stop.cancel();
+            Ok(())
+        }
+        Command::Demo { jobs, inflight } => queue_worker::demo::run(jobs, inflight.max(1)).await,
+        Command::CheckConfig => {
+            println!("{config:#?}");
+            Ok(())
+        }
+    }
+}
+
+async fn worker_finished(worker: &queue_worker::app::Running) {
+    // Polls rather than awaiting the JoinHandle, which `wait` consumes later.
+    while !worker.is_finished() {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,280 @@
+//! ⑧ Every metric the worker exports, in one place: OpenFaaS's names and labels first (its
+//! autoscaler and dashboards read them), ours beside them.
+//!
+//! `function_name` is the only label whose values come from messages. It is capped at
+//! [`MAX_FUNCTION_LABELS`] distinct values per process; the rest share the label `_other`,
+//! so a flood of made-up function names cannot exhaust memory or the scraper.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus::{
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Distinct `function_name` values before new names share `_other`.
+pub const MAX_FUNCTION_LABELS: usize = 5_000;
+const OVERFLOW_LABEL: &str = "_other";
+/// The `function_name` of the pending gauge in static mode: the shared consumer serves every
+/// function, as OpenFaaS's dashboard shows it.
+pub const ALL_FUNCTIONS: &str = "all-functions";
+
+/// Every metric name we export, for docs and for tests that check dashboards and README.
+pub const NAMES: &[&str] = &[
+    "queue_worker_pending_messages",
+    "queue_worker_messages_processed_total",
+    "queue_worker_messages_submitted_total",
+    "queue_worker_function_invocation_inflight",
+    "queue_worker_nats_reconnect_total",
+    "queue_worker_invocations_total",
+    "queue_worker_invocation_duration_seconds",
+    "queue_worker_retries_total",
+    "queue_worker_messages_discarded_total",
+    "queue_worker_callbacks_total",
+    "queue_worker_max_inflight",
+];
+
+/// Handles resolved once per function, so the hot path does not hash label sets.
+pub struct FunctionMetrics {
+    pub label: String,
+    pub inflight: Gauge,
+    pub duration: Histogram,
+    pub retries: Counter,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    queue: String,
+    pub pending: GaugeVec,
+    pub processed: Counter,
+    pub submitted: Gauge,
+    pub reconnects: Counter,
+    inflight: GaugeVec,
+    invocations: CounterVec,
+    duration: HistogramVec,
+    retries: CounterVec,
+    discarded: CounterVec,
+    callbacks: CounterVec,
+    functions: Mutex<HashMap<String, Arc<FunctionMetrics>>>,
+}
+
+impl Metrics {
+    pub fn new(queue: &str, max_inflight: usize) -> Arc<Metrics> {
+        let registry = Registry::new();
+        let q = &["queue_name"];
+        let qf = &["queue_name", "function_name"];
+        let pending = GaugeVec::new(
+            Opts::new(
+                "queue_worker_pending_messages",
+                "Messages of the queue not yet finished: waiting, in flight or waiting to be retried.",
+            ),
+            qf,
+        )
+        .unwrap();
+        let processed = CounterVec::new(
+            Opts::new(
+                "queue_worker_messages_processed_total",
+                "Messages this replica finished (acknowledged or discarded).",
+            ),
+            q,
+        )
+        .unwrap();
+        let submitted = GaugeVec::new(
+            Opts::new(
+                "queue_worker_messages_submitted_total",
+                "Messages ever published to the queue's stream (its last sequence). A gauge, as in OpenFaaS.",
+            ),
+            q,
+        )
+        .unwrap();
+        let inflight = GaugeVec::new(
+            Opts::new(
+                "queue_worker_function_invocation_inflight",
+                "Invocations running now in this replica.",
+            ),
+            qf,
+        )
+        .unwrap();
+        let reconnects = Counter::new(
+            "queue_worker_nats_reconnect_total",
+            "Times the NATS connection was re-established.",
+        )
+        .unwrap();
+        let invocations = CounterVec::new(
+            Opts::new(
+                "queue_worker_invocations_total",
+                "Function calls by result: the HTTP status, or error / timeout when there was no response.",
+            ),
+            &["queue_name", "function_name", "status"],
+        )
+        .unwrap();
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "queue_worker_invocation_duration_seconds",
+                "Duration of function calls.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+            qf,
+        )
+        .unwrap();
+        let retries = CounterVec::new(
+            Opts::new(
+                "queue_worker_retries_total",
+                "Retries scheduled (messages handed back to JetStream with a delay).",
+            ),
+            qf,
+        )
+        .unwrap();
+        let discarded = CounterVec::new(
+            Opts::new(
+                "queue_worker_messages_discarded_total",
+                "Messages given up on, by reason.",
+            ),
+            &["queue_name", "function_name", "reason"],
+        )
+        .unwrap();
+        let callbacks = CounterVec::new(
+            Opts::new(
+                "queue_worker_callbacks_total",
+                "Callbacks by result: delivered, rejected (4xx) or failed (no success after all tries).",
+            ),
+            &["queue_name", "result"],
+        )
+        .unwrap();
+        let max_inflight_g = GaugeVec::new(
+            Opts::new(
+                "queue_worker_max_inflight",
+                "The configured max_inflight of this replica.",
+            ),
+            q,
+        )
+        .unwrap();
+        for c in [
+            Box::new(pending.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(processed.clone()),
+            Box::new(submitted.clone()),
+            Box::new(inflight.clone()),
+            Box::new(reconnects.clone()),
+            Box::new(invocations.clone()),
+            Box::new(duration.clone()),
+            Box::new(retries.clone()),
+            Box::new(discarded.clone()),
+            Box::new(callbacks.clone()),
+            Box::new(max_inflight_g.clone()),
+        ] {
+            registry.register(c).unwrap();
+        }
+        max_inflight_g
+            .with_label_values(&[queue])
+            .set(max_inflight as f64);
+        // Export the OpenFaaS series from the start, so dashboards and the autoscaler see
+        // zeros rather than gaps before the first message.
+        pending.with_label_values(&[queue, ALL_FUNCTIONS]).set(0.0);
+        let processed = processed.with_label_values(&[queue]);
+        let submitted = submitted.with_label_values(&[queue]);
+        Arc::new(Metrics {
+            registry,
+            queue: queue.to_string(),
+            pending,
+            processed,
+            submitted,
+            reconnects,
+            inflight,
+            invocations,
+            duration,
+            retries,
+            discarded,
+            callbacks,
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The per-function handles for a `<fn>.<ns>` label, created on first use.
+    pub fn function(&self, label: &str) -> Arc<FunctionMetrics> {
+        let mut map = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = map.get(label) {
+            return f.clone();
+        }
+        let label = if map.len() >= MAX_FUNCTION_LABELS {
+            if let Some(f) = map.get(OVERFLOW_LABEL) {
+                return f.clone();
+            }
+            OVERFLOW_LABEL
+        } else {
+            label
+        };
+        let values = [self.queue.as_str(), label];
+        let f = Arc::new(FunctionMetrics {
+            label: label.to_string(),
+            inflight: self.inflight.with_label_values(&values),
+            duration: self.duration.with_label_values(&values),
+            retries: self.retries.with_label_values(&values),
+        });
+        map.insert(label.to_string(), f.clone());
+        f
+    }
+
+    pub fn invocation(&self, f: &FunctionMetrics, status: &str) {
+        self.invocations
+            .with_label_values(&[&self.queue, &f.label, status])
+            .inc();
+    }
+
+    pub fn discarded(&self, function_label: &str, reason: &str) {
+        self.discarded
+            .with_label_values(&[&self.queue, function_label, reason])
+            .inc();
+    }
+
+    pub fn callback(&self, result: &str) {
+        self.callbacks.with_label_values(&[&self.queue, result]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding to a Vec cannot fail");
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_the_openfaas_names() {
+        let m = Metrics::new("faas-request", 4);
+        let f = m.function("sleep.openfaas-fn");
+        f.inflight.inc();
+        m.invocation(&f, "200");
+        f.retries.inc();
+        f.duration.observe(0.1);
+        m.discarded("sleep.openfaas-fn", "attempts_exhausted");
+        m.callback("delivered");
+        m.reconnects.inc();
+        let text = m.render();
+        for name in NAMES {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+        assert!(text.contains(
+            r#"queue_worker_pending_messages{function_name="all-functions",queue_name="faas-request"} 0"#
+        ));
+        assert!(text.contains("# TYPE queue_worker_messages_submitted_total gauge"));
+    }
+
+    #[test]
+    fn function_labels_are_capped() {
+        let m = Metrics::new("q", 1);
+        for i in 0..MAX_FUNCTION_LABELS + 10 {
+            m.function(&format!("f{i}.ns"));
+        }
+        assert_eq!(m.function("new.ns").label, OVERFLOW_LABEL);
+        assert_eq!(m.function("f1.ns").label, "f1.ns");
+    }
+}

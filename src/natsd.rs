@@ -1,0 +1,137 @@
+//! A local `nats-server -js` child process on a free loopback port and a temporary store,
+//! killed on drop. The demo runs on it, and so do the integration tests (which may also kill
+//! and restart it on the same store to simulate a crash).
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// Finds the server binary: `$NATS_SERVER_BIN`, then `PATH`, then Debian's `/usr/sbin`.
+pub fn find_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/usr/local/sbin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from));
+    dirs.into_iter()
+        .map(|d| d.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released, so another process could take it in
+/// between; callers retry on a failed start).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running nats-server with JetStream.
+pub struct NatsServer {
+    child: Option<Child>,
+    binary: PathBuf,
+    pub port: u16,
+    pub store: PathBuf,
+    extra_args: Vec<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl NatsServer {
+    /// Starts a server on a free port with a fresh temporary store.
+    pub fn start() -> anyhow::Result<NatsServer> {
+        let dir = tempfile::tempdir()?;
+        let store = dir.path().join("jetstream");
+        let mut last = None;
+        for _ in 0..5 {
+            let port = free_port()?;
+            match NatsServer::start_with(&store, port, Vec::new()) {
+                Ok(mut s) => {
+                    s._dir = Some(dir);
+                    return Ok(s);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("could not start nats-server")))
+    }
+
+    /// Starts a server on `port` with its JetStream store in `store`, plus `extra_args`
+    /// (cluster settings, for example).
+    pub fn start_with(store: &Path, port: u16, extra_args: Vec<String>) -> anyhow::Result<NatsServer> {
+        let binary = find_binary().context(
+            "nats-server not found: install it (Debian: apt-get install -y nats-server) or set NATS_SERVER_BIN",
+        )?;
+        let mut s = NatsServer {
+            child: None,
+            binary,
+            port,
+            store: store.to_owned(),
+            extra_args,
+            _dir: None,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.store)?;
+        let log = std::fs::File::create(self.store.with_extension("log"))?;
+        let child = Command::new(&self.binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .arg(&self.store)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot run {}", self.binary.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    bail!("nats-server exited with {status}; see {}", self.store.with_extension("log").display());
+                }
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("nats-server did not listen on port {} within 10s", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn() {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,176 @@
+//! Writing invocations the way the OpenFaaS gateway does: a `QueueRequest` on
+//! `<queue>.<fn>.<ns>` with `X-Call-Id` and `X-Start-Time` headers, and `Nats-Msg-Id` = call
+//! id so a repeated submission inside the stream's duplicate window is stored once.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+
+use crate::config::Config;
+use crate::request::QueueRequest;
+use crate::stream::{self, Layout};
+
+/// What to publish.
+#[derive(Debug, Clone, Default)]
+pub struct Submission {
+    /// `fn` or `fn.ns`.
+    pub function: String,
+    pub body: Vec<u8>,
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub headers: Vec<(String, String)>,
+    pub callback_url: Option<String>,
+}
+
+/// A fresh call id in the UUID v4 text form the gateway uses.
+pub fn new_call_id() -> String {
+    let a = fastrand::u64(..);
+    let b = fastrand::u64(..);
+    let bytes: Vec<u8> = a.to_be_bytes().into_iter().chain(b.to_be_bytes()).collect();
+    let hex: String = bytes
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let b = match i {
+                6 => (b & 0x0f) | 0x40,
+                8 => (b & 0x3f) | 0x80,
+                _ => *b,
+            };
+            format!("{b:02x}")
+        })
+        .collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// The subject for a function: `<queue>.<fn>.<ns>`, qualifying a bare name with the default
+/// namespace.
+pub fn subject_for(queue: &str, function: &str, default_ns: &str) -> String {
+    match function.split_once('.') {
+        Some((name, ns)) => format!("{queue}.{name}.{ns}"),
+        None => format!("{queue}.{function}.{default_ns}"),
+    }
+}
+
+impl Submission {
+    /// The `QueueRequest` as the gateway would write it, and its call id.
+    pub fn to_request(&self, call_id: &str) -> QueueRequest {
+        let mut req = QueueRequest {
+            method: if self.method.is_empty() {
+                "POST".into()
+            } else {
+                self.method.clone()
+            },
+            function: self.function.clone(),
+            path: self.path.clone(),
+            query_string: self.query.clone(),
+            body: self.body.clone(),
+            callback_url: self.callback_url.clone(),
+            ..QueueRequest::default()
+        };
+        for (k, v) in &self.headers {
+            req.append_header(k, v.clone());
+        }
+        if req.header_value("X-Call-Id").is_none() {
+            req.append_header("X-Call-Id", call_id.to_string());
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        req.append_header("X-Start-Time", now.to_string());
+        if let Some(cb) = &self.callback_url {
+            if req.header_value("X-Callback-Url").is_none() {
+                req.append_header("X-Callback-Url", cb.clone());
+            }
+        }
+        req
+    }
+}
+
+/// Publishes `count` copies of `sub` (each with its own call id) and waits for JetStream to
+/// store every one. Creates the stream when it is missing, as the worker would. Returns the
+/// call ids.
+pub async fn publish(config: &Config, sub: &Submission, count: usize) -> anyhow::Result<Vec<String>> {
+    let metrics = crate::metrics::Metrics::new(&config.queue, config.max_inflight);
+    let conn = crate::nats::connect(&config.nats, metrics).await?;
+    let js = jetstream::new(conn.client.clone());
+    let layout = Layout {
+        queue: config.queue.clone(),
+        stream: config.stream_name(),
+        durable: config.durable.clone(),
+        replicas: config.stream_replicas,
+        ack_wait: config.ack_wait,
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(15), stream::ensure_stream(&js, &layout))
+        .await
+        .context("NATS did not answer within 15s")?
+        .context("cannot set up the stream")?;
+    let subject = subject_for(&config.queue, &sub.function, &config.default_namespace);
+    let mut ids = Vec::with_capacity(count);
+    let mut pending = Vec::new();
+    for _ in 0..count {
+        let id = new_call_id();
+        let payload = serde_json::to_vec(&sub.to_request(&id))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        let ack = js
+            .publish_with_headers(subject.clone(), headers, payload.into())
+            .await
+            .context("publish failed")?;
+        pending.push(ack);
+        ids.push(id);
+        if pending.len() >= 256 {
+            for ack in pending.drain(..) {
+                ack.await.context("JetStream did not store a message")?;
+            }
+        }
+    }
+    for ack in pending {
+        ack.await.context("JetStream did not store a message")?;
+    }
+    conn.client.flush().await.ok();
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_per_function() {
+        assert_eq!(subject_for("faas-request", "sleep", "openfaas-fn"), "faas-request.sleep.openfaas-fn");
+        assert_eq!(subject_for("q", "sleep.team", "openfaas-fn"), "q.sleep.team");
+    }
+
+    #[test]
+    fn call_ids_look_like_uuids() {
+        let id = new_call_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id[14..15], "4");
+    }
+
+    #[test]
+    fn requests_match_the_gateway_shape() {
+        let s = Submission {
+            function: "sleep".into(),
+            body: b"hi".to_vec(),
+            callback_url: Some("http://cb:1/x".into()),
+            ..Default::default()
+        };
+        let r = s.to_request("id-1");
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains(r#""Body":"aGk=""#), "{json}");
+        assert!(json.contains(r#""Method":"POST""#), "{json}");
+        assert!(json.contains(r#""X-Call-Id":["id-1"]"#), "{json}");
+        assert!(json.contains(r#""CallbackUrl":{"Scheme":"http""#), "{json}");
+    }
+}

@@ -1,0 +1,309 @@
+//! The JetStream layout: the work stream `OF_<queue>` and the shared durable consumer, made
+//! when missing and checked when present (an OpenFaaS worker may have made them). Also the
+//! periodic read of their state for the pending metrics and readiness.
+//!
+//! Only settings nats-server 2.9 honours are used: a single (empty) filter subject, no
+//! multi-subject filters, no 2.10+ stream fields.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, response::Response, stream};
+use serde_json::json;
+
+/// Why the layout could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// Retrying cannot help; start-up stops with this message.
+    #[error("{0}")]
+    Incompatible(String),
+    /// NATS or JetStream is not answering (yet); worth retrying.
+    #[error("JetStream not available: {0}")]
+    Unavailable(String),
+}
+
+/// What the worker needs of the stream and consumer.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub queue: String,
+    pub stream: String,
+    pub durable: String,
+    pub replicas: usize,
+    pub ack_wait: Duration,
+}
+
+impl Layout {
+    /// `<queue>` for older gateways that publish every function to one subject, and
+    /// `<queue>.>` for per-function subjects `<queue>.<fn>.<ns>`.
+    pub fn subjects(&self) -> [String; 2] {
+        [self.queue.clone(), format!("{}.>", self.queue)]
+    }
+
+    fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream.clone(),
+            subjects: self.subjects().to_vec(),
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            duplicate_window: Duration::from_secs(120),
+            discard: stream::DiscardPolicy::Old,
+            max_messages: -1,
+            max_bytes: -1,
+            max_messages_per_subject: -1,
+            max_message_size: -1,
+            max_consumers: -1,
+            description: Some("OpenFaaS asynchronous invocations (queue-worker)".into()),
+            ..Default::default()
+        }
+    }
+
+    fn consumer_config(&self) -> consumer::Config {
+        consumer::Config {
+            durable_name: Some(self.durable.clone()),
+            description: Some("queue-worker shared consumer (static mode)".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            // The worker decides when to give up, from the delivery count.
+            max_deliver: -1,
+            // Messages waiting for a delayed retry count as ack-pending; a finite limit would
+            // let a pile of retries stall the whole queue. Flow control is the worker's own
+            // (it pulls only what it can start).
+            max_ack_pending: -1,
+            deliver_policy: consumer::DeliverPolicy::All,
+            replay_policy: consumer::ReplayPolicy::Instant,
+            ..Default::default()
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> LayoutError {
+    LayoutError::Unavailable(e.to_string())
+}
+
+/// Makes sure the stream exists and suits us; returns its info.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    layout: &Layout,
+) -> Result<stream::Info, LayoutError> {
+    let subject = format!("STREAM.INFO.{}", layout.stream);
+    let resp: Response<stream::Info> = js
+        .request(subject, &json!({}))
+        .await
+        .map_err(unavailable)?;
+    let info = match resp {
+        Response::Ok(info) => info,
+        Response::Err { error } if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
+            return create_stream(js, layout).await;
+        }
+        Response::Err { error } => return Err(unavailable(error)),
+    };
+    check_existing_stream(js, layout, info).await
+}
+
+async fn create_stream(
+    js: &jetstream::Context,
+    layout: &Layout,
+) -> Result<stream::Info, LayoutError> {
+    let config = layout.stream_config();
+    let subject = format!("STREAM.CREATE.{}", layout.stream);
+    let resp: Response<stream::Info> = js.request(subject, &config).await.map_err(unavailable)?;
+    match resp {
+        Response::Ok(info) => {
+            tracing::info!(stream = %layout.stream, subjects = ?config.subjects, replicas = layout.replicas, "Created stream");
+            Ok(info)
+        }
+        // Another replica won the race: use theirs.
+        Response::Err { error } if error.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST => {
+            Box::pin(ensure_stream(js, layout)).await
+        }
+        Response::Err { error } => Err(LayoutError::Incompatible(format!(
+            "cannot create stream {} with subjects {:?}: {error}",
+            layout.stream, config.subjects
+        ))),
+    }
+}
+
+async fn check_existing_stream(
+    js: &jetstream::Context,
+    layout: &Layout,
+    info: stream::Info,
+) -> Result<stream::Info, LayoutError> {
+    let cfg = &info.config;
+    match cfg.retention {
+        stream::RetentionPolicy::WorkQueue => {}
+        stream::RetentionPolicy::Limits => {
+            return Err(LayoutError::Incompatible(format!(
+                "stream {} uses Limits retention (made by an OpenFaaS queue-worker before 2024); \
+                 it must be WorkQueue. Upgrade it: stop publishing, let the queue drain, delete the stream \
+                 (it is recreated at start-up), then restart the workers. \
+                 See https://docs.openfaas.com/openfaas-pro/jetstream/",
+                layout.stream
+            )))
+        }
+        stream::RetentionPolicy::Interest => {
+            return Err(LayoutError::Incompatible(format!(
+                "stream {} uses Interest retention; the queue-worker needs WorkQueue retention. \
+                 Drain and delete the stream so it is recreated.",
+                layout.stream
+            )))
+        }
+    }
+    if cfg.num_replicas != layout.replicas {
+        tracing::warn!(stream = %layout.stream, has = cfg.num_replicas, configured = layout.replicas, "stream replicas differ from nats_stream_replicas; leaving the stream as it is");
+    }
+    if cfg.storage != stream::StorageType::File {
+        tracing::warn!(stream = %layout.stream, "stream uses memory storage; messages are lost if the NATS server restarts");
+    }
+    if cfg.max_age != Duration::ZERO || cfg.max_messages > 0 || cfg.max_bytes > 0 {
+        tracing::warn!(stream = %layout.stream, max_age = ?cfg.max_age, max_messages = cfg.max_messages, max_bytes = cfg.max_bytes, "stream has limits that may discard queued invocations");
+    }
+    let missing: Vec<String> = layout
+        .subjects()
+        .into_iter()
+        .filter(|s| !cfg.subjects.contains(s))
+        .collect();
+    if missing.is_empty() {
+        return Ok(info);
+    }
+    let mut updated = cfg.clone();
+    updated.subjects.extend(missing.iter().cloned());
+    let subject = format!("STREAM.UPDATE.{}", layout.stream);
+    let resp: Response<stream::Info> = js.request(subject, &updated).await.map_err(unavailable)?;
+    match resp {
+        Response::Ok(info) => {
+            tracing::info!(stream = %layout.stream, added = ?missing, "Added subjects to existing stream");
+            Ok(info)
+        }
+        Response::Err { error } => Err(LayoutError::Incompatible(format!(
+            "stream {} lacks subjects {missing:?} and they cannot be added: {error}",
+            layout.stream
+        ))),
+    }
+}
+
+/// Makes sure the shared durable consumer exists, creating it when missing. An existing one
+/// is updated to our `ack_wait` where the server allows; a push consumer is refused.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    layout: &Layout,
+) -> Result<consumer::Info, LayoutError> {
+    let subject = format!("CONSUMER.INFO.{}.{}", layout.stream, layout.durable);
+    let resp: Response<consumer::Info> = js
+        .request(subject, &json!({}))
+        .await
+        .map_err(unavailable)?;
+    let wanted = layout.consumer_config();
+    match resp {
+        Response::Ok(info) => {
+            let c = &info.config;
+            if c.deliver_subject.is_some() {
+                return Err(LayoutError::Incompatible(format!(
+                    "consumer {} on {} is a push consumer; the queue-worker needs a pull consumer. \
+                     Delete it (pending messages stay in the stream) or set nats_durable to another name.",
+                    layout.durable, layout.stream
+                )));
+            }
+            if !c.filter_subject.is_empty() && c.filter_subject != ">" {
+                tracing::warn!(consumer = %layout.durable, filter = %c.filter_subject, "existing consumer only sees messages on its filter subject");
+            }
+            if c.ack_wait == wanted.ack_wait && c.max_deliver == -1 {
+                return Ok(info);
+            }
+            let mut updated = c.clone();
+            updated.ack_wait = wanted.ack_wait;
+            updated.max_deliver = -1;
+            match create_consumer(js, layout, &updated).await {
+                Ok(info) => {
+                    tracing::info!(consumer = %layout.durable, ack_wait = ?wanted.ack_wait, "Updated consumer");
+                    Ok(info)
+                }
+                Err(LayoutError::Incompatible(e)) => {
+                    tracing::warn!(consumer = %layout.durable, error = %e, "could not update the existing consumer; using it as it is");
+                    Ok(info)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Response::Err { error }
+            if error.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND =>
+        {
+            let info = create_consumer(js, layout, &wanted).await?;
+            tracing::info!(stream = %layout.stream, consumer = %layout.durable, "Created consumer");
+            Ok(info)
+        }
+        Response::Err { error }
+            if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+        {
+            Err(unavailable(format!("stream {} not found", layout.stream)))
+        }
+        Response::Err { error } => Err(unavailable(error)),
+    }
+}
+
+async fn create_consumer(
+    js: &jetstream::Context,
+    layout: &Layout,
+    config: &consumer::Config,
+) -> Result<consumer::Info, LayoutError> {
+    // The durable form of the create API exists on every server since 2.2; the named
+    // `CONSUMER.CREATE.<stream>.<name>` form needs 2.9 and its filter variant 2.10.
+    let subject = format!("CONSUMER.DURABLE.CREATE.{}.{}", layout.stream, layout.durable);
+    let resp: Response<consumer::Info> = js
+        .request(
+            subject,
+            &json!({"stream_name": layout.stream, "config": config}),
+        )
+        .await
+        .map_err(unavailable)?;
+    match resp {
+        Response::Ok(info) => Ok(info),
+        Response::Err { error }
+            if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+        {
+            Err(unavailable(format!("stream {} not found", layout.stream)))
+        }
+        Response::Err { error } => Err(LayoutError::Incompatible(format!(
+            "cannot create consumer {} on {}: {error}",
+            layout.durable, layout.stream
+        ))),
+    }
+}
+
+/// Stream and consumer counters read for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueState {
+    /// The stream's last sequence: every message ever published to it.
+    pub submitted: u64,
+    /// Waiting for delivery + delivered and not yet acked (in flight or waiting to retry).
+    pub pending: u64,
+}
+
+/// Reads the current [`QueueState`].
+pub async fn read_state(
+    js: &jetstream::Context,
+    layout: &Layout,
+) -> Result<QueueState, LayoutError> {
+    let resp: Response<stream::Info> = js
+        .request(format!("STREAM.INFO.{}", layout.stream), &json!({}))
+        .await
+        .map_err(unavailable)?;
+    let stream = match resp {
+        Response::Ok(info) => info,
+        Response::Err { error } => return Err(unavailable(error)),
+    };
+    let resp: Response<consumer::Info> = js
+        .request(
+            format!("CONSUMER.INFO.{}.{}", layout.stream, layout.durable),
+            &json!({}),
+        )
+        .await
+        .map_err(unavailable)?;
+    let consumer = match resp {
+        Response::Ok(info) => info,
+        Response::Err { error } => return Err(unavailable(error)),
+    };
+    Ok(QueueState {
+        submitted: stream.state.last_sequence,
+        pending: consumer.num_pending + consumer.num_ack_pending as u64,
+    })
+}
