@@ -36,8 +36,9 @@ pub struct Running {
 }
 
 impl Running {
-    /// Begins the graceful drain.
+    /// Begins the graceful drain; readiness turns false at once.
     pub fn shutdown(&self) {
+        self.health.draining.store(true, Ordering::Relaxed);
         self.shutdown.cancel();
     }
 
@@ -173,7 +174,11 @@ async fn work(
         callbacks: Callbacks::new(config.callback.clone(), metrics.clone())?,
         metrics: metrics.clone(),
         retry: config.retry.clone(),
-        gateway: config.gateway_url.as_str().trim_end_matches('/').to_string(),
+        gateway: config
+            .gateway_url
+            .as_str()
+            .trim_end_matches('/')
+            .to_string(),
         default_namespace: config.default_namespace.clone(),
         progress_interval: config.progress_interval(),
         slots: slots.clone(),
@@ -216,7 +221,9 @@ async fn work(
             .await
             .is_err()
         {
-            tracing::error!("some tasks did not stop; their messages are redelivered after ack_wait");
+            tracing::error!(
+                "some tasks did not stop; their messages are redelivered after ack_wait"
+            );
         }
     }
     poller_stop.cancel();

@@ -50,7 +50,10 @@ impl Callback {
         set("x-call-id", self.call_id.clone());
         set("x-function-status", self.status.to_string());
         set("x-function-name", self.function.clone());
-        set("x-duration-seconds", format!("{:.6}", self.duration.as_secs_f64()));
+        set(
+            "x-duration-seconds",
+            format!("{:.6}", self.duration.as_secs_f64()),
+        );
         set("x-retry", self.attempt.to_string());
         set("x-retry-max", self.max_attempts.to_string());
         set("user-agent", USER_AGENT.to_string());

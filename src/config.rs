@@ -79,13 +79,19 @@ keys! {
 pub const LEGACY_KEYS: &[(&str, &str)] = &[
     ("max_waiting", "pull requests are sized to free slots"),
     ("max_reconnect", "the worker reconnects to NATS forever"),
-    ("reconnect_delay", "reconnect delays are managed by the NATS client"),
+    (
+        "reconnect_delay",
+        "reconnect delays are managed by the NATS client",
+    ),
     ("gateway_address", "use gateway_url"),
     ("gateway_port", "use gateway_url"),
     ("print_request_body", "set debug=true to log bodies"),
     ("print_response_body", "set debug=true to log bodies"),
     ("write_debug", "set debug=true"),
-    ("inactive_threshold", "renamed to consumer_inactive_threshold"),
+    (
+        "inactive_threshold",
+        "renamed to consumer_inactive_threshold",
+    ),
 ];
 
 /// Where a value came from, for error messages ("max_inflight=abc (from env)").
@@ -202,7 +208,8 @@ impl Sources {
             path: PathBuf::from(name),
             reason,
         };
-        let doc: serde_norway::Value = serde_norway::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let doc: serde_norway::Value =
+            serde_norway::from_str(text).map_err(|e| bad(e.to_string()))?;
         let map = match doc {
             serde_norway::Value::Null => return Ok(()),
             serde_norway::Value::Mapping(map) => map,
@@ -438,13 +445,12 @@ impl Config {
 
         match r.string("scaling_mode").0.trim() {
             "static" | "" => {}
-            "function" => {
-                return Err(ConfigError::Unsupported {
-                    key: "scaling_mode",
-                    value: "function".into(),
-                    why: "function mode (one consumer per function) is planned; use scaling_mode=static",
-                })
-            }
+            "function" => return Err(ConfigError::Unsupported {
+                key: "scaling_mode",
+                value: "function".into(),
+                why:
+                    "function mode (one consumer per function) is planned; use scaling_mode=static",
+            }),
             _ => return Err(r.invalid("scaling_mode", "static or function")),
         }
         if r.boolean("limiter_enabled")? && r.sources.get("limiter_enabled").is_some() {
@@ -477,7 +483,12 @@ impl Config {
                 "" | "exponential" => Backoff::Exponential,
                 "full" => Backoff::Full,
                 "equal" => Backoff::Equal,
-                _ => return Err(r.invalid("backoff", "exponential, full or equal (empty means exponential)")),
+                _ => {
+                    return Err(r.invalid(
+                        "backoff",
+                        "exponential, full or equal (empty means exponential)",
+                    ))
+                }
             },
         };
         if retry.max_wait < retry.initial_wait {
@@ -612,7 +623,10 @@ impl Reader<'_> {
         let raw = self.string(key).0.trim();
         match url::Url::parse(raw) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(u),
-            _ => Err(self.invalid(key, "an http:// or https:// URL such as http://gateway.openfaas:8080")),
+            _ => Err(self.invalid(
+                key,
+                "an http:// or https:// URL such as http://gateway.openfaas:8080",
+            )),
         }
     }
 
@@ -691,12 +705,10 @@ impl Reader<'_> {
                         {
                             urls.push(with_scheme)
                         }
-                        _ => {
-                            return Err(self.invalid(
-                                "nats_url",
-                                "comma-separated NATS URLs such as nats://nats:4222,nats://nats-2:4222",
-                            ))
-                        }
+                        _ => return Err(self.invalid(
+                            "nats_url",
+                            "comma-separated NATS URLs such as nats://nats:4222,nats://nats-2:4222",
+                        )),
                     }
                 }
                 urls
@@ -805,16 +817,29 @@ mod tests {
 
     #[test]
     fn queue_name_falls_back_to_nats_stream() {
-        assert_eq!(load(&[("nats_stream", "custom-request")]).unwrap().queue, "custom-request");
-        let c = load(&[("nats_stream", "custom-request"), ("queue_name", "slow-fns")]).unwrap();
+        assert_eq!(
+            load(&[("nats_stream", "custom-request")]).unwrap().queue,
+            "custom-request"
+        );
+        let c = load(&[
+            ("nats_stream", "custom-request"),
+            ("queue_name", "slow-fns"),
+        ])
+        .unwrap();
         assert_eq!(c.queue, "slow-fns");
         assert_eq!(load(&[("queue_name", "")]).unwrap().queue, "faas-request");
     }
 
     #[test]
     fn empty_backoff_means_exponential() {
-        assert_eq!(load(&[("backoff", "")]).unwrap().retry.backoff, Backoff::Exponential);
-        assert_eq!(load(&[("backoff", "full")]).unwrap().retry.backoff, Backoff::Full);
+        assert_eq!(
+            load(&[("backoff", "")]).unwrap().retry.backoff,
+            Backoff::Exponential
+        );
+        assert_eq!(
+            load(&[("backoff", "full")]).unwrap().retry.backoff,
+            Backoff::Full
+        );
     }
 
     #[test]
@@ -824,7 +849,11 @@ mod tests {
             ("max_inflight", "0", "a whole number"),
             ("ack_wait", "60", "a duration like 30s"),
             ("backoff", "linear", "exponential, full or equal"),
-            ("retry_http_codes", "500,abc", "comma-separated list of HTTP status codes"),
+            (
+                "retry_http_codes",
+                "500,abc",
+                "comma-separated list of HTTP status codes",
+            ),
             ("gateway_url", "gateway:8080", "http:// or https:// URL"),
             ("log_encoding", "xml", "console or json"),
             ("debug", "maybe", "true or false"),
@@ -841,14 +870,21 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_with_a_hint() {
-        let err = Sources::from_pairs([("max-inflight", "3")]).unwrap_err().to_string();
+        let err = Sources::from_pairs([("max-inflight", "3")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("did you mean max_inflight"), "{err}");
     }
 
     #[test]
     fn function_mode_is_refused_clearly() {
-        let err = load(&[("scaling_mode", "function")]).unwrap_err().to_string();
-        assert!(err.contains("scaling_mode") && err.contains("not supported yet"), "{err}");
+        let err = load(&[("scaling_mode", "function")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("scaling_mode") && err.contains("not supported yet"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -860,8 +896,11 @@ mod tests {
     #[test]
     fn precedence_is_flag_env_file_default() {
         let mut s = Sources::default();
-        s.add_yaml("max_inflight: 7\nack_wait: 5s\nbackoff: full\n", "test.yaml")
-            .unwrap();
+        s.add_yaml(
+            "max_inflight: 7\nack_wait: 5s\nbackoff: full\n",
+            "test.yaml",
+        )
+        .unwrap();
         s.env.insert("max_inflight".into(), "8".into());
         s.env.insert("ack_wait".into(), "6s".into());
         s.flags.insert("max_inflight".into(), "9".into());
@@ -880,7 +919,9 @@ mod tests {
         let c = load(&[("nats_token_file", path.to_str().unwrap())]).unwrap();
         assert_eq!(c.nats.auth, NatsAuth::Token(Secret("s3cret".into())));
         assert!(!format!("{c:?}").contains("s3cret"));
-        let err = load(&[("nats_token_file", "/nonexistent/token")]).unwrap_err().to_string();
+        let err = load(&[("nats_token_file", "/nonexistent/token")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nats_token_file"), "{err}");
     }
 

@@ -23,11 +23,12 @@ use tokio_util::sync::CancellationToken;
 use crate::stream::{ensure_consumer, Layout};
 
 /// How long a pull request waits on the server for messages.
-const EXPIRES: Duration = Duration::from_secs(30);
+const EXPIRES: Duration = Duration::from_secs(20);
 /// Heartbeat interval the server keeps while a request waits.
-const HEARTBEAT: Duration = Duration::from_secs(5);
-/// No heartbeat for this long while requests are outstanding: assume they are gone.
-const HEARTBEAT_LOST: Duration = Duration::from_secs(11);
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// No heartbeat for this long while requests are outstanding: assume they are gone (the
+/// server restarted, or the consumer was deleted without telling us).
+const HEARTBEAT_LOST: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -227,7 +228,7 @@ impl Puller {
                         }
                     }
                     _ = tokio::time::sleep_until(watchdog), if count(&slots.reserved) > 0 => {
-                        break Reset::Trouble("no heartbeat from the server".into());
+                        break Reset::Consumer("no heartbeat from the server".into());
                     }
                 }
             };
@@ -257,7 +258,6 @@ impl Puller {
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
-
 }
 
 /// The `Nats-Pending-Messages` header of a terminal status: what the request did not deliver.

@@ -18,7 +18,10 @@ use crate::sample::{self, SampleOptions};
 pub async fn run(jobs: usize, max_inflight: usize) -> anyhow::Result<()> {
     println!("queue-worker demo: {jobs} jobs, max_inflight {max_inflight}\n");
     let nats = tokio::task::spawn_blocking(NatsServer::start).await??;
-    println!("  nats-server     {} (JetStream store in a temp dir)", nats.url());
+    println!(
+        "  nats-server     {} (JetStream store in a temp dir)",
+        nats.url()
+    );
 
     let stop = CancellationToken::new();
     let (gateway, stats) = sample::serve(
@@ -58,7 +61,11 @@ pub async fn run(jobs: usize, max_inflight: usize) -> anyhow::Result<()> {
         ..Default::default()
     };
     publish(&config, &submission, jobs).await?;
-    println!("published {jobs} jobs to {} (subject {}.sleep.openfaas-fn)", config.stream_name(), config.queue);
+    println!(
+        "published {jobs} jobs to {} (subject {}.sleep.openfaas-fn)",
+        config.stream_name(),
+        config.queue
+    );
 
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);

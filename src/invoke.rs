@@ -160,7 +160,12 @@ impl Invoker {
                 } else {
                     Failure::Error
                 };
-                (Err(failure), HeaderMap::new(), Bytes::new(), Some(error_chain(&e)))
+                (
+                    Err(failure),
+                    HeaderMap::new(),
+                    Bytes::new(),
+                    Some(error_chain(&e)),
+                )
             }
         };
         Response {
@@ -195,7 +200,10 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
         let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&later, now), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
         let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
         assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);

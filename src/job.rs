@@ -219,7 +219,10 @@ mod tests {
         let inv = msg(r#"{"Function":"echo.team-a"}"#).unwrap();
         assert_eq!(inv.url, "http://gw:8080/function/echo.team-a");
         assert_eq!(inv.function_label, "echo.team-a");
-        assert_eq!(inv.request.header_value("X-Call-Id"), Some(inv.call_id.as_str()));
+        assert_eq!(
+            inv.request.header_value("X-Call-Id"),
+            Some(inv.call_id.as_str())
+        );
     }
 
     #[test]

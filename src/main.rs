@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use queue_worker::config::{Config, ConfigError, LogEncoding, Sources};
 
 #[derive(Parser)]
-#[command(name = "queue-worker", version, about = "Runs OpenFaaS asynchronous invocations out of NATS JetStream")]
+#[command(
+    name = "queue-worker",
+    version,
+    about = "Runs OpenFaaS asynchronous invocations out of NATS JetStream"
+)]
 struct Cli {
     #[command(flatten)]
     settings: Settings,
@@ -155,7 +159,10 @@ fn main() -> ExitCode {
         .unwrap_or((LogEncoding::Console, false));
     let quiet = matches!(cli.command, Some(Command::Demo { .. }));
     queue_worker::logging::init(encoding, debug, quiet);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("queue-worker: cannot start the runtime: {e}");
@@ -177,7 +184,8 @@ fn main() -> ExitCode {
 /// that need none.
 fn load_config(settings: &Settings) -> Result<Option<Config>, String> {
     let pairs = settings.pairs()?;
-    let sources = Sources::gather(settings.config.as_deref(), pairs).map_err(|e: ConfigError| e.to_string())?;
+    let sources = Sources::gather(settings.config.as_deref(), pairs)
+        .map_err(|e: ConfigError| e.to_string())?;
     Config::load(&sources).map(Some).map_err(|e| e.to_string())
 }
 

@@ -230,7 +230,9 @@ impl Metrics {
     }
 
     pub fn callback(&self, result: &str) {
-        self.callbacks.with_label_values(&[&self.queue, result]).inc();
+        self.callbacks
+            .with_label_values(&[&self.queue, result])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -60,7 +60,11 @@ impl NatsServer {
 
     /// Starts a server on `port` with its JetStream store in `store`, plus `extra_args`
     /// (cluster settings, for example).
-    pub fn start_with(store: &Path, port: u16, extra_args: Vec<String>) -> anyhow::Result<NatsServer> {
+    pub fn start_with(
+        store: &Path,
+        port: u16,
+        extra_args: Vec<String>,
+    ) -> anyhow::Result<NatsServer> {
         let binary = find_binary().context(
             "nats-server not found: install it (Debian: apt-get install -y nats-server) or set NATS_SERVER_BIN",
         )?;
@@ -80,7 +84,14 @@ impl NatsServer {
         std::fs::create_dir_all(&self.store)?;
         let log = std::fs::File::create(self.store.with_extension("log"))?;
         let child = Command::new(&self.binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(&self.store)
             .args(&self.extra_args)
             .stdin(Stdio::null())
@@ -93,7 +104,10 @@ impl NatsServer {
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    bail!("nats-server exited with {status}; see {}", self.store.with_extension("log").display());
+                    bail!(
+                        "nats-server exited with {status}; see {}",
+                        self.store.with_extension("log").display()
+                    );
                 }
             }
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
@@ -101,7 +115,10 @@ impl NatsServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("nats-server did not listen on port {} within 10s", self.port)
+        bail!(
+            "nats-server did not listen on port {} within 10s",
+            self.port
+        )
     }
 
     pub fn url(&self) -> String {

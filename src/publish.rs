@@ -99,7 +99,11 @@ impl Submission {
 /// Publishes `count` copies of `sub` (each with its own call id) and waits for JetStream to
 /// store every one. Creates the stream when it is missing, as the worker would. Returns the
 /// call ids.
-pub async fn publish(config: &Config, sub: &Submission, count: usize) -> anyhow::Result<Vec<String>> {
+pub async fn publish(
+    config: &Config,
+    sub: &Submission,
+    count: usize,
+) -> anyhow::Result<Vec<String>> {
     let metrics = crate::metrics::Metrics::new(&config.queue, config.max_inflight);
     let conn = crate::nats::connect(&config.nats, metrics).await?;
     let js = jetstream::new(conn.client.clone());
@@ -110,10 +114,13 @@ pub async fn publish(config: &Config, sub: &Submission, count: usize) -> anyhow:
         replicas: config.stream_replicas,
         ack_wait: config.ack_wait,
     };
-    tokio::time::timeout(std::time::Duration::from_secs(15), stream::ensure_stream(&js, &layout))
-        .await
-        .context("NATS did not answer within 15s")?
-        .context("cannot set up the stream")?;
+    tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        stream::ensure_stream(&js, &layout),
+    )
+    .await
+    .context("NATS did not answer within 15s")?
+    .context("cannot set up the stream")?;
     let subject = subject_for(&config.queue, &sub.function, &config.default_namespace);
     let mut ids = Vec::with_capacity(count);
     let mut pending = Vec::new();
@@ -147,8 +154,14 @@ mod tests {
 
     #[test]
     fn subjects_are_per_function() {
-        assert_eq!(subject_for("faas-request", "sleep", "openfaas-fn"), "faas-request.sleep.openfaas-fn");
-        assert_eq!(subject_for("q", "sleep.team", "openfaas-fn"), "q.sleep.team");
+        assert_eq!(
+            subject_for("faas-request", "sleep", "openfaas-fn"),
+            "faas-request.sleep.openfaas-fn"
+        );
+        assert_eq!(
+            subject_for("q", "sleep.team", "openfaas-fn"),
+            "q.sleep.team"
+        );
     }
 
     #[test]

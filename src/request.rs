@@ -18,7 +18,12 @@ pub struct QueueRequest {
         skip_serializing_if = "BTreeMap::is_empty"
     )]
     pub header: BTreeMap<String, Vec<String>>,
-    #[serde(rename = "Host", default, deserialize_with = "de_null_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "Host",
+        default,
+        deserialize_with = "de_null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub host: String,
     #[serde(
         rename = "Body",
@@ -30,19 +35,49 @@ pub struct QueueRequest {
     pub body: Vec<u8>,
     #[serde(rename = "Method", default, deserialize_with = "de_null_default")]
     pub method: String,
-    #[serde(rename = "Path", default, deserialize_with = "de_null_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "Path",
+        default,
+        deserialize_with = "de_null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub path: String,
-    #[serde(rename = "QueryString", default, deserialize_with = "de_null_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "QueryString",
+        default,
+        deserialize_with = "de_null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub query_string: String,
     #[serde(rename = "Function", default, deserialize_with = "de_null_default")]
     pub function: String,
-    #[serde(rename = "QueueName", default, deserialize_with = "de_null_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "QueueName",
+        default,
+        deserialize_with = "de_null_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub queue_name: String,
-    #[serde(rename = "Annotations", default, deserialize_with = "de_null_default", skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        rename = "Annotations",
+        default,
+        deserialize_with = "de_null_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub annotations: BTreeMap<String, String>,
-    #[serde(rename = "Labels", default, deserialize_with = "de_null_default", skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        rename = "Labels",
+        default,
+        deserialize_with = "de_null_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub labels: BTreeMap<String, String>,
-    #[serde(rename = "Environment", default, deserialize_with = "de_null_default", skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        rename = "Environment",
+        default,
+        deserialize_with = "de_null_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub environment: BTreeMap<String, String>,
     #[serde(
         rename = "CallbackUrl",
@@ -258,8 +293,14 @@ mod tests {
         assert_eq!(r.path, "/sub/path");
         assert_eq!(r.query_string, "a=1&b=two");
         assert_eq!(r.function, "sleep");
-        assert_eq!(r.header_value("x-call-id"), Some("7f1c2c2b-1e1a-4b8f-a2d6-4e0f1b0e9c11"));
-        assert_eq!(r.callback_url.as_deref(), Some("http://receiver.example:8080/done?x=1"));
+        assert_eq!(
+            r.header_value("x-call-id"),
+            Some("7f1c2c2b-1e1a-4b8f-a2d6-4e0f1b0e9c11")
+        );
+        assert_eq!(
+            r.callback_url.as_deref(),
+            Some("http://receiver.example:8080/done?x=1")
+        );
         assert_eq!(r.annotations["com.openfaas.retry.attempts"], "5");
     }
 

@@ -79,7 +79,11 @@ impl RetryPolicy {
     fn is_retryable(&self, result: &CallResult) -> bool {
         match *result {
             CallResult::NoResponse => true,
-            CallResult::Status { internal: true, code, .. } => code >= 400,
+            CallResult::Status {
+                internal: true,
+                code,
+                ..
+            } => code >= 400,
             CallResult::Status { code, .. } => self.codes.binary_search(&code).is_ok(),
         }
     }
@@ -186,7 +190,11 @@ mod tests {
             (after(503, 600), 3, EXHAUSTED),
         ];
         for (i, (result, attempt, want)) in rows.iter().enumerate() {
-            assert_eq!(decide(result, *attempt, &p, 0.5), *want, "row {i}: {result:?} attempt {attempt}");
+            assert_eq!(
+                decide(result, *attempt, &p, 0.5),
+                *want,
+                "row {i}: {result:?} attempt {attempt}"
+            );
         }
     }
 
@@ -208,7 +216,11 @@ mod tests {
     fn jitter_modes_stay_in_range() {
         let full = policy(Backoff::Full);
         let equal = policy(Backoff::Equal);
-        for (jitter, want_full, want_equal) in [(0.0, 0, 10_000), (0.5, 10_000, 15_000), (1.0, 20_000, 20_000)] {
+        for (jitter, want_full, want_equal) in [
+            (0.0, 0, 10_000),
+            (0.5, 10_000, 15_000),
+            (1.0, 20_000, 20_000),
+        ] {
             let ms = |d| match d {
                 Decision::Retry { after } => after.as_millis() as u64,
                 other => panic!("{other:?}"),

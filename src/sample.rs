@@ -64,7 +64,11 @@ pub async fn serve(
     Ok((bound, stats))
 }
 
-async fn function(State(s): State<Sample>, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
+async fn function(
+    State(s): State<Sample>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
     let n = s.stats.calls.fetch_add(1, Ordering::Relaxed) + 1;
     s.stats.running.fetch_add(1, Ordering::Relaxed);
     let span = s.opts.max_delay.saturating_sub(s.opts.min_delay);

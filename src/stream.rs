@@ -86,10 +86,8 @@ pub async fn ensure_stream(
     layout: &Layout,
 ) -> Result<stream::Info, LayoutError> {
     let subject = format!("STREAM.INFO.{}", layout.stream);
-    let resp: Response<stream::Info> = js
-        .request(subject, &json!({}))
-        .await
-        .map_err(unavailable)?;
+    let resp: Response<stream::Info> =
+        js.request(subject, &json!({})).await.map_err(unavailable)?;
     let info = match resp {
         Response::Ok(info) => info,
         Response::Err { error } if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
@@ -113,7 +111,9 @@ async fn create_stream(
             Ok(info)
         }
         // Another replica won the race: use theirs.
-        Response::Err { error } if error.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST => {
+        Response::Err { error }
+            if error.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
+        {
             Box::pin(ensure_stream(js, layout)).await
         }
         Response::Err { error } => Err(LayoutError::Incompatible(format!(
@@ -188,10 +188,8 @@ pub async fn ensure_consumer(
     layout: &Layout,
 ) -> Result<consumer::Info, LayoutError> {
     let subject = format!("CONSUMER.INFO.{}.{}", layout.stream, layout.durable);
-    let resp: Response<consumer::Info> = js
-        .request(subject, &json!({}))
-        .await
-        .map_err(unavailable)?;
+    let resp: Response<consumer::Info> =
+        js.request(subject, &json!({})).await.map_err(unavailable)?;
     let wanted = layout.consumer_config();
     match resp {
         Response::Ok(info) => {
@@ -231,9 +229,7 @@ pub async fn ensure_consumer(
             tracing::info!(stream = %layout.stream, consumer = %layout.durable, "Created consumer");
             Ok(info)
         }
-        Response::Err { error }
-            if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-        {
+        Response::Err { error } if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
             Err(unavailable(format!("stream {} not found", layout.stream)))
         }
         Response::Err { error } => Err(unavailable(error)),
@@ -247,7 +243,10 @@ async fn create_consumer(
 ) -> Result<consumer::Info, LayoutError> {
     // The durable form of the create API exists on every server since 2.2; the named
     // `CONSUMER.CREATE.<stream>.<name>` form needs 2.9 and its filter variant 2.10.
-    let subject = format!("CONSUMER.DURABLE.CREATE.{}.{}", layout.stream, layout.durable);
+    let subject = format!(
+        "CONSUMER.DURABLE.CREATE.{}.{}",
+        layout.stream, layout.durable
+    );
     let resp: Response<consumer::Info> = js
         .request(
             subject,
@@ -257,9 +256,7 @@ async fn create_consumer(
         .map_err(unavailable)?;
     match resp {
         Response::Ok(info) => Ok(info),
-        Response::Err { error }
-            if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-        {
+        Response::Err { error } if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
             Err(unavailable(format!("stream {} not found", layout.stream)))
         }
         Response::Err { error } => Err(LayoutError::Incompatible(format!(

@@ -42,7 +42,8 @@ impl Worker {
     /// Starts a task for a delivered message. Never blocks the pull loop.
     pub fn dispatch(self: &Arc<Self>, msg: jetstream::Message, slot: Option<OwnedSemaphorePermit>) {
         let worker = self.clone();
-        self.tracker.spawn(async move { worker.handle(msg, slot).await });
+        self.tracker
+            .spawn(async move { worker.handle(msg, slot).await });
     }
 
     async fn handle(&self, msg: jetstream::Message, slot: Option<OwnedSemaphorePermit>) {
@@ -104,7 +105,12 @@ impl Worker {
         let status = resp.status_label();
         f.duration.observe(resp.duration.as_secs_f64());
         self.metrics.invocation(&f, &status);
-        let decision = decide(&resp.call_result(), job.attempt, &self.retry, fastrand::f64());
+        let decision = decide(
+            &resp.call_result(),
+            job.attempt,
+            &self.retry,
+            fastrand::f64(),
+        );
         match &resp.error {
             None => {
                 tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, status = %status, duration = resp.duration.as_secs_f64(), "Invoked")

@@ -1,1 +1,9 @@
-fn main() {}
+//! The integration suite: one binary, real nats-server, real HTTP fake gateway.
+
+mod cli;
+mod faults;
+mod flow;
+mod layout;
+mod retry;
+mod shutdown;
+mod support;

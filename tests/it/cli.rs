@@ -1,0 +1,79 @@
+//! The binary: bad configuration exits with code 2 and names the key.
+
+use std::process::Command;
+
+fn worker() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_queue-worker"));
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    cmd
+}
+
+#[test]
+fn bad_env_value_exits_2_naming_the_key() {
+    let out = worker().env("max_inflight", "lots").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max_inflight") && err.contains("\"lots\"") && err.contains("whole number"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_file_value_and_unknown_key_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    std::fs::write(&path, "ack_wait: 10\n").unwrap();
+    let out = worker()
+        .arg("--config")
+        .arg(&path)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ack_wait") && err.contains("config file"),
+        "{err}"
+    );
+
+    std::fs::write(&path, "max_inflihgt: 3\n").unwrap();
+    let out = worker()
+        .arg("--config")
+        .arg(&path)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_inflihgt"));
+}
+
+#[test]
+fn flags_win_over_env_and_the_example_file_loads() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml");
+    let out = worker()
+        .env("max_inflight", "5")
+        .args(["--config", example, "--max-inflight", "9", "check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("max_inflight: 9"), "{text}");
+}
+
+#[test]
+fn function_mode_is_refused_as_not_supported_yet() {
+    let out = worker()
+        .env("scaling_mode", "function")
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
+}

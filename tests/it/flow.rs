@@ -1,0 +1,228 @@
+//! The main path: a gateway-format message reaches the function intact, the callback carries
+//! the contract headers, concurrency stays within max_inflight, long calls are not redelivered.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use queue_worker::publish::{publish, Submission};
+
+use crate::support::{publish_raw, scrape, Env, Step};
+
+#[tokio::test]
+async fn gateway_format_message_reaches_function_and_callback() {
+    let env = Env::start().await;
+    env.gateway.script(
+        "echo",
+        vec![Step::status(200)
+            .body("pong")
+            .header("X-From-Function", "yes")
+            .header("Content-Type", "text/plain")],
+    );
+    let worker = env.worker(&[("max_retry_attempts", "7")]).await;
+    let callback = env.gateway.callback_url("flow");
+    let (scheme_host, cb_path) = callback.split_at(callback.find("/callback").unwrap());
+    let host = scheme_host.trim_start_matches("http://");
+    // Byte for byte what the Go gateway writes: base64 Body, Header lists, CallbackUrl as a
+    // url.URL struct, no namespace in Function.
+    let json = format!(
+        r#"{{"Header":{{"Content-Type":["application/json"],"X-Call-Id":["call-123"],"X-Custom":["one","two"],"X-Start-Time":["1741610445838000000"],"X-Callback-Url":["{callback}"]}},"Host":"gateway.openfaas:8080","Body":"eyJoZWxsbyI6IndvcmxkIn0=","Method":"POST","Path":"/sub/path","QueryString":"a=1&b=two","Function":"echo","QueueName":"","CallbackUrl":{{"Scheme":"http","Opaque":"","User":null,"Host":"{host}","Path":"{cb_path}","RawPath":"","OmitHost":false,"ForceQuery":false,"RawQuery":"","Fragment":"","RawFragment":""}}}}"#
+    );
+    let js = env.js().await;
+    publish_raw(&js, "faas-request.echo.openfaas-fn", json.into_bytes()).await;
+
+    env.gateway
+        .wait_for("the callback", Duration::from_secs(10), |g| {
+            g.callbacks().len() == 1
+        })
+        .await;
+    let calls = env.gateway.calls();
+    assert_eq!(calls.len(), 1);
+    let call = &calls[0];
+    assert_eq!(call.method, "POST");
+    assert_eq!(call.path, "/function/echo/sub/path");
+    assert_eq!(call.query.as_deref(), Some("a=1&b=two"));
+    assert_eq!(&call.body[..], br#"{"hello":"world"}"#);
+    assert_eq!(call.header("content-type"), "application/json");
+    assert_eq!(call.header("x-call-id"), "call-123");
+    let custom: Vec<_> = call
+        .headers
+        .get_all("x-custom")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(custom, vec!["one", "two"]);
+
+    let cb = &env.gateway.callbacks()[0];
+    assert_eq!(cb.method, "POST");
+    assert_eq!(cb.path, "/callback/flow");
+    assert_eq!(&cb.body[..], b"pong");
+    assert_eq!(cb.header("x-call-id"), "call-123");
+    assert_eq!(cb.header("x-function-status"), "200");
+    assert_eq!(cb.header("x-function-name"), "echo");
+    assert_eq!(cb.header("x-retry"), "1");
+    assert_eq!(cb.header("x-retry-max"), "7");
+    assert_eq!(cb.header("x-from-function"), "yes");
+    assert_eq!(cb.header("content-type"), "text/plain");
+    assert!(
+        cb.header("user-agent").starts_with("queue-worker/"),
+        "{}",
+        cb.header("user-agent")
+    );
+    let secs: f64 = cb.header("x-duration-seconds").parse().unwrap();
+    assert!(secs > 0.0 && secs < 10.0, "{secs}");
+
+    env.wait_drained(Duration::from_secs(5)).await;
+    let text = scrape(&worker).await;
+    assert!(text.contains(r#"queue_worker_invocations_total{function_name="echo.openfaas-fn",queue_name="faas-request",status="200"} 1"#), "{text}");
+    assert!(
+        text.contains(
+            r#"queue_worker_callbacks_total{queue_name="faas-request",result="delivered"} 1"#
+        ),
+        "{text}"
+    );
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn thousand_messages_each_once_within_max_inflight() {
+    let env = Env::start().await;
+    env.gateway.script(
+        "work",
+        vec![Step::status(200).delay(Duration::from_millis(3))],
+    );
+    let config = env.config(&[("max_inflight", "16")]);
+    let sub = Submission {
+        function: "work".into(),
+        body: b"x".to_vec(),
+        ..Default::default()
+    };
+    let ids = publish(&config, &sub, 1000).await.unwrap();
+    let worker = queue_worker::app::start(config).await.unwrap();
+
+    env.gateway
+        .wait_for("1000 calls", Duration::from_secs(60), |g| {
+            g.calls().len() >= 1000
+        })
+        .await;
+    env.wait_drained(Duration::from_secs(10)).await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for c in env.gateway.calls() {
+        *seen.entry(c.call_id()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 1000);
+    assert!(
+        ids.iter().all(|id| seen.get(id) == Some(&1)),
+        "a message was invoked twice or never"
+    );
+    let max = env.gateway.max_running();
+    assert!(max <= 16, "max_inflight exceeded: {max} at once");
+    assert!(
+        max >= 8,
+        "the worker did not use its slots: only {max} at once"
+    );
+    assert_eq!(env.consumer().await.num_redelivered, 0);
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_call_three_times_ack_wait_is_invoked_once() {
+    let env = Env::start().await;
+    env.gateway.script(
+        "slow",
+        vec![Step::status(200).delay(Duration::from_secs(3))],
+    );
+    let worker = env
+        .worker(&[("ack_wait", "1s"), ("max_inflight", "4")])
+        .await;
+    let config = env.config(&[]);
+    let sub = Submission {
+        function: "slow".into(),
+        ..Default::default()
+    };
+    publish(&config, &sub, 1).await.unwrap();
+    env.gateway
+        .wait_for("the slow call to finish", Duration::from_secs(15), |g| {
+            g.calls().iter().any(|c| c.finished.is_some())
+        })
+        .await;
+    env.wait_drained(Duration::from_secs(5)).await;
+    assert_eq!(env.gateway.calls().len(), 1);
+    let c = env.consumer().await;
+    assert_eq!(
+        c.num_redelivered, 0,
+        "the message was redelivered while its call ran"
+    );
+    assert_eq!(c.delivered.stream_sequence, 1);
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn metrics_and_health_endpoints() {
+    let env = Env::start().await;
+    let worker = env.worker(&[]).await;
+    let base = format!("http://127.0.0.1:{}", worker.metrics_addr.port());
+    assert_eq!(
+        reqwest::get(format!("{base}/healthz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let text = scrape(&worker).await;
+    for name in [
+        "queue_worker_pending_messages",
+        "queue_worker_messages_processed_total",
+        "queue_worker_messages_submitted_total",
+        "queue_worker_nats_reconnect_total",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    // The in-flight gauge appears once a function has been called.
+    let config = env.config(&[]);
+    publish(
+        &config,
+        &Submission {
+            function: "f".into(),
+            ..Default::default()
+        },
+        3,
+    )
+    .await
+    .unwrap();
+    env.gateway
+        .wait_for("3 calls", Duration::from_secs(10), |g| g.calls().len() == 3)
+        .await;
+    env.wait_drained(Duration::from_secs(5)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = scrape(&worker).await;
+        if text.contains(r#"queue_worker_messages_submitted_total{queue_name="faas-request"} 3"#) {
+            assert!(text.contains(r#"queue_worker_function_invocation_inflight{function_name="f.openfaas-fn",queue_name="faas-request"} 0"#), "{text}");
+            assert!(
+                text.contains(
+                    r#"queue_worker_messages_processed_total{queue_name="faas-request"} 3"#
+                ),
+                "{text}"
+            );
+            assert!(text.contains(r#"queue_worker_pending_messages{function_name="all-functions",queue_name="faas-request"} 0"#), "{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "submitted gauge never reached 3:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}

@@ -1,0 +1,364 @@
+//! Test harness: a real nats-server (from `queue_worker::natsd`), a real HTTP fake gateway on
+//! port 0 with scripted answers per function, and helpers to start workers and read queue
+//! state. Waiting is event-driven: every request and callback the fake records wakes
+//! `wait_for`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use queue_worker::app::Running;
+use queue_worker::config::{Config, Sources};
+use queue_worker::natsd::NatsServer;
+use tokio::sync::watch;
+
+/// One scripted answer of the fake function.
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub status: u16,
+    pub delay: Duration,
+    pub headers: Vec<(&'static str, &'static str)>,
+    pub body: &'static str,
+}
+
+impl Step {
+    pub fn status(status: u16) -> Step {
+        Step {
+            status,
+            delay: Duration::ZERO,
+            headers: Vec::new(),
+            body: "",
+        }
+    }
+    pub fn delay(mut self, d: Duration) -> Step {
+        self.delay = d;
+        self
+    }
+    pub fn header(mut self, k: &'static str, v: &'static str) -> Step {
+        self.headers.push((k, v));
+        self
+    }
+    pub fn body(mut self, b: &'static str) -> Step {
+        self.body = b;
+        self
+    }
+}
+
+/// A request the fake received.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub started: Instant,
+    /// When the answer was sent (None while the call runs).
+    pub finished: Option<Instant>,
+}
+
+impl Recorded {
+    pub fn call_id(&self) -> String {
+        self.headers
+            .get("x-call-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    scripts: HashMap<String, Vec<Step>>,
+    calls_per_fn: HashMap<String, usize>,
+    calls: Vec<Recorded>,
+    callbacks: Vec<Recorded>,
+    running: usize,
+    max_running: usize,
+}
+
+/// The fake gateway: `/function/<name>...` answers from the script of `<name>` (the last step
+/// repeats; no script means 200 at once) and `/callback...` records callbacks.
+#[derive(Clone)]
+pub struct FakeGateway {
+    inner: Arc<Mutex<Inner>>,
+    changed: watch::Sender<u64>,
+    pub addr: SocketAddr,
+}
+
+impl FakeGateway {
+    pub async fn start() -> FakeGateway {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (changed, _) = watch::channel(0);
+        let fake = FakeGateway {
+            inner: Arc::default(),
+            changed,
+            addr,
+        };
+        let app = Router::new()
+            .route("/function/{*rest}", any(function))
+            .route("/callback/{*rest}", any(callback))
+            .with_state(fake.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        fake
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn callback_url(&self, tag: &str) -> String {
+        format!("http://{}/callback/{tag}", self.addr)
+    }
+
+    pub fn script(&self, function: &str, steps: Vec<Step>) {
+        self.inner
+            .lock()
+            .unwrap()
+            .scripts
+            .insert(function.to_string(), steps);
+    }
+
+    pub fn calls(&self) -> Vec<Recorded> {
+        self.inner.lock().unwrap().calls.clone()
+    }
+
+    pub fn callbacks(&self) -> Vec<Recorded> {
+        self.inner.lock().unwrap().callbacks.clone()
+    }
+
+    pub fn running(&self) -> usize {
+        self.inner.lock().unwrap().running
+    }
+
+    pub fn max_running(&self) -> usize {
+        self.inner.lock().unwrap().max_running
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until `pred` holds, re-checking on every request or callback and at least every
+    /// 100ms (for conditions that also depend on NATS). Panics with `what` after `timeout`.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&FakeGateway) -> bool,
+    ) {
+        let mut rx = self.changed.subscribe();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(self) {
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what} ({} calls, {} callbacks)",
+                    self.calls().len(),
+                    self.callbacks().len()
+                );
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(100)), rx.changed()).await;
+        }
+    }
+}
+
+async fn function(
+    State(fake): State<FakeGateway>,
+    Path(rest): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let name = rest.split('/').next().unwrap_or_default().to_string();
+    let (step, index) = {
+        let mut inner = fake.inner.lock().unwrap();
+        let n = inner.calls_per_fn.entry(name.clone()).or_default();
+        let i = *n;
+        *n += 1;
+        let step = inner
+            .scripts
+            .get(&name)
+            .map(|s| s[i.min(s.len() - 1)].clone())
+            .unwrap_or_else(|| Step::status(200));
+        inner.calls.push(Recorded {
+            method,
+            path: uri.path().to_string(),
+            query: uri.query().map(str::to_string),
+            headers,
+            body,
+            started: Instant::now(),
+            finished: None,
+        });
+        inner.running += 1;
+        inner.max_running = inner.max_running.max(inner.running);
+        (step, inner.calls.len() - 1)
+    };
+    fake.bump();
+    tokio::time::sleep(step.delay).await;
+    {
+        let mut inner = fake.inner.lock().unwrap();
+        inner.running -= 1;
+        inner.calls[index].finished = Some(Instant::now());
+    }
+    fake.bump();
+    let mut resp = (StatusCode::from_u16(step.status).unwrap(), step.body).into_response();
+    for (k, v) in step.headers {
+        resp.headers_mut().insert(k, v.parse().unwrap());
+    }
+    resp
+}
+
+async fn callback(
+    State(fake): State<FakeGateway>,
+    uri: Uri,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    fake.inner.lock().unwrap().callbacks.push(Recorded {
+        method,
+        path: uri.path().to_string(),
+        query: uri.query().map(str::to_string),
+        headers,
+        body,
+        started: Instant::now(),
+        finished: Some(Instant::now()),
+    });
+    fake.bump();
+    StatusCode::OK
+}
+
+/// A nats-server and a fake gateway for one test.
+pub struct Env {
+    pub nats: NatsServer,
+    pub gateway: FakeGateway,
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        // Worker logs show with a failing test's output; RUST_LOG=debug for more.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let nats = tokio::task::spawn_blocking(NatsServer::start)
+            .await
+            .unwrap()
+            .expect("nats-server starts (install it: apt-get install -y nats-server)");
+        let gateway = FakeGateway::start().await;
+        Env { nats, gateway }
+    }
+
+    /// A config for this environment: test-friendly defaults, then `overrides`.
+    pub fn config(&self, overrides: &[(&str, &str)]) -> Config {
+        let mut pairs: Vec<(String, String)> = vec![
+            ("nats_url".into(), self.nats.url()),
+            ("gateway_url".into(), self.gateway.url()),
+            ("metrics_port".into(), "0".into()),
+            ("stream_poll_interval".into(), "100ms".into()),
+            ("initial_retry_wait".into(), "1s".into()),
+            ("max_retry_wait".into(), "2s".into()),
+            ("callback_retry_wait".into(), "100ms".into()),
+            ("drain_timeout".into(), "10s".into()),
+        ];
+        for (k, v) in overrides {
+            pairs.push((k.to_string(), v.to_string()));
+        }
+        Config::load(&Sources::from_pairs(pairs).unwrap()).unwrap()
+    }
+
+    pub async fn worker(&self, overrides: &[(&str, &str)]) -> Running {
+        let running = queue_worker::app::start(self.config(overrides))
+            .await
+            .unwrap();
+        wait_ready(&running).await;
+        running
+    }
+
+    pub async fn js(&self) -> async_nats::jetstream::Context {
+        let client = async_nats::connect(self.nats.url()).await.unwrap();
+        async_nats::jetstream::new(client)
+    }
+
+    /// Consumer counters of the shared consumer (default names).
+    pub async fn consumer(&self) -> async_nats::jetstream::consumer::Info {
+        let js = self.js().await;
+        let stream = js.get_stream("OF_faas-request").await.unwrap();
+        stream.consumer_info("faas-workers").await.unwrap()
+    }
+
+    /// Waits until the consumer has nothing pending or unacknowledged.
+    pub async fn wait_drained(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.consumer().await;
+            if c.num_pending == 0 && c.num_ack_pending == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queue not drained: {} pending, {} unacknowledged",
+                c.num_pending,
+                c.num_ack_pending
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub async fn wait_ready(running: &Running) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running.health.readiness().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "worker not ready: {:?}",
+            running.health.readiness()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Publishes a raw payload on a subject of the default queue and waits for JetStream to store it.
+pub async fn publish_raw(js: &async_nats::jetstream::Context, subject: &str, payload: Vec<u8>) {
+    js.publish(subject.to_string(), payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Reads `/metrics` over HTTP.
+pub async fn scrape(running: &Running) -> String {
+    reqwest::get(format!(
+        "http://127.0.0.1:{}/metrics",
+        running.metrics_addr.port()
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap()
+}
