@@ -926,6 +926,18 @@ mod tests {
     }
 
     #[test]
+    fn readme_documents_every_key() {
+        let readme = include_str!("../README.md");
+        for key in KEYS {
+            assert!(
+                readme.contains(&format!("| `{}` |", key.name)),
+                "README.md lacks {}",
+                key.name
+            );
+        }
+    }
+
+    #[test]
     fn example_file_parses_and_documents_every_key() {
         let text = include_str!("../config.example.yaml");
         let mut s = Sources::default();

@@ -271,6 +271,17 @@ mod tests {
     }
 
     #[test]
+    fn readme_documents_every_metric() {
+        let readme = include_str!("../README.md");
+        for name in NAMES {
+            assert!(
+                readme.contains(&format!("| `{name}` |")),
+                "README.md lacks {name}"
+            );
+        }
+    }
+
+    #[test]
     fn function_labels_are_capped() {
         let m = Metrics::new("q", 1);
         for i in 0..MAX_FUNCTION_LABELS + 10 {
