@@ -19,6 +19,8 @@ pub fn init(encoding: LogEncoding, debug: bool, quiet: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: escape codes in a log collector are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let _ = match encoding {
         LogEncoding::Console => builder.try_init(),

@@ -77,3 +77,43 @@ fn function_mode_is_refused_as_not_supported_yet() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
 }
+
+#[test]
+fn sigterm_drains_and_exits_0() {
+    let nats = queue_worker::natsd::NatsServer::start().unwrap();
+    let port = queue_worker::natsd::free_port().unwrap();
+    let mut child = worker()
+        .env("nats_url", nats.url())
+        .env("gateway_url", "http://127.0.0.1:9")
+        .env("metrics_port", port.to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let ready = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok_and(|mut s| {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+            let mut buf = String::new();
+            let _ = s.read_to_string(&mut buf);
+            buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
+        });
+        if ready {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker never became ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("Draining") && err.contains("Stopped"), "{err}");
+}

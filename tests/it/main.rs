@@ -1,5 +1,6 @@
 //! The integration suite: one binary, real nats-server, real HTTP fake gateway.
 
+mod auth;
 mod cli;
 mod faults;
 mod flow;

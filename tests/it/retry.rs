@@ -166,3 +166,65 @@ async fn an_undecodable_message_is_discarded_and_work_goes_on() {
     worker.shutdown();
     worker.wait().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_failing_callback_is_retried_but_never_reruns_the_function() {
+    let env = Env::start().await;
+    env.gateway.script_callbacks(vec![500, 503, 200]);
+    let worker = env
+        .worker(&[
+            ("callback_max_attempts", "3"),
+            ("callback_retry_wait", "50ms"),
+        ])
+        .await;
+    publish(&env.config(&[]), &job("once", &env), 1)
+        .await
+        .unwrap();
+    env.gateway
+        .wait_for("three callback tries", Duration::from_secs(10), |g| {
+            g.callbacks().len() == 3
+        })
+        .await;
+    env.wait_drained(Duration::from_secs(5)).await;
+    assert_eq!(env.gateway.calls().len(), 1);
+    let ids: Vec<String> = env
+        .gateway
+        .callbacks()
+        .iter()
+        .map(|c| c.header("x-call-id"))
+        .collect();
+    assert!(ids.iter().all(|id| *id == env.gateway.calls()[0].call_id()));
+    let text = crate::support::scrape(&worker).await;
+    assert!(
+        text.contains(
+            r#"queue_worker_callbacks_total{queue_name="faas-request",result="delivered"} 1"#
+        ),
+        "{text}"
+    );
+
+    // A receiver that keeps failing: tries stop at callback_max_attempts, counted as failed.
+    env.gateway.script_callbacks(vec![500]);
+    publish(&env.config(&[]), &job("twice", &env), 1)
+        .await
+        .unwrap();
+    env.gateway
+        .wait_for("three more tries", Duration::from_secs(10), |g| {
+            g.callbacks().len() == 6
+        })
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = crate::support::scrape(&worker).await;
+        if text.contains(
+            r#"queue_worker_callbacks_total{queue_name="faas-request",result="failed"} 1"#,
+        ) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(env.gateway.callbacks().len(), 6);
+    assert_eq!(env.gateway.calls().len(), 2);
+    worker.shutdown();
+    worker.wait().await.unwrap();
+}

@@ -87,6 +87,8 @@ struct Inner {
     calls_per_fn: HashMap<String, usize>,
     calls: Vec<Recorded>,
     callbacks: Vec<Recorded>,
+    /// Statuses the callback receiver answers with, in order (the last repeats); empty: 200.
+    callback_script: Vec<u16>,
     running: usize,
     max_running: usize,
 }
@@ -132,6 +134,10 @@ impl FakeGateway {
             .unwrap()
             .scripts
             .insert(function.to_string(), steps);
+    }
+
+    pub fn script_callbacks(&self, statuses: Vec<u16>) {
+        self.inner.lock().unwrap().callback_script = statuses;
     }
 
     pub fn calls(&self) -> Vec<Recorded> {
@@ -235,7 +241,13 @@ async fn callback(
     headers: HeaderMap,
     body: Bytes,
 ) -> StatusCode {
-    fake.inner.lock().unwrap().callbacks.push(Recorded {
+    let mut inner = fake.inner.lock().unwrap();
+    let i = inner.callbacks.len();
+    let status = match inner.callback_script.as_slice() {
+        [] => 200,
+        s => s[i.min(s.len() - 1)],
+    };
+    inner.callbacks.push(Recorded {
         method,
         path: uri.path().to_string(),
         query: uri.query().map(str::to_string),
@@ -244,8 +256,9 @@ async fn callback(
         started: Instant::now(),
         finished: Some(Instant::now()),
     });
+    drop(inner);
     fake.bump();
-    StatusCode::OK
+    StatusCode::from_u16(status).unwrap()
 }
 
 /// A nats-server and a fake gateway for one test.
