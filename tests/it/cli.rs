@@ -82,7 +82,7 @@ fn function_mode_is_refused_as_not_supported_yet() {
 fn sigterm_drains_and_exits_0() {
     let nats = queue_worker::natsd::NatsServer::start().unwrap();
     let port = queue_worker::natsd::free_port().unwrap();
-    let mut child = worker()
+    let child = worker()
         .env("nats_url", nats.url())
         .env("gateway_url", "http://127.0.0.1:9")
         .env("metrics_port", port.to_string())
