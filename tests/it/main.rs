@@ -2,6 +2,7 @@
 
 mod auth;
 mod cli;
+mod cluster;
 mod faults;
 mod flow;
 mod layout;

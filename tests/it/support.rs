@@ -261,6 +261,16 @@ async fn callback(
     StatusCode::from_u16(status).unwrap()
 }
 
+/// Worker logs show with a failing test's output; `RUST_LOG=debug` for more.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// A nats-server and a fake gateway for one test.
 pub struct Env {
     pub nats: NatsServer,
@@ -269,14 +279,7 @@ pub struct Env {
 
 impl Env {
     pub async fn start() -> Env {
-        // Worker logs show with a failing test's output; RUST_LOG=debug for more.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "warn".into()),
-            )
-            .with_test_writer()
-            .try_init();
+        init_logs();
         let nats = tokio::task::spawn_blocking(NatsServer::start)
             .await
             .unwrap()
