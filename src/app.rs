@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::callback::Callbacks;
 use crate::config::Config;
-use crate::consumer::Puller;
+use crate::consumer::{PullLimits, Puller};
 use crate::invoke::Invoker;
 use crate::metrics::{Metrics, ALL_FUNCTIONS};
 use crate::server::{self, Health};
@@ -131,7 +131,7 @@ async fn work(
 
     // Set up the stream and consumer, waiting out an unavailable server.
     let mut wait = Duration::from_millis(200);
-    loop {
+    let consumer_info = loop {
         let attempt = async {
             stream::ensure_stream(&js, &layout).await?;
             stream::ensure_consumer(&js, &layout).await
@@ -141,7 +141,7 @@ async fn work(
             _ = shutdown.cancelled() => return Ok(()),
         };
         match result {
-            Ok(_) => break,
+            Ok(info) => break info,
             Err(LayoutError::Incompatible(msg)) => anyhow::bail!(msg),
             Err(LayoutError::Unavailable(msg)) => {
                 tracing::warn!(error = %msg, retry_in = ?wait, "waiting for JetStream");
@@ -152,7 +152,7 @@ async fn work(
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
         }
-    }
+    };
     health.layout_ready.store(true, Ordering::Relaxed);
     tracing::info!(stream = %layout.stream, durable = %layout.durable, "Subscribed");
 
@@ -194,6 +194,7 @@ async fn work(
         layout: layout.clone(),
         slots,
         max_outstanding: config.pull_max_messages.min(config.max_inflight),
+        limits: PullLimits::of(&consumer_info),
         generation: conn.generation,
     };
     let pull_worker = worker.clone();
@@ -205,13 +206,15 @@ async fn work(
     });
 
     shutdown.cancelled().await;
+    // The drain deadline counts from the signal, whatever stopping the intake takes.
+    let drain_deadline = tokio::time::Instant::now() + config.drain_timeout;
     health.draining.store(true, Ordering::Relaxed);
     let running = tracker.len();
     tracing::info!(drain_timeout = ?config.drain_timeout, running, "Draining: no new work is pulled");
     intake.cancel();
     let _ = pull_task.await;
     tracker.close();
-    if tokio::time::timeout(config.drain_timeout, tracker.wait())
+    if tokio::time::timeout_at(drain_deadline, tracker.wait())
         .await
         .is_err()
     {

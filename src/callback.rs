@@ -54,7 +54,9 @@ impl Callback {
             "x-duration-seconds",
             format!("{:.6}", self.duration.as_secs_f64()),
         );
-        set("x-retry", self.attempt.to_string());
+        // Deliveries that never reached the function (a drain hand-back, a lost lease) also
+        // count in JetStream's delivery count; never report more attempts than allowed.
+        set("x-retry", self.attempt.min(self.max_attempts).to_string());
         set("x-retry-max", self.max_attempts.to_string());
         set("user-agent", USER_AGENT.to_string());
         for t in &self.start_times {

@@ -20,7 +20,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::stream::{ensure_consumer, Layout};
+use crate::stream::{ensure_consumer, ensure_stream, Layout};
 
 /// How long a pull request waits on the server for messages.
 const EXPIRES: Duration = Duration::from_secs(20);
@@ -41,8 +41,44 @@ pub struct Puller {
     pub slots: Arc<Semaphore>,
     /// Most messages requested but not yet received (`consumer_pull_max_messages`).
     pub max_outstanding: usize,
+    /// The consumer's own limits on pull requests (an existing consumer may have them).
+    pub limits: PullLimits,
     /// Changes on every NATS reconnect.
     pub generation: watch::Receiver<u64>,
+}
+
+/// Limits a consumer puts on each pull request; requests beyond them are refused with a 409.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PullLimits {
+    /// `max_batch`; 0 means none.
+    pub max_batch: usize,
+    /// `max_expires`; zero means none.
+    pub max_expires: Duration,
+}
+
+impl PullLimits {
+    pub fn of(info: &jetstream::consumer::Info) -> PullLimits {
+        PullLimits {
+            max_batch: usize::try_from(info.config.max_batch.max(0)).unwrap_or(0),
+            max_expires: info.config.max_expires,
+        }
+    }
+
+    fn expires(&self) -> Duration {
+        if self.max_expires.is_zero() {
+            EXPIRES
+        } else {
+            EXPIRES.min(self.max_expires)
+        }
+    }
+
+    fn batch(&self, n: usize) -> usize {
+        if self.max_batch == 0 {
+            n
+        } else {
+            n.min(self.max_batch)
+        }
+    }
 }
 
 /// Permits held by the loop: acquired but not yet asked for (`free`), and backing requests
@@ -79,17 +115,21 @@ fn take(from: &mut Option<OwnedSemaphorePermit>, n: usize) -> Option<OwnedSemaph
 enum Reset {
     /// The connection was re-established; outstanding requests died with the old one.
     Reconnected,
+    /// Start over at once (a status we could not attribute to one request).
+    Quiet,
     /// The server said something went wrong; pause before asking again.
     Trouble(String),
-    /// The consumer is gone or unreachable: recreate it, then pause.
+    /// The consumer (or its stream) is gone or unreachable: recreate it, then pause.
     Consumer(String),
+    /// Shutdown.
+    Stop,
 }
 
 impl Puller {
     /// Pulls until `stop` is cancelled, handing each message and its slot to `dispatch`.
     /// The slot is `None` only for a message the loop did not ask for; the receiver must then
-    /// wait for a slot itself. Returns after unsubscribing; messages that arrived after `stop`
-    /// are handed back to JetStream for immediate redelivery.
+    /// wait for a slot itself. Messages that arrive after a reset or after `stop` are handed
+    /// back to JetStream for immediate redelivery.
     pub async fn run<F>(mut self, stop: CancellationToken, mut dispatch: F)
     where
         F: FnMut(jetstream::Message, Option<OwnedSemaphorePermit>),
@@ -98,12 +138,15 @@ impl Puller {
             "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
             self.layout.stream, self.layout.durable
         );
+        // Pipelining: while a request is outstanding, ask again only for a sizeable batch.
+        // This also bounds the requests one replica keeps waiting on the server to about
+        // three, far below the consumer's max_waiting.
         let threshold = (self.max_outstanding / 2).max(1);
         let mut backoff = BACKOFF_MIN;
         let mut slots = Slots::default();
         self.generation.borrow_and_update();
 
-        'session: loop {
+        loop {
             let inbox = self.client.new_inbox();
             let mut sub = match self.client.subscribe(inbox.clone()).await {
                 Ok(sub) => sub,
@@ -119,20 +162,17 @@ impl Puller {
             let mut last_activity = Instant::now();
 
             let reset = loop {
-                // Ask for what we have slots for: at once when nothing is outstanding, in
-                // batches of at least `threshold` otherwise. (A request that stays
-                // outstanding means the stream is empty, and new messages go to it anyway.)
                 let outstanding = count(&slots.reserved);
                 let free = count(&slots.free);
-                if free > 0
-                    && (outstanding == 0
-                        || free >= threshold
-                        || free + outstanding >= self.max_outstanding)
-                {
-                    let n = free;
+                let connected =
+                    self.client.connection_state() == async_nats::connection::State::Connected;
+                // A request made while disconnected would be queued and sent on the new
+                // connection after we have moved to a new inbox; wait for the reconnect.
+                if connected && free > 0 && (outstanding == 0 || free >= threshold) {
+                    let n = self.limits.batch(free);
                     let payload = format!(
                         r#"{{"batch":{n},"expires":{},"idle_heartbeat":{}}}"#,
-                        EXPIRES.as_nanos(),
+                        self.limits.expires().as_nanos(),
                         HEARTBEAT.as_nanos()
                     );
                     match self
@@ -157,27 +197,17 @@ impl Puller {
                 let watchdog = last_activity + HEARTBEAT_LOST;
                 tokio::select! {
                     biased;
-                    _ = stop.cancelled() => {
-                        drop(slots);
-                        let _ = sub.unsubscribe().await;
-                        while let Some(msg) = sub.next().await {
-                            if msg.status.is_none() && msg.reply.is_some() {
-                                let msg = jetstream::Message { message: msg, context: self.js.clone() };
-                                let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
-                            }
-                        }
-                        return;
-                    }
+                    _ = stop.cancelled() => break Reset::Stop,
                     changed = self.generation.changed() => {
                         if changed.is_err() {
                             // The connection is gone for good; only shutdown is left.
                             stop.cancelled().await;
-                            continue;
+                            break Reset::Stop;
                         }
                         break Reset::Reconnected;
                     }
                     permit = self.slots.clone().acquire_owned(), if want_permits => {
-                        let Ok(mut permit) = permit else { return };
+                        let Ok(mut permit) = permit else { break Reset::Stop };
                         let room = self.max_outstanding - (free + outstanding + 1);
                         let more = self.slots.available_permits().min(room);
                         if more > 0 {
@@ -207,7 +237,7 @@ impl Puller {
                                     Some(n) => drop(take(&mut slots.reserved, n)),
                                     // Without the count we cannot tell which request ended:
                                     // start over so no slot stays reserved forever.
-                                    None => break Reset::Trouble(String::new()),
+                                    None => break Reset::Quiet,
                                 }
                             }
                             Some(StatusCode::NO_RESPONDERS) => {
@@ -219,9 +249,10 @@ impl Puller {
                                 if lower.contains("consumer deleted") || lower.contains("consumer is push based") {
                                     break Reset::Consumer(format!("{code} {what}"));
                                 }
-                                if let (Some(n), true) = (pending_messages(&msg), lower.contains("exceeded maxwaiting")) {
-                                    drop(take(&mut slots.reserved, n));
-                                    continue;
+                                if lower.contains("exceeded max") {
+                                    // MaxWaiting, MaxRequestBatch, MaxRequestExpires: the
+                                    // consumer's limits changed under us; re-read them.
+                                    break Reset::Consumer(format!("{code} {what}"));
                                 }
                                 break Reset::Trouble(format!("{code} {what}"));
                             }
@@ -233,22 +264,32 @@ impl Puller {
                 }
             };
 
-            // Every outstanding request dies with this inbox; release its slots.
+            // Every outstanding request dies with this inbox; release its slots, and hand
+            // back whatever was already on its way to it.
             drop(slots.reserved.take());
-            let _ = sub.unsubscribe().await;
+            hand_back(&mut sub, &self.js).await;
             match reset {
+                Reset::Stop => return,
                 Reset::Reconnected => {
                     tracing::info!("resuming pulls after reconnect");
-                    continue 'session;
+                    continue;
                 }
-                Reset::Trouble(why) if why.is_empty() => continue 'session,
+                Reset::Quiet => continue,
                 Reset::Trouble(why) => {
                     tracing::warn!(reason = %why, retry_in = ?backoff, "pull interrupted");
                 }
                 Reset::Consumer(why) => {
-                    tracing::warn!(reason = %why, retry_in = ?backoff, "consumer unavailable; recreating it");
-                    if let Err(e) = ensure_consumer(&self.js, &self.layout).await {
-                        tracing::warn!(error = %e, "consumer not ready yet");
+                    tracing::warn!(reason = %why, retry_in = ?backoff, "consumer unavailable; checking stream and consumer");
+                    let check = async {
+                        ensure_stream(&self.js, &self.layout).await?;
+                        ensure_consumer(&self.js, &self.layout).await
+                    };
+                    tokio::select! {
+                        r = check => match r {
+                            Ok(info) => self.limits = PullLimits::of(&info),
+                            Err(e) => tracing::warn!(error = %e, "consumer not ready yet"),
+                        },
+                        _ = stop.cancelled() => return,
                     }
                 }
             }
@@ -258,6 +299,26 @@ impl Puller {
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
+}
+
+/// Unsubscribes an inbox while still taking what the server already sent to it, and NAKs
+/// those messages (no delay) so they are redelivered at once instead of after `ack_wait`.
+async fn hand_back(sub: &mut async_nats::Subscriber, js: &jetstream::Context) {
+    if sub.drain().await.is_err() {
+        let _ = sub.unsubscribe().await;
+    }
+    let drained = async {
+        while let Some(msg) = sub.next().await {
+            if msg.status.is_none() && msg.reply.is_some() {
+                let msg = jetstream::Message {
+                    message: msg,
+                    context: js.clone(),
+                };
+                let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drained).await;
 }
 
 /// The `Nats-Pending-Messages` header of a terminal status: what the request did not deliver.

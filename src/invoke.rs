@@ -29,6 +29,9 @@ pub(crate) fn is_hop_by_hop(name: &str) -> bool {
     .any(|h| name.eq_ignore_ascii_case(h))
 }
 
+/// The most response body kept for a callback (16 MiB); the rest is read and dropped.
+pub const MAX_KEPT_BODY: usize = 16 << 20;
+
 /// How a call ended when there was no HTTP response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
@@ -108,7 +111,10 @@ impl Invoker {
         Ok(Invoker { client, timeout })
     }
 
-    pub async fn call(&self, inv: &Invocation) -> Response {
+    /// Calls the function. The response body is kept (up to [`MAX_KEPT_BODY`]) only when
+    /// `keep_body`, that is when a callback will carry it; otherwise it is read and dropped,
+    /// so the connection can be reused without holding the bytes.
+    pub async fn call(&self, inv: &Invocation, keep_body: bool) -> Response {
         let started = Instant::now();
         let req = &inv.request;
         let method = match req.method.trim() {
@@ -144,14 +150,46 @@ impl Invoker {
             .send()
             .await;
         let (status, headers, body, error) = match result {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 let status = resp.status().as_u16();
-                let headers = resp.headers().clone();
-                match resp.bytes().await {
-                    Ok(body) => (Ok(status), headers, body, None),
-                    // The status arrived; the body did not. Keep the status: it is the
-                    // function's answer, and a retry decision on it is still right.
-                    Err(e) => (Ok(status), headers, Bytes::new(), Some(e.to_string())),
+                let headers = std::mem::take(resp.headers_mut());
+                let mut body = Vec::new();
+                let mut truncated = false;
+                let read = loop {
+                    match resp.chunk().await {
+                        Ok(Some(chunk)) if keep_body => {
+                            if body.len() + chunk.len() <= MAX_KEPT_BODY {
+                                body.extend_from_slice(&chunk);
+                            } else {
+                                truncated = true;
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                };
+                if truncated {
+                    tracing::warn!(callId = %inv.call_id, limit = MAX_KEPT_BODY, "response body too large for the callback; truncated");
+                }
+                match read {
+                    Ok(()) => (Ok(status), headers, Bytes::from(body), None),
+                    // The answer did not arrive whole (reset, timeout mid-body): treat it
+                    // as no answer, so it is retried rather than acknowledged with a
+                    // partial result.
+                    Err(e) => {
+                        let failure = if e.is_timeout() {
+                            Failure::Timeout
+                        } else {
+                            Failure::Error
+                        };
+                        (
+                            Err(failure),
+                            HeaderMap::new(),
+                            Bytes::new(),
+                            Some(error_chain(&e)),
+                        )
+                    }
                 }
             }
             Err(e) => {

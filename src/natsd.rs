@@ -40,26 +40,17 @@ pub struct NatsServer {
 }
 
 impl NatsServer {
-    /// Starts a server on a free port with a fresh temporary store.
+    /// Starts a server on a port the server picks itself (no race with other processes)
+    /// with a fresh temporary store.
     pub fn start() -> anyhow::Result<NatsServer> {
         let dir = tempfile::tempdir()?;
-        let store = dir.path().join("jetstream");
-        let mut last = None;
-        for _ in 0..5 {
-            let port = free_port()?;
-            match NatsServer::start_with(&store, port, Vec::new()) {
-                Ok(mut s) => {
-                    s._dir = Some(dir);
-                    return Ok(s);
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("could not start nats-server")))
+        let mut s = NatsServer::start_with(&dir.path().join("jetstream"), 0, Vec::new())?;
+        s._dir = Some(dir);
+        Ok(s)
     }
 
-    /// Starts a server on `port` with its JetStream store in `store`, plus `extra_args`
-    /// (cluster settings, for example).
+    /// Starts a server on `port` (0: the server picks one and reports it in a ports file)
+    /// with its JetStream store in `store`, plus `extra_args` (cluster settings, for example).
     pub fn start_with(
         store: &Path,
         port: u16,
@@ -83,16 +74,16 @@ impl NatsServer {
     fn spawn(&mut self) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.store)?;
         let log = std::fs::File::create(self.store.with_extension("log"))?;
-        let child = Command::new(&self.binary)
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(&self.store)
+        let ports_dir = self.store.with_extension("ports");
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(["-js", "-a", "127.0.0.1", "-sd"]).arg(&self.store);
+        if self.port == 0 {
+            std::fs::create_dir_all(&ports_dir)?;
+            cmd.args(["-p", "-1", "--ports_file_dir"]).arg(&ports_dir);
+        } else {
+            cmd.args(["-p", &self.port.to_string()]);
+        }
+        let child = cmd
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -110,7 +101,20 @@ impl NatsServer {
                     );
                 }
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if self.port == 0 {
+                // The directory is this server's own; the file is named after the pid of
+                // the real server process (which a wrapper script may have started).
+                if let Some(port) = std::fs::read_dir(&ports_dir)
+                    .ok()
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .find_map(|e| read_port(&e.path()))
+                {
+                    self.port = port;
+                }
+            }
+            if self.port != 0 && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -145,6 +149,14 @@ impl NatsServer {
             }
         }
     }
+}
+
+/// The client port from a ports file: `{"nats":["nats://127.0.0.1:4222"],...}`.
+fn read_port(file: &Path) -> Option<u16> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let url = v.get("nats")?.get(0)?.as_str()?;
+    url.rsplit(':').next()?.parse().ok()
 }
 
 impl Drop for NatsServer {

@@ -204,15 +204,18 @@ pub async fn ensure_consumer(
             if !c.filter_subject.is_empty() && c.filter_subject != ">" {
                 tracing::warn!(consumer = %layout.durable, filter = %c.filter_subject, "existing consumer only sees messages on its filter subject");
             }
-            if c.ack_wait == wanted.ack_wait && c.max_deliver == -1 {
+            if c.ack_wait == wanted.ack_wait && c.max_deliver == -1 && c.max_ack_pending == -1 {
                 return Ok(info);
             }
+            // Ours now: the lease we renew, the worker deciding when to give up, and no cap
+            // on ack-pending (delayed retries count against it and would stall the queue).
             let mut updated = c.clone();
             updated.ack_wait = wanted.ack_wait;
             updated.max_deliver = -1;
+            updated.max_ack_pending = -1;
             match create_consumer(js, layout, &updated).await {
                 Ok(info) => {
-                    tracing::info!(consumer = %layout.durable, ack_wait = ?wanted.ack_wait, "Updated consumer");
+                    tracing::info!(consumer = %layout.durable, ack_wait = ?wanted.ack_wait, "Updated consumer (ack_wait, max_deliver=-1, max_ack_pending=-1)");
                     Ok(info)
                 }
                 Err(LayoutError::Incompatible(e)) => {

@@ -80,7 +80,9 @@ impl Worker {
 
         f.inflight.inc();
         let resp = {
-            let call = self.invoker.call(&inv);
+            let call = self
+                .invoker
+                .call(&inv, inv.callback.is_some() || self.debug);
             tokio::pin!(call);
             let mut renew = tokio::time::interval_at(
                 tokio::time::Instant::now() + self.progress_interval,

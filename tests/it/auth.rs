@@ -79,23 +79,33 @@ async fn user_and_password_from_a_file() {
 #[tokio::test]
 async fn a_wrong_token_is_never_ready() {
     let (nats, dir) = server_with(&["--auth", "right"]).await;
-    let file = dir.path().join("token");
-    std::fs::write(&file, "wrong").unwrap();
-    let pairs = vec![
-        ("nats_url".to_string(), nats.url()),
-        ("metrics_port".to_string(), "0".to_string()),
-        ("nats_token_file".to_string(), file.display().to_string()),
-    ];
-    let config = queue_worker::config::Config::load(
-        &queue_worker::config::Sources::from_pairs(pairs).unwrap(),
-    )
-    .unwrap();
-    let worker = queue_worker::app::start(config).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(worker.health.readiness().is_err());
-    worker.shutdown();
-    tokio::time::timeout(Duration::from_secs(10), worker.wait())
-        .await
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "wrong").unwrap();
+    let right = dir.path().join("right");
+    std::fs::write(&right, "right").unwrap();
+    let start = |file: &std::path::Path| {
+        let pairs = vec![
+            ("nats_url".to_string(), nats.url()),
+            ("metrics_port".to_string(), "0".to_string()),
+            ("nats_token_file".to_string(), file.display().to_string()),
+        ];
+        queue_worker::config::Config::load(
+            &queue_worker::config::Sources::from_pairs(pairs).unwrap(),
+        )
         .unwrap()
-        .unwrap();
+    };
+    let rejected = queue_worker::app::start(start(&wrong)).await.unwrap();
+    // A control with the right token becomes ready; by then the other one has had its
+    // chance and is still refused.
+    let accepted = queue_worker::app::start(start(&right)).await.unwrap();
+    crate::support::wait_ready(&accepted).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rejected.health.readiness(), Err("NATS not connected"));
+    for w in [rejected, accepted] {
+        w.shutdown();
+        tokio::time::timeout(Duration::from_secs(10), w.wait())
+            .await
+            .unwrap()
+            .unwrap();
+    }
 }

@@ -131,6 +131,21 @@ async fn losing_the_stream_leader_loses_nothing() {
             },
         )
         .await;
+    // And the queue empties: every message acknowledged on the new leader.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = stream.consumer_info("faas-workers").await;
+        if let Ok(c) = c {
+            if c.num_pending == 0 && c.num_ack_pending == 0 {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue did not drain after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     worker.shutdown();
     worker.wait().await.unwrap();
 }
