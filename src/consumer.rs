@@ -234,7 +234,10 @@ impl Puller {
                             Some(StatusCode::IDLE_HEARTBEAT) => {}
                             Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => {
                                 match pending_messages(&msg) {
-                                    Some(n) => drop(take(&mut slots.reserved, n)),
+                                    Some(n) => {
+                                        tracing::debug!(undelivered = n, "pull request expired");
+                                        drop(take(&mut slots.reserved, n));
+                                    }
                                     // Without the count we cannot tell which request ended:
                                     // start over so no slot stays reserved forever.
                                     None => break Reset::Quiet,
@@ -274,7 +277,10 @@ impl Puller {
                     tracing::info!("resuming pulls after reconnect");
                     continue;
                 }
-                Reset::Quiet => continue,
+                Reset::Quiet => {
+                    tracing::debug!("a pull request ended without saying how many it delivered; new inbox");
+                    continue;
+                }
                 Reset::Trouble(why) => {
                     tracing::warn!(reason = %why, retry_in = ?backoff, "pull interrupted");
                 }
