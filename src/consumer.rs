@@ -278,7 +278,9 @@ impl Puller {
                     continue;
                 }
                 Reset::Quiet => {
-                    tracing::debug!("a pull request ended without saying how many it delivered; new inbox");
+                    tracing::debug!(
+                        "a pull request ended without saying how many it delivered; new inbox"
+                    );
                     continue;
                 }
                 Reset::Trouble(why) => {

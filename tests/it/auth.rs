@@ -49,8 +49,7 @@ async fn runs_a_job(nats: &NatsServer, auth: &[(&str, String)]) {
             g.calls().len() == 1
         })
         .await;
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }
 
 #[tokio::test]

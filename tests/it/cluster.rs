@@ -146,6 +146,5 @@ async fn losing_the_stream_leader_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }

@@ -58,8 +58,7 @@ async fn nats_killed_and_restarted_mid_run_loses_nothing() {
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap();
     assert!(reconnects >= 1.0, "reconnect not counted:\n{text}");
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }
 
 #[tokio::test]
@@ -89,6 +88,5 @@ async fn a_deleted_consumer_is_recreated() {
         })
         .await;
     env.wait_drained(Duration::from_secs(5)).await;
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use queue_worker::publish::{publish, Submission};
 
-use crate::support::{publish_raw, scrape, Env, Step};
+use crate::support::{publish_raw, scrape, wait_metric, Env, Step};
 
 #[tokio::test]
 async fn gateway_format_message_reaches_function_and_callback() {
@@ -72,16 +72,13 @@ async fn gateway_format_message_reaches_function_and_callback() {
     assert!(secs > 0.0 && secs < 10.0, "{secs}");
 
     env.wait_drained(Duration::from_secs(5)).await;
-    let text = scrape(&worker).await;
-    assert!(text.contains(r#"queue_worker_invocations_total{function_name="echo.openfaas-fn",queue_name="faas-request",status="200"} 1"#), "{text}");
-    assert!(
-        text.contains(
-            r#"queue_worker_callbacks_total{queue_name="faas-request",result="delivered"} 1"#
-        ),
-        "{text}"
-    );
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    wait_metric(&worker, r#"queue_worker_invocations_total{function_name="echo.openfaas-fn",queue_name="faas-request",status="200"} 1"#).await;
+    wait_metric(
+        &worker,
+        r#"queue_worker_callbacks_total{queue_name="faas-request",result="delivered"} 1"#,
+    )
+    .await;
+    crate::support::stop(worker).await;
 }
 
 #[tokio::test]
@@ -122,8 +119,7 @@ async fn thousand_messages_each_once_within_max_inflight() {
         "the worker did not use its slots: only {max} at once"
     );
     assert_eq!(env.consumer().await.num_redelivered, 0);
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }
 
 #[tokio::test]
@@ -155,8 +151,7 @@ async fn a_call_three_times_ack_wait_is_invoked_once() {
         "the message was redelivered while its call ran"
     );
     assert_eq!(c.delivered.stream_sequence, 1);
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }
 
 #[tokio::test]
@@ -203,26 +198,13 @@ async fn metrics_and_health_endpoints() {
         .wait_for("3 calls", Duration::from_secs(10), |g| g.calls().len() == 3)
         .await;
     env.wait_drained(Duration::from_secs(5)).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = scrape(&worker).await;
-        if text.contains(r#"queue_worker_messages_submitted_total{queue_name="faas-request"} 3"#) {
-            assert!(text.contains(r#"queue_worker_function_invocation_inflight{function_name="f.openfaas-fn",queue_name="faas-request"} 0"#), "{text}");
-            assert!(
-                text.contains(
-                    r#"queue_worker_messages_processed_total{queue_name="faas-request"} 3"#
-                ),
-                "{text}"
-            );
-            assert!(text.contains(r#"queue_worker_pending_messages{function_name="all-functions",queue_name="faas-request"} 0"#), "{text}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "submitted gauge never reached 3:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for needle in [
+        r#"queue_worker_messages_submitted_total{queue_name="faas-request"} 3"#,
+        r#"queue_worker_pending_messages{function_name="all-functions",queue_name="faas-request"} 0"#,
+        r#"queue_worker_function_invocation_inflight{function_name="f.openfaas-fn",queue_name="faas-request"} 0"#,
+        r#"queue_worker_messages_processed_total{queue_name="faas-request"} 3"#,
+    ] {
+        wait_metric(&worker, needle).await;
     }
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }

@@ -74,6 +74,5 @@ async fn a_legacy_stream_gets_our_subject_and_its_messages_are_served() {
         .await;
     let paths: Vec<String> = env.gateway.calls().iter().map(|c| c.path.clone()).collect();
     assert_eq!(paths, vec!["/function/legacy", "/function/modern"]);
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use queue_worker::publish::{publish, Submission};
 
-use crate::support::{Env, Step};
+use crate::support::{wait_metric, Env, Step};
 
 fn job(function: &str, env: &Env) -> Submission {
     Submission {
@@ -48,8 +48,7 @@ async fn a_503_is_retried_after_the_backoff_then_succeeds() {
     assert_eq!(cb.header("x-retry"), "2");
     assert_eq!(cb.header("x-retry-max"), "5");
     env.wait_drained(Duration::from_secs(5)).await;
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }
 
 #[tokio::test]
@@ -72,8 +71,7 @@ async fn a_400_is_final_and_called_once() {
     assert_eq!(cb.header("x-function-status"), "400");
     assert_eq!(&cb.body[..], b"no");
     assert_eq!(env.consumer().await.num_redelivered, 0);
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }
 
 #[tokio::test]
@@ -105,11 +103,9 @@ async fn exhausted_attempts_give_up_with_a_final_callback() {
     assert_eq!(cb.header("x-function-status"), "502");
     assert_eq!(cb.header("x-retry"), "3");
     assert_eq!(cb.header("x-retry-max"), "3");
-    let text = crate::support::scrape(&worker).await;
-    assert!(text.contains(r#"queue_worker_messages_discarded_total{function_name="down.openfaas-fn",queue_name="faas-request",reason="attempts_exhausted"} 1"#), "{text}");
-    assert!(text.contains(r#"queue_worker_retries_total{function_name="down.openfaas-fn",queue_name="faas-request"} 2"#), "{text}");
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    wait_metric(&worker, r#"queue_worker_messages_discarded_total{function_name="down.openfaas-fn",queue_name="faas-request",reason="attempts_exhausted"} 1"#).await;
+    wait_metric(&worker, r#"queue_worker_retries_total{function_name="down.openfaas-fn",queue_name="faas-request"} 2"#).await;
+    crate::support::stop(worker).await;
 }
 
 #[tokio::test]
@@ -137,10 +133,8 @@ async fn an_unreachable_function_is_retried() {
     let cb = &env.gateway.callbacks()[0];
     assert_eq!(cb.header("x-function-status"), "503");
     assert_eq!(cb.header("x-retry"), "2");
-    let text = crate::support::scrape(&worker).await;
-    assert!(text.contains(r#"queue_worker_invocations_total{function_name="gone.openfaas-fn",queue_name="faas-request",status="error"} 2"#), "{text}");
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    wait_metric(&worker, r#"queue_worker_invocations_total{function_name="gone.openfaas-fn",queue_name="faas-request",status="error"} 2"#).await;
+    crate::support::stop(worker).await;
 }
 
 #[tokio::test]
@@ -160,11 +154,9 @@ async fn an_undecodable_message_is_discarded_and_work_goes_on() {
         .await;
     env.wait_drained(Duration::from_secs(5)).await;
     assert_eq!(env.gateway.calls().len(), 1);
-    let text = crate::support::scrape(&worker).await;
-    assert!(text.contains(r#"reason="malformed"} 1"#), "{text}");
-    assert!(text.contains(r#"reason="bad_function"} 1"#), "{text}");
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    wait_metric(&worker, r#"reason="malformed"} 1"#).await;
+    wait_metric(&worker, r#"reason="bad_function"} 1"#).await;
+    crate::support::stop(worker).await;
 }
 
 #[tokio::test]
@@ -194,13 +186,11 @@ async fn a_failing_callback_is_retried_but_never_reruns_the_function() {
         .map(|c| c.header("x-call-id"))
         .collect();
     assert!(ids.iter().all(|id| *id == env.gateway.calls()[0].call_id()));
-    let text = crate::support::scrape(&worker).await;
-    assert!(
-        text.contains(
-            r#"queue_worker_callbacks_total{queue_name="faas-request",result="delivered"} 1"#
-        ),
-        "{text}"
-    );
+    wait_metric(
+        &worker,
+        r#"queue_worker_callbacks_total{queue_name="faas-request",result="delivered"} 1"#,
+    )
+    .await;
 
     // A receiver that keeps failing: tries stop at callback_max_attempts, counted as failed.
     env.gateway.script_callbacks(vec![500]);
@@ -212,19 +202,12 @@ async fn a_failing_callback_is_retried_but_never_reruns_the_function() {
             g.callbacks().len() == 6
         })
         .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = crate::support::scrape(&worker).await;
-        if text.contains(
-            r#"queue_worker_callbacks_total{queue_name="faas-request",result="failed"} 1"#,
-        ) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_metric(
+        &worker,
+        r#"queue_worker_callbacks_total{queue_name="faas-request",result="failed"} 1"#,
+    )
+    .await;
     assert_eq!(env.gateway.callbacks().len(), 6);
     assert_eq!(env.gateway.calls().len(), 2);
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }

@@ -61,8 +61,7 @@ async fn shutdown_finishes_in_flight_calls_and_leaves_the_rest_queued() {
     let unique: HashSet<&String> = seen.iter().collect();
     assert_eq!(seen.len(), 20);
     assert!(ids.iter().all(|id| unique.contains(id)));
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }
 
 #[tokio::test]
@@ -93,8 +92,7 @@ async fn at_the_drain_deadline_unfinished_messages_are_handed_back_at_once() {
         })
         .await;
     let stopping = Instant::now();
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
     assert!(
         stopping.elapsed() < Duration::from_secs(5),
         "drain took {:?}",
@@ -111,6 +109,5 @@ async fn at_the_drain_deadline_unfinished_messages_are_handed_back_at_once() {
         .await;
     assert!(handed_back.elapsed() < Duration::from_secs(10));
     env.wait_drained(Duration::from_secs(5)).await;
-    worker.shutdown();
-    worker.wait().await.unwrap();
+    crate::support::stop(worker).await;
 }

@@ -378,3 +378,28 @@ pub async fn scrape(running: &Running) -> String {
     .await
     .unwrap()
 }
+
+/// Drains a worker and checks that it stopped cleanly.
+pub async fn stop(worker: Running) {
+    worker.shutdown();
+    tokio::time::timeout(Duration::from_secs(30), worker.wait())
+        .await
+        .expect("the worker stops within 30s")
+        .expect("the worker stops without error");
+}
+
+/// Waits until `/metrics` contains `needle` (metrics from polled state lag a little).
+pub async fn wait_metric(running: &Running, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = scrape(running).await;
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{needle} not in /metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
