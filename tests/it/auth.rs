@@ -108,3 +108,70 @@ async fn a_wrong_token_is_never_ready() {
             .unwrap();
     }
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
+fn pki(dir: &std::path::Path) -> [std::path::PathBuf; 5] {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
+    let (client_cert, client_key) = leaf(vec!["queue-worker".into()]);
+    let files = [
+        "ca.pem",
+        "server.pem",
+        "server.key",
+        "client.pem",
+        "client.key",
+    ]
+    .map(|f| dir.join(f));
+    for (path, text) in
+        files
+            .iter()
+            .zip([ca.pem(), server_cert, server_key, client_cert, client_key])
+    {
+        std::fs::write(path, text).unwrap();
+    }
+    files
+}
+
+#[tokio::test]
+async fn mutual_tls_with_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let [ca, cert, key, client_cert, client_key] = pki(dir.path());
+    let arg = |p: &std::path::PathBuf| p.display().to_string();
+    let (nats, _store) = server_with(&[
+        "--tls",
+        "--tlscert",
+        &arg(&cert),
+        "--tlskey",
+        &arg(&key),
+        "--tlsverify",
+        "--tlscacert",
+        &arg(&ca),
+    ])
+    .await;
+    runs_a_job(
+        &nats,
+        &[
+            ("nats_tls_ca_file", arg(&ca)),
+            ("nats_tls_cert_file", arg(&client_cert)),
+            ("nats_tls_key_file", arg(&client_key)),
+        ],
+    )
+    .await;
+}
