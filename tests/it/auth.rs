@@ -175,3 +175,22 @@ async fn mutual_tls_with_files() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn nkey_seed_from_a_file() {
+    let user = nkeys::KeyPair::new_user();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users: [ {{ nkey: \"{}\" }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let seed = dir.path().join("user.nk");
+    std::fs::write(&seed, user.seed().unwrap()).unwrap();
+    let (nats, _store) = server_with(&["-c", &conf.display().to_string()]).await;
+    runs_a_job(&nats, &[("nats_nkey_file", seed.display().to_string())]).await;
+}
