@@ -177,34 +177,10 @@ impl Invoker {
                     // The answer did not arrive whole (reset, timeout mid-body): treat it
                     // as no answer, so it is retried rather than acknowledged with a
                     // partial result.
-                    Err(e) => {
-                        let failure = if e.is_timeout() {
-                            Failure::Timeout
-                        } else {
-                            Failure::Error
-                        };
-                        (
-                            Err(failure),
-                            HeaderMap::new(),
-                            Bytes::new(),
-                            Some(error_chain(&e)),
-                        )
-                    }
+                    Err(e) => no_answer(&e),
                 }
             }
-            Err(e) => {
-                let failure = if e.is_timeout() {
-                    Failure::Timeout
-                } else {
-                    Failure::Error
-                };
-                (
-                    Err(failure),
-                    HeaderMap::new(),
-                    Bytes::new(),
-                    Some(error_chain(&e)),
-                )
-            }
+            Err(e) => no_answer(&e),
         };
         Response {
             status,
@@ -214,6 +190,21 @@ impl Invoker {
             duration: started.elapsed(),
         }
     }
+}
+
+/// The parts of a [`Response`] when the call produced no (whole) answer.
+fn no_answer(e: &reqwest::Error) -> (Result<u16, Failure>, HeaderMap, Bytes, Option<String>) {
+    let failure = if e.is_timeout() {
+        Failure::Timeout
+    } else {
+        Failure::Error
+    };
+    (
+        Err(failure),
+        HeaderMap::new(),
+        Bytes::new(),
+        Some(error_chain(e)),
+    )
 }
 
 /// The error and its causes in one line: reqwest's own message alone ("error sending request")

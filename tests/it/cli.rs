@@ -2,6 +2,21 @@
 
 use std::process::Command;
 
+/// Runs `check-config` with `args` and `env`; returns (exit code, stdout, stderr).
+fn check_config(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut cmd = worker();
+    cmd.args(args).arg("check-config");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn worker() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_queue-worker"));
     cmd.env_clear()
@@ -24,58 +39,37 @@ fn bad_env_value_exits_2_naming_the_key() {
 fn bad_file_value_and_unknown_key_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.yaml");
+    let config = path.to_str().unwrap();
     std::fs::write(&path, "ack_wait: 10\n").unwrap();
-    let out = worker()
-        .arg("--config")
-        .arg(&path)
-        .arg("check-config")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, _, err) = check_config(&["--config", config], &[]);
+    assert_eq!(code, Some(2));
     assert!(
         err.contains("ack_wait") && err.contains("config file"),
         "{err}"
     );
 
     std::fs::write(&path, "max_inflihgt: 3\n").unwrap();
-    let out = worker()
-        .arg("--config")
-        .arg(&path)
-        .arg("check-config")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("max_inflihgt"));
+    let (code, _, err) = check_config(&["--config", config], &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("max_inflihgt"), "{err}");
 }
 
 #[test]
 fn flags_win_over_env_and_the_example_file_loads() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml");
-    let out = worker()
-        .env("max_inflight", "5")
-        .args(["--config", example, "--max-inflight", "9", "check-config"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (code, out, err) = check_config(
+        &["--config", example, "--max-inflight", "9"],
+        &[("max_inflight", "5")],
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("max_inflight: 9"), "{text}");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("max_inflight: 9"), "{out}");
 }
 
 #[test]
 fn function_mode_is_refused_as_not_supported_yet() {
-    let out = worker()
-        .env("scaling_mode", "function")
-        .arg("check-config")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet"));
+    let (code, _, err) = check_config(&[], &[("scaling_mode", "function")]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("not supported yet"), "{err}");
 }
 
 #[test]
