@@ -113,7 +113,7 @@ async fn work(
         maxInflight = config.max_inflight,
         stream = %config.stream_name(),
         durable = %config.durable,
-        gateway = %config.gateway_url,
+        gateway = %crate::config::redact_url(config.gateway_url.as_str()),
         ackWait = ?config.ack_wait,
         "Starting queue-worker"
     );
@@ -169,16 +169,13 @@ async fn work(
     let slots = Arc::new(Semaphore::new(config.max_inflight));
     let tracker = TaskTracker::new();
     let deadline = CancellationToken::new();
+    let (gateway, gateway_auth) = crate::invoke::split_gateway(&config.gateway_url);
     let worker = Arc::new(Worker {
-        invoker: Invoker::new(config.upstream_timeout, config.max_inflight)?,
+        invoker: Invoker::new(config.upstream_timeout, config.max_inflight, gateway_auth)?,
         callbacks: Callbacks::new(config.callback.clone(), metrics.clone())?,
         metrics: metrics.clone(),
         retry: config.retry.clone(),
-        gateway: config
-            .gateway_url
-            .as_str()
-            .trim_end_matches('/')
-            .to_string(),
+        gateway,
         default_namespace: config.default_namespace.clone(),
         progress_interval: config.progress_interval(),
         slots: slots.clone(),

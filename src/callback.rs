@@ -106,7 +106,7 @@ impl Callbacks {
             let last = attempt == self.config.max_attempts;
             match result {
                 Ok(resp) if resp.status().is_success() => {
-                    tracing::info!(callId = %cb.call_id, function = %cb.function, url = %redact(&cb.url), status = resp.status().as_u16(), "Posted result");
+                    tracing::info!(callId = %cb.call_id, function = %cb.function, delivery = cb.attempt, url = %redact(&cb.url), status = resp.status().as_u16(), duration = cb.duration.as_secs_f64(), "Posted result");
                     self.metrics.callback("delivered");
                     return;
                 }
@@ -137,7 +137,7 @@ impl Callbacks {
 }
 
 /// The callback URL without credentials or query, which may carry tokens.
-fn redact(u: &url::Url) -> String {
+pub(crate) fn redact(u: &url::Url) -> String {
     let mut u = u.clone();
     let _ = u.set_password(None);
     let _ = u.set_username("");

@@ -50,7 +50,7 @@ keys! {
     "nats_durable" = "faas-workers": "Name of the shared durable consumer (static mode).",
     "ack_wait" = "60s": "Lease of a delivered message; renewed with in-progress acks while a call runs.",
     "max_inflight" = "50": "Most invocations running at once in this replica.",
-    "consumer_pull_max_messages" = "": "Most messages requested from NATS but not yet received; empty means max_inflight.",
+    "consumer_pull_max_messages" = "": "Most messages requested from NATS but not yet received (at most max_inflight); empty means max_inflight.",
     "scaling_mode" = "static": "static (one shared consumer) or function (not supported yet).",
     "limiter_enabled" = "true": "Adaptive concurrency; applies only in function mode (not supported yet).",
     "consumer_inactive_threshold" = "30s": "Function mode: idle time before a function's consumer is removed.",
@@ -264,14 +264,20 @@ impl Sources {
     }
 
     /// The winning value of `key` and where it came from; `None` when only the default applies.
+    /// An empty value counts as unset, as in OpenFaaS's worker: Helm templates often render
+    /// `key: ""` for a value left out.
     pub fn get(&self, key: &str) -> Option<(&str, Origin)> {
-        if let Some(v) = self.flags.get(key) {
-            return Some((v, Origin::Flag));
-        }
-        if let Some(v) = self.env.get(key) {
-            return Some((v, Origin::Env));
-        }
-        self.file.get(key).map(|v| (v.as_str(), Origin::File))
+        let layers = [
+            (&self.flags, Origin::Flag),
+            (&self.env, Origin::Env),
+            (&self.file, Origin::File),
+        ];
+        layers.into_iter().find_map(|(layer, origin)| {
+            layer
+                .get(key)
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| (v.as_str(), origin))
+        })
     }
 }
 
@@ -319,8 +325,21 @@ pub enum NatsAuth {
     NkeySeed(Secret),
 }
 
-/// Everything needed to open the NATS connection.
-#[derive(Debug, Clone)]
+/// A URL fit for logs: a password in it is replaced by `***`.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(_) => raw.to_string(),
+        Err(_) if raw.contains('@') => "(unparsable URL with credentials)".to_string(),
+        Err(_) => raw.to_string(),
+    }
+}
+
+/// Everything needed to open the NATS connection. `Debug` hides passwords in the URLs.
+#[derive(Clone)]
 pub struct NatsConfig {
     pub urls: Vec<String>,
     pub auth: NatsAuth,
@@ -344,9 +363,21 @@ pub struct CallbackConfig {
     pub tls_insecure: bool,
 }
 
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<String> = self.urls.iter().map(|u| redact_url(u)).collect();
+        f.debug_struct("NatsConfig")
+            .field("urls", &urls)
+            .field("auth", &self.auth)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_client", &self.tls_client)
+            .finish()
+    }
+}
+
 /// The validated configuration. Built only by [`Config::load`], so holding one means every
-/// value is in range.
-#[derive(Debug, Clone)]
+/// value is in range. `Debug` (what `check-config` prints) hides secrets.
+#[derive(Clone)]
 pub struct Config {
     pub gateway_url: url::Url,
     pub nats: NatsConfig,
@@ -368,6 +399,31 @@ pub struct Config {
     pub log_encoding: LogEncoding,
     /// Notes about accepted-but-ignored settings, logged once logging is configured.
     pub warnings: Vec<String>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("gateway_url", &redact_url(self.gateway_url.as_str()))
+            .field("nats", &self.nats)
+            .field("queue", &self.queue)
+            .field("stream_replicas", &self.stream_replicas)
+            .field("durable", &self.durable)
+            .field("ack_wait", &self.ack_wait)
+            .field("max_inflight", &self.max_inflight)
+            .field("pull_max_messages", &self.pull_max_messages)
+            .field("upstream_timeout", &self.upstream_timeout)
+            .field("retry", &self.retry)
+            .field("default_namespace", &self.default_namespace)
+            .field("callback", &self.callback)
+            .field("metrics_port", &self.metrics_port)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("stream_poll_interval", &self.stream_poll_interval)
+            .field("debug", &self.debug)
+            .field("log_encoding", &self.log_encoding)
+            .field("warnings", &self.warnings)
+            .finish()
+    }
 }
 
 impl Config {
@@ -455,7 +511,7 @@ impl Config {
         }
         if r.boolean("limiter_enabled")? && r.sources.get("limiter_enabled").is_some() {
             warnings.push(
-                "limiter_enabled applies only in function mode; ignored in static mode".into(),
+                "limiter_enabled (adaptive concurrency) is not supported yet; it applies only in function mode and is ignored".into(),
             );
         }
         r.duration("consumer_inactive_threshold", Duration::from_secs(1), None)?;
@@ -828,6 +884,29 @@ mod tests {
         .unwrap();
         assert_eq!(c.queue, "slow-fns");
         assert_eq!(load(&[("queue_name", "")]).unwrap().queue, "faas-request");
+    }
+
+    #[test]
+    fn empty_values_mean_the_default() {
+        let c = load(&[("max_inflight", ""), ("ack_wait", "  "), ("nats_url", "")]).unwrap();
+        assert_eq!(c.max_inflight, 50);
+        assert_eq!(c.ack_wait, Duration::from_secs(60));
+        assert_eq!(c.nats.urls, vec!["nats://nats:4222".to_string()]);
+    }
+
+    #[test]
+    fn passwords_in_urls_never_print() {
+        let c = load(&[
+            ("nats_url", "nats://worker:hunter2@nats:4222"),
+            ("gateway_url", "http://admin:s3cret@gateway:8080"),
+        ])
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        assert!(shown.contains("nats://worker:***@nats:4222"), "{shown}");
     }
 
     #[test]

@@ -72,6 +72,11 @@ impl PullLimits {
         }
     }
 
+    /// The server refuses a heartbeat longer than half of `expires`.
+    fn heartbeat(&self) -> Duration {
+        HEARTBEAT.min(self.expires() / 3)
+    }
+
     fn batch(&self, n: usize) -> usize {
         if self.max_batch == 0 {
             n
@@ -173,7 +178,7 @@ impl Puller {
                     let payload = format!(
                         r#"{{"batch":{n},"expires":{},"idle_heartbeat":{}}}"#,
                         self.limits.expires().as_nanos(),
-                        HEARTBEAT.as_nanos()
+                        self.limits.heartbeat().as_nanos()
                     );
                     match self
                         .client
@@ -264,6 +269,9 @@ impl Puller {
                     _ = tokio::time::sleep_until(watchdog), if count(&slots.reserved) > 0 => {
                         break Reset::Consumer("no heartbeat from the server".into());
                     }
+                    // Waiting for a reconnect: look again now and then rather than rely on
+                    // the reconnect event alone.
+                    _ = tokio::time::sleep(Duration::from_millis(500)), if !connected && free > 0 => {}
                 }
             };
 

@@ -95,12 +95,35 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 pub struct Invoker {
     client: reqwest::Client,
     timeout: Duration,
+    /// Basic auth taken out of `gateway_url`, so the URLs that are logged carry no secret.
+    basic_auth: Option<(String, Option<String>)>,
+}
+
+/// Splits credentials off a gateway URL: the base URL to build function URLs from (no
+/// trailing `/`, no userinfo) and the basic-auth pair, if any.
+pub fn split_gateway(url: &url::Url) -> (String, Option<(String, Option<String>)>) {
+    let auth = (!url.username().is_empty()).then(|| {
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        (decode(url.username()), url.password().map(decode))
+    });
+    let mut base = url.clone();
+    let _ = base.set_username("");
+    let _ = base.set_password(None);
+    (base.as_str().trim_end_matches('/').to_string(), auth)
 }
 
 impl Invoker {
     /// One client for all calls, with a connection pool sized to the concurrency so that every
     /// in-flight call can reuse a kept-alive connection.
-    pub fn new(timeout: Duration, max_inflight: usize) -> anyhow::Result<Invoker> {
+    pub fn new(
+        timeout: Duration,
+        max_inflight: usize,
+        basic_auth: Option<(String, Option<String>)>,
+    ) -> anyhow::Result<Invoker> {
         crate::tls::install_provider();
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(max_inflight.max(1))
@@ -108,7 +131,11 @@ impl Invoker {
             .tcp_nodelay(true)
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
-        Ok(Invoker { client, timeout })
+        Ok(Invoker {
+            client,
+            timeout,
+            basic_auth,
+        })
     }
 
     /// Calls the function. The response body is kept (up to [`MAX_KEPT_BODY`]) only when
@@ -141,9 +168,11 @@ impl Invoker {
                 }
             }
         }
-        let result = self
-            .client
-            .request(method, &inv.url)
+        let mut request = self.client.request(method, &inv.url);
+        if let Some((user, password)) = &self.basic_auth {
+            request = request.basic_auth(user, password.as_ref());
+        }
+        let result = request
             .headers(headers)
             .body(req.body.clone())
             .timeout(self.timeout)
@@ -223,6 +252,15 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gateway_credentials_are_split_off() {
+        let (base, auth) = split_gateway(&"http://admin:p%40ss+1@gw:8080/".parse().unwrap());
+        assert_eq!(base, "http://gw:8080");
+        assert_eq!(auth, Some(("admin".into(), Some("p@ss+1".into()))));
+        let (base, auth) = split_gateway(&"https://gw/prefix/".parse().unwrap());
+        assert_eq!((base.as_str(), auth), ("https://gw/prefix", None));
+    }
 
     #[test]
     fn retry_after_forms() {

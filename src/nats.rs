@@ -88,7 +88,12 @@ pub async fn connect(cfg: &NatsConfig, metrics: Arc<Metrics>) -> anyhow::Result<
         .map(|u| u.parse())
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("nats_url: {e}"))?;
-    tracing::info!(servers = %cfg.urls.join(","), "Connecting to NATS");
+    let shown: Vec<String> = cfg
+        .urls
+        .iter()
+        .map(|u| crate::config::redact_url(u))
+        .collect();
+    tracing::info!(servers = %shown.join(","), "Connecting to NATS");
     let client = opts.connect(urls).await?;
     Ok(Connection {
         client,

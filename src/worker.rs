@@ -53,13 +53,22 @@ impl Worker {
         };
         let slot = match slot {
             Some(slot) => slot,
-            None => tokio::select! {
-                s = self.slots.clone().acquire_owned() => match s {
-                    Ok(s) => s,
-                    Err(_) => return job.settle(Settle::Nak(None)).await,
-                },
-                _ = self.deadline.cancelled() => return job.settle(Settle::Nak(None)).await,
-            },
+            // Not asked for (should not happen): wait for a slot, keeping the lease.
+            None => {
+                let acquire = self.slots.clone().acquire_owned();
+                tokio::pin!(acquire);
+                let mut renew = tokio::time::interval(self.progress_interval);
+                loop {
+                    tokio::select! {
+                        s = &mut acquire => match s {
+                            Ok(s) => break s,
+                            Err(_) => return job.settle(Settle::Nak(None)).await,
+                        },
+                        _ = renew.tick() => job.progress().await,
+                        _ = self.deadline.cancelled() => return job.settle(Settle::Nak(None)).await,
+                    }
+                }
+            }
         };
 
         let inv = match decode(job.payload(), &self.gateway, &self.default_namespace) {

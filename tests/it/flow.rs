@@ -208,3 +208,30 @@ async fn metrics_and_health_endpoints() {
     }
     crate::support::stop(worker).await;
 }
+
+#[tokio::test]
+async fn gateway_credentials_become_basic_auth() {
+    let env = Env::start().await;
+    let gateway = env.gateway.url().replace("http://", "http://admin:s3cret@");
+    let worker = env.worker(&[("gateway_url", &gateway)]).await;
+    publish(
+        &env.config(&[]),
+        &Submission {
+            function: "private".into(),
+            ..Default::default()
+        },
+        1,
+    )
+    .await
+    .unwrap();
+    env.gateway
+        .wait_for("the call", Duration::from_secs(10), |g| {
+            g.calls().len() == 1
+        })
+        .await;
+    let call = &env.gateway.calls()[0];
+    // base64("admin:s3cret")
+    assert_eq!(call.header("authorization"), "Basic YWRtaW46czNjcmV0");
+    assert_eq!(call.path, "/function/private");
+    crate::support::stop(worker).await;
+}
