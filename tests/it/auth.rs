@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use queue_worker::natsd::{free_port, NatsServer};
-use queue_worker::publish::{publish, Submission};
 
 use crate::support::FakeGateway;
 
@@ -34,16 +33,7 @@ async fn runs_a_job(nats: &NatsServer, auth: &[(&str, String)]) {
     .unwrap();
     let worker = queue_worker::app::start(config.clone()).await.unwrap();
     crate::support::wait_ready(&worker).await;
-    publish(
-        &config,
-        &Submission {
-            function: "f".into(),
-            ..Default::default()
-        },
-        1,
-    )
-    .await
-    .unwrap();
+    crate::support::submit(&config, "f", 1).await;
     gateway
         .wait_for("the call", Duration::from_secs(10), |g| {
             g.calls().len() == 1

@@ -19,16 +19,7 @@ async fn nats_killed_and_restarted_mid_run_loses_nothing() {
     // state with the ack floor reset (measured: ack floor at sequence 1, a few phantom
     // ack-pending entries that only clear after ack_wait). 2.15 recovers it exactly.
     let config = env.config(&[("max_inflight", "8"), ("ack_wait", "2s")]);
-    let ids = publish(
-        &config,
-        &Submission {
-            function: "work".into(),
-            ..Default::default()
-        },
-        300,
-    )
-    .await
-    .unwrap();
+    let ids = crate::support::submit(&config, "work", 300).await;
     let worker = queue_worker::app::start(config).await.unwrap();
     env.gateway
         .wait_for("50 calls", Duration::from_secs(20), |g| {

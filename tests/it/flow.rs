@@ -184,16 +184,7 @@ async fn metrics_and_health_endpoints() {
     }
     // The in-flight gauge appears once a function has been called.
     let config = env.config(&[]);
-    publish(
-        &config,
-        &Submission {
-            function: "f".into(),
-            ..Default::default()
-        },
-        3,
-    )
-    .await
-    .unwrap();
+    crate::support::submit(&config, "f", 3).await;
     env.gateway
         .wait_for("3 calls", Duration::from_secs(10), |g| g.calls().len() == 3)
         .await;
@@ -214,16 +205,7 @@ async fn gateway_credentials_become_basic_auth() {
     let env = Env::start().await;
     let gateway = env.gateway.url().replace("http://", "http://admin:s3cret@");
     let worker = env.worker(&[("gateway_url", &gateway)]).await;
-    publish(
-        &env.config(&[]),
-        &Submission {
-            function: "private".into(),
-            ..Default::default()
-        },
-        1,
-    )
-    .await
-    .unwrap();
+    crate::support::submit(&env.config(&[]), "private", 1).await;
     env.gateway
         .wait_for("the call", Duration::from_secs(10), |g| {
             g.calls().len() == 1

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use async_nats::jetstream::stream;
-use queue_worker::publish::{publish, Submission};
 
 use crate::support::{publish_raw, Env};
 
@@ -57,16 +56,7 @@ async fn a_legacy_stream_gets_our_subject_and_its_messages_are_served() {
         subjects,
         vec!["faas-request".to_string(), "faas-request.>".to_string()]
     );
-    publish(
-        &env.config(&[]),
-        &Submission {
-            function: "modern".into(),
-            ..Default::default()
-        },
-        1,
-    )
-    .await
-    .unwrap();
+    crate::support::submit(&env.config(&[]), "modern", 1).await;
     env.gateway
         .wait_for("both messages", Duration::from_secs(10), |g| {
             g.calls().len() == 2

@@ -4,8 +4,6 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use queue_worker::publish::{publish, Submission};
-
 use crate::support::{Env, Step};
 
 #[tokio::test]
@@ -16,16 +14,7 @@ async fn shutdown_finishes_in_flight_calls_and_leaves_the_rest_queued() {
         vec![Step::status(200).delay(Duration::from_millis(800))],
     );
     let config = env.config(&[("max_inflight", "4")]);
-    let ids = publish(
-        &config,
-        &Submission {
-            function: "job".into(),
-            ..Default::default()
-        },
-        20,
-    )
-    .await
-    .unwrap();
+    let ids = crate::support::submit(&config, "job", 20).await;
     let worker = queue_worker::app::start(config.clone()).await.unwrap();
     env.gateway
         .wait_for("4 running calls", Duration::from_secs(10), |g| {
@@ -75,16 +64,7 @@ async fn at_the_drain_deadline_unfinished_messages_are_handed_back_at_once() {
         ],
     );
     let config = env.config(&[("drain_timeout", "500ms"), ("ack_wait", "30s")]);
-    publish(
-        &config,
-        &Submission {
-            function: "stuck".into(),
-            ..Default::default()
-        },
-        1,
-    )
-    .await
-    .unwrap();
+    crate::support::submit(&config, "stuck", 1).await;
     let worker = queue_worker::app::start(config.clone()).await.unwrap();
     env.gateway
         .wait_for("the stuck call", Duration::from_secs(10), |g| {

@@ -403,3 +403,15 @@ pub async fn wait_metric(running: &Running, needle: &str) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Publishes `n` gateway-format jobs for `function` (empty body, no callback); returns their
+/// call ids.
+pub async fn submit(config: &Config, function: &str, n: usize) -> Vec<String> {
+    let sub = queue_worker::publish::Submission {
+        function: function.into(),
+        ..Default::default()
+    };
+    queue_worker::publish::publish(config, &sub, n)
+        .await
+        .unwrap()
+}
