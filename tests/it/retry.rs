@@ -29,11 +29,7 @@ async fn a_503_is_retried_after_the_backoff_then_succeeds() {
         .await
         .unwrap();
 
-    env.gateway
-        .wait_for("a callback", Duration::from_secs(15), |g| {
-            g.callbacks().len() == 1
-        })
-        .await;
+    env.gateway.wait_callbacks(1).await;
     let calls = env.gateway.calls();
     assert_eq!(calls.len(), 2);
     let gap = calls[1].started - calls[0].finished.unwrap();
@@ -60,11 +56,7 @@ async fn a_400_is_final_and_called_once() {
     publish(&env.config(&[]), &job("bad", &env), 1)
         .await
         .unwrap();
-    env.gateway
-        .wait_for("a callback", Duration::from_secs(10), |g| {
-            g.callbacks().len() == 1
-        })
-        .await;
+    env.gateway.wait_callbacks(1).await;
     env.wait_drained(Duration::from_secs(5)).await;
     assert_eq!(env.gateway.calls().len(), 1);
     let cb = &env.gateway.callbacks()[0];
@@ -88,11 +80,7 @@ async fn exhausted_attempts_give_up_with_a_final_callback() {
     publish(&env.config(&[]), &job("down", &env), 1)
         .await
         .unwrap();
-    env.gateway
-        .wait_for("the give-up callback", Duration::from_secs(10), |g| {
-            g.callbacks().len() == 1
-        })
-        .await;
+    env.gateway.wait_callbacks(1).await;
     env.wait_drained(Duration::from_secs(5)).await;
     assert_eq!(
         env.gateway.calls().len(),
@@ -125,11 +113,7 @@ async fn an_unreachable_function_is_retried() {
     publish(&env.config(&[]), &job("gone", &env), 1)
         .await
         .unwrap();
-    env.gateway
-        .wait_for("the give-up callback", Duration::from_secs(10), |g| {
-            g.callbacks().len() == 1
-        })
-        .await;
+    env.gateway.wait_callbacks(1).await;
     let cb = &env.gateway.callbacks()[0];
     assert_eq!(cb.header("x-function-status"), "503");
     assert_eq!(cb.header("x-retry"), "2");
@@ -147,11 +131,7 @@ async fn an_undecodable_message_is_discarded_and_work_goes_on() {
     publish(&env.config(&[]), &job("fine", &env), 1)
         .await
         .unwrap();
-    env.gateway
-        .wait_for("the good job", Duration::from_secs(10), |g| {
-            g.callbacks().len() == 1
-        })
-        .await;
+    env.gateway.wait_callbacks(1).await;
     env.wait_drained(Duration::from_secs(5)).await;
     assert_eq!(env.gateway.calls().len(), 1);
     wait_metric(&worker, r#"reason="malformed"} 1"#).await;
@@ -172,11 +152,7 @@ async fn a_failing_callback_is_retried_but_never_reruns_the_function() {
     publish(&env.config(&[]), &job("once", &env), 1)
         .await
         .unwrap();
-    env.gateway
-        .wait_for("three callback tries", Duration::from_secs(10), |g| {
-            g.callbacks().len() == 3
-        })
-        .await;
+    env.gateway.wait_callbacks(3).await;
     env.wait_drained(Duration::from_secs(5)).await;
     assert_eq!(env.gateway.calls().len(), 1);
     let ids: Vec<String> = env
@@ -197,11 +173,7 @@ async fn a_failing_callback_is_retried_but_never_reruns_the_function() {
     publish(&env.config(&[]), &job("twice", &env), 1)
         .await
         .unwrap();
-    env.gateway
-        .wait_for("three more tries", Duration::from_secs(10), |g| {
-            g.callbacks().len() == 6
-        })
-        .await;
+    env.gateway.wait_callbacks(6).await;
     wait_metric(
         &worker,
         r#"queue_worker_callbacks_total{queue_name="faas-request",result="failed"} 1"#,

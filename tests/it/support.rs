@@ -65,6 +65,18 @@ pub struct Recorded {
 }
 
 impl Recorded {
+    fn new(method: Method, uri: &Uri, headers: HeaderMap, body: Bytes) -> Recorded {
+        Recorded {
+            method,
+            path: uri.path().to_string(),
+            query: uri.query().map(str::to_string),
+            headers,
+            body,
+            started: Instant::now(),
+            finished: None,
+        }
+    }
+
     pub fn call_id(&self) -> String {
         self.headers
             .get("x-call-id")
@@ -148,6 +160,14 @@ impl FakeGateway {
         self.inner.lock().unwrap().callbacks.clone()
     }
 
+    /// Waits until exactly `n` callbacks have arrived.
+    pub async fn wait_callbacks(&self, n: usize) {
+        self.wait_for(&format!("{n} callback(s)"), Duration::from_secs(10), |g| {
+            g.callbacks().len() == n
+        })
+        .await;
+    }
+
     pub fn running(&self) -> usize {
         self.inner.lock().unwrap().running
     }
@@ -204,17 +224,9 @@ async fn function(
         let step = inner
             .scripts
             .get(&name)
-            .map(|s| s[i.min(s.len() - 1)].clone())
+            .map(|s| nth(s, i).clone())
             .unwrap_or_else(|| Step::status(200));
-        inner.calls.push(Recorded {
-            method,
-            path: uri.path().to_string(),
-            query: uri.query().map(str::to_string),
-            headers,
-            body,
-            started: Instant::now(),
-            finished: None,
-        });
+        inner.calls.push(Recorded::new(method, &uri, headers, body));
         inner.running += 1;
         inner.max_running = inner.max_running.max(inner.running);
         (step, inner.calls.len() - 1)
@@ -234,6 +246,11 @@ async fn function(
     resp
 }
 
+/// Step `i` of a script whose last step repeats.
+fn nth<T>(script: &[T], i: usize) -> &T {
+    &script[i.min(script.len() - 1)]
+}
+
 async fn callback(
     State(fake): State<FakeGateway>,
     uri: Uri,
@@ -245,17 +262,11 @@ async fn callback(
     let i = inner.callbacks.len();
     let status = match inner.callback_script.as_slice() {
         [] => 200,
-        s => s[i.min(s.len() - 1)],
+        s => *nth(s, i),
     };
-    inner.callbacks.push(Recorded {
-        method,
-        path: uri.path().to_string(),
-        query: uri.query().map(str::to_string),
-        headers,
-        body,
-        started: Instant::now(),
-        finished: Some(Instant::now()),
-    });
+    let mut recorded = Recorded::new(method, &uri, headers, body);
+    recorded.finished = Some(recorded.started);
+    inner.callbacks.push(recorded);
     drop(inner);
     fake.bump();
     StatusCode::from_u16(status).unwrap()
