@@ -2,7 +2,11 @@
 //! and the policy. No I/O, no clock, no randomness of its own (the jitter is passed in), so
 //! the whole table is unit-tested and every caller gets the same answer.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use crate::duration;
 
 /// How retry delays grow. `d = min(max_wait, initial × 2^(attempt-1))`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,7 +19,7 @@ pub enum Backoff {
     Equal,
 }
 
-/// Retry settings of the worker (and, later, per function).
+/// Retry settings: the worker's, or a function's after its annotations were applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Most times a message is sent to its function; `3` means at most 3 calls.
@@ -86,6 +90,134 @@ impl RetryPolicy {
             } => code >= 400,
             CallResult::Status { code, .. } => self.codes.binary_search(&code).is_ok(),
         }
+    }
+}
+
+/// The per-function annotations (compat Part B §5): the gateway copies them into the message's
+/// `Annotations`, so no API lookup is needed.
+pub const ANNOTATION_ATTEMPTS: &str = "com.openfaas.retry.attempts";
+pub const ANNOTATION_CODES: &str = "com.openfaas.retry.codes";
+pub const ANNOTATION_MIN_WAIT: &str = "com.openfaas.retry.min_wait";
+pub const ANNOTATION_MAX_WAIT: &str = "com.openfaas.retry.max_wait";
+
+/// Most attempts a setting or annotation may ask for.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 1_000_000;
+
+/// A retry annotation that could not be used; the worker's own value applies instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidAnnotation {
+    pub key: &'static str,
+    pub value: String,
+    pub expected: &'static str,
+}
+
+/// Parses a comma-separated list of HTTP status codes (`429, 502,503`), sorted and without
+/// duplicates. `None` when an item is not a code from 100 to 599 or the list is empty.
+pub fn parse_codes(raw: &str) -> Option<Vec<u16>> {
+    let mut codes = Vec::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<u16>() {
+            Ok(c) if (100..=599).contains(&c) => codes.push(c),
+            _ => return None,
+        }
+    }
+    codes.sort_unstable();
+    codes.dedup();
+    (!codes.is_empty()).then_some(codes)
+}
+
+impl RetryPolicy {
+    /// This policy with a function's `com.openfaas.retry.*` annotations applied. An empty
+    /// annotation counts as unset; an invalid one is reported and the worker's value kept.
+    /// Borrows `self` when the message carries none, which is the common case.
+    ///
+    /// When the waits end up crossed (`min_wait` above `max_wait`), the annotated one wins
+    /// over the worker's: a function asking for a longer floor raises the cap with it, one
+    /// asking for a shorter cap lowers the floor. Both annotated and crossed: `min_wait` is
+    /// reported invalid.
+    pub fn with_annotations(
+        &self,
+        annotations: &BTreeMap<String, String>,
+    ) -> (Cow<'_, RetryPolicy>, Vec<InvalidAnnotation>) {
+        let get = |key: &str| {
+            annotations
+                .get(key)
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty())
+        };
+        let (attempts, codes, min_wait, max_wait) = (
+            get(ANNOTATION_ATTEMPTS),
+            get(ANNOTATION_CODES),
+            get(ANNOTATION_MIN_WAIT),
+            get(ANNOTATION_MAX_WAIT),
+        );
+        if attempts.is_none() && codes.is_none() && min_wait.is_none() && max_wait.is_none() {
+            return (Cow::Borrowed(self), Vec::new());
+        }
+        let mut policy = self.clone();
+        let mut invalid = Vec::new();
+        let mut bad = |key, value: &str, expected| {
+            invalid.push(InvalidAnnotation {
+                key,
+                value: value.to_string(),
+                expected,
+            })
+        };
+        if let Some(v) = attempts {
+            match v.parse::<u32>() {
+                Ok(n) if (1..=MAX_ATTEMPTS_LIMIT).contains(&n) => policy.max_attempts = n,
+                _ => bad(
+                    ANNOTATION_ATTEMPTS,
+                    v,
+                    "a whole number of attempts from 1 to 1000000",
+                ),
+            }
+        }
+        if let Some(v) = codes {
+            match parse_codes(v) {
+                Some(c) => policy.codes = c,
+                None => bad(
+                    ANNOTATION_CODES,
+                    v,
+                    "a comma-separated list of HTTP status codes (100-599), e.g. 429,503",
+                ),
+            }
+        }
+        let mut min_set = false;
+        if let Some(v) = min_wait {
+            match duration::parse(v) {
+                Some(d) => {
+                    policy.initial_wait = d;
+                    min_set = true;
+                }
+                None => bad(ANNOTATION_MIN_WAIT, v, "a duration like 5s or 1m30s"),
+            }
+        }
+        let mut max_set = false;
+        if let Some(v) = max_wait {
+            match duration::parse(v) {
+                Some(d) => {
+                    policy.max_wait = d;
+                    max_set = true;
+                }
+                None => bad(ANNOTATION_MAX_WAIT, v, "a duration like 5m or 1h"),
+            }
+        }
+        if policy.initial_wait > policy.max_wait {
+            match (min_set, max_set) {
+                (true, true) => {
+                    bad(
+                        ANNOTATION_MIN_WAIT,
+                        min_wait.unwrap_or_default(),
+                        "a duration not above com.openfaas.retry.max_wait",
+                    );
+                    policy.initial_wait = self.initial_wait.min(policy.max_wait);
+                }
+                (true, false) => policy.max_wait = policy.initial_wait,
+                (false, _) => policy.initial_wait = policy.max_wait,
+            }
+        }
+        (Cow::Owned(policy), invalid)
     }
 }
 
@@ -228,6 +360,123 @@ mod tests {
             assert_eq!(ms(decide(&status(503), 2, &full, jitter)), want_full);
             assert_eq!(ms(decide(&status(503), 2, &equal, jitter)), want_equal);
         }
+    }
+
+    fn annotations(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn annotations_override_the_worker_policy() {
+        let worker = policy(Backoff::Exponential);
+        let (p, bad) = worker.with_annotations(&annotations(&[
+            (ANNOTATION_ATTEMPTS, "7"),
+            (ANNOTATION_CODES, " 418, 429 ,418"),
+            (ANNOTATION_MIN_WAIT, "5s"),
+            (ANNOTATION_MAX_WAIT, "5m"),
+            ("com.openfaas.scale.max", "4"),
+        ]));
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(p.max_attempts, 7);
+        assert_eq!(p.codes, vec![418, 429]);
+        assert_eq!(p.initial_wait, Duration::from_secs(5));
+        assert_eq!(p.max_wait, Duration::from_secs(300));
+        assert_eq!(p.backoff, Backoff::Exponential);
+        assert_eq!(decide(&status(418), 1, &p, 0.0), retry(5));
+        assert_eq!(decide(&status(503), 1, &p, 0.0), Decision::Ack);
+        assert_eq!(decide(&status(418), 7, &p, 0.0), EXHAUSTED);
+    }
+
+    #[test]
+    fn no_annotations_borrow_the_worker_policy() {
+        let worker = policy(Backoff::Exponential);
+        let (p, bad) = worker.with_annotations(&annotations(&[
+            ("com.openfaas.scale.max", "4"),
+            (ANNOTATION_ATTEMPTS, " "),
+        ]));
+        assert!(matches!(p, Cow::Borrowed(_)));
+        assert!(bad.is_empty());
+    }
+
+    #[test]
+    fn invalid_annotations_fall_back_one_by_one() {
+        let worker = policy(Backoff::Exponential);
+        let rows: &[(&str, &str)] = &[
+            (ANNOTATION_ATTEMPTS, "many"),
+            (ANNOTATION_ATTEMPTS, "0"),
+            (ANNOTATION_ATTEMPTS, "-3"),
+            (ANNOTATION_CODES, "429,abc"),
+            (ANNOTATION_CODES, "700"),
+            (ANNOTATION_CODES, ","),
+            (ANNOTATION_MIN_WAIT, "5"),
+            (ANNOTATION_MAX_WAIT, "-1s"),
+        ];
+        for (key, value) in rows {
+            let (p, bad) =
+                worker.with_annotations(&annotations(&[(key, value), (ANNOTATION_ATTEMPTS, "9")]));
+            if *key == ANNOTATION_ATTEMPTS {
+                assert_eq!(p.max_attempts, 9, "the later valid value of {key}");
+                continue;
+            }
+            assert_eq!(bad.len(), 1, "{key}={value}: {bad:?}");
+            assert_eq!(bad[0].key, *key);
+            assert_eq!(bad[0].value, *value);
+            assert_eq!(p.max_attempts, 9, "a bad {key} must not void the others");
+            assert_eq!(p.codes, worker.codes);
+            assert_eq!(p.initial_wait, worker.initial_wait);
+            assert_eq!(p.max_wait, worker.max_wait);
+        }
+        for value in ["many", "0", "-3", "1000001"] {
+            let (p, bad) = worker.with_annotations(&annotations(&[(ANNOTATION_ATTEMPTS, value)]));
+            assert_eq!(bad.len(), 1, "{value}");
+            assert_eq!(p.max_attempts, worker.max_attempts);
+        }
+    }
+
+    #[test]
+    fn crossed_waits_follow_the_annotated_one() {
+        let worker = policy(Backoff::Exponential); // 10s .. 120s
+        let (p, bad) = worker.with_annotations(&annotations(&[(ANNOTATION_MIN_WAIT, "5m")]));
+        assert!(bad.is_empty());
+        assert_eq!((p.initial_wait.as_secs(), p.max_wait.as_secs()), (300, 300));
+        let (p, bad) = worker.with_annotations(&annotations(&[(ANNOTATION_MAX_WAIT, "2s")]));
+        assert!(bad.is_empty());
+        assert_eq!((p.initial_wait.as_secs(), p.max_wait.as_secs()), (2, 2));
+        let (p, bad) = worker.with_annotations(&annotations(&[
+            (ANNOTATION_MIN_WAIT, "1m"),
+            (ANNOTATION_MAX_WAIT, "30s"),
+        ]));
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].key, ANNOTATION_MIN_WAIT);
+        assert_eq!((p.initial_wait.as_secs(), p.max_wait.as_secs()), (10, 30));
+    }
+
+    #[test]
+    fn retry_after_uses_the_function_bounds() {
+        let worker = policy(Backoff::Exponential);
+        let (p, _) = worker.with_annotations(&annotations(&[
+            (ANNOTATION_MIN_WAIT, "1s"),
+            (ANNOTATION_MAX_WAIT, "3s"),
+        ]));
+        let after = |secs| CallResult::Status {
+            code: 429,
+            internal: false,
+            retry_after: Some(Duration::from_secs(secs)),
+        };
+        assert_eq!(decide(&after(2), 1, &p, 0.0), retry(2));
+        assert_eq!(decide(&after(0), 1, &p, 0.0), retry(1));
+        assert_eq!(decide(&after(60), 1, &p, 0.0), retry(3));
+    }
+
+    #[test]
+    fn codes_parse_sorted_and_deduplicated() {
+        assert_eq!(parse_codes("503, 429,503"), Some(vec![429, 503]));
+        assert_eq!(parse_codes(""), None);
+        assert_eq!(parse_codes("99"), None);
+        assert_eq!(parse_codes("429;503"), None);
     }
 
     #[test]
