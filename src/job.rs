@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind};
 
 use crate::request::QueueRequest;
-use crate::retry::Decision;
 
 /// What to tell JetStream about a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,20 +15,8 @@ pub enum Settle {
     Ack,
     /// Redeliver after the delay (`None`: at once). Survives restarts, unlike a local sleep.
     Nak(Option<Duration>),
-    /// Never redeliver (undecodable).
+    /// Never redeliver: given up, and already stored in the dead-letter stream.
     Term,
-}
-
-impl From<Decision> for Settle {
-    fn from(d: Decision) -> Settle {
-        match d {
-            Decision::Ack => Settle::Ack,
-            Decision::Retry { after } => Settle::Nak(Some(after)),
-            // The dead-letter stream is a later step; until then a give-up is logged, counted
-            // and acknowledged, as OpenFaaS's worker "discards" it.
-            Decision::GiveUp { .. } => Settle::Ack,
-        }
-    }
 }
 
 /// A message as delivered, before or after decoding.
@@ -61,6 +48,16 @@ impl Job {
         &self.message.payload
     }
 
+    /// The payload as a shared buffer (no copy), for the dead-letter stream.
+    pub fn payload_bytes(&self) -> bytes::Bytes {
+        self.message.payload.clone()
+    }
+
+    /// The work-queue subject the message was published on.
+    pub fn subject(&self) -> &str {
+        self.message.subject.as_str()
+    }
+
     /// Renews the lease (`+WPI`) so a long call is not redelivered to another replica.
     pub async fn progress(&self) {
         if let Err(e) = self.message.ack_with(AckKind::Progress).await {
@@ -86,6 +83,8 @@ impl Job {
 /// Why a message cannot be run. Each becomes a `reason` label, so the set is closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    #[error("message of {size} bytes is larger than max_message_bytes ({max})")]
+    TooLarge { size: usize, max: usize },
     #[error("not a QueueRequest: {0}")]
     Malformed(String),
     #[error("no Function in the message")]
@@ -99,6 +98,7 @@ pub enum DecodeError {
 impl DecodeError {
     pub fn reason(&self) -> &'static str {
         match self {
+            DecodeError::TooLarge { .. } => "too_large",
             DecodeError::Malformed(_) => "malformed",
             DecodeError::MissingFunction => "missing_function",
             DecodeError::BadFunction(_) => "bad_function",
@@ -119,8 +119,34 @@ pub struct Invocation {
     pub callback: Option<url::Url>,
 }
 
+/// Turns payloads into invocations for one gateway.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    /// The gateway base URL without a trailing `/`.
+    pub gateway: String,
+    /// Namespace of function names given without one.
+    pub default_namespace: String,
+    /// Larger payloads are refused before parsing, so one message cannot make the worker
+    /// allocate without bound (a base64 body costs its size again once decoded).
+    pub max_bytes: usize,
+}
+
+impl Decoder {
+    /// Decodes and validates a payload. Never panics, whatever the bytes (a property test
+    /// feeds it arbitrary input).
+    pub fn decode(&self, payload: &[u8]) -> Result<Invocation, DecodeError> {
+        if payload.len() > self.max_bytes {
+            return Err(DecodeError::TooLarge {
+                size: payload.len(),
+                max: self.max_bytes,
+            });
+        }
+        decode(payload, &self.gateway, &self.default_namespace)
+    }
+}
+
 /// Decodes and validates a payload. `gateway` is the gateway base URL without a trailing `/`.
-pub fn decode(payload: &[u8], gateway: &str, default_ns: &str) -> Result<Invocation, DecodeError> {
+fn decode(payload: &[u8], gateway: &str, default_ns: &str) -> Result<Invocation, DecodeError> {
     let mut request: QueueRequest =
         serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     let function = request.function.trim();
@@ -132,6 +158,7 @@ pub fn decode(payload: &[u8], gateway: &str, default_ns: &str) -> Result<Invocat
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         || function.starts_with('.')
         || function.ends_with('.')
+        || function.contains("..")
     {
         return Err(DecodeError::BadFunction(request.function.clone()));
     }
@@ -206,8 +233,188 @@ mod tests {
 
     const GW: &str = "http://gw:8080";
 
+    fn decoder() -> Decoder {
+        Decoder {
+            gateway: GW.into(),
+            default_namespace: "openfaas-fn".into(),
+            max_bytes: 64 << 10,
+        }
+    }
+
     fn msg(json: &str) -> Result<Invocation, DecodeError> {
-        decode(json.as_bytes(), GW, "openfaas-fn")
+        decoder().decode(json.as_bytes())
+    }
+
+    /// What every successful decode must give: a URL the HTTP client accepts, on the gateway,
+    /// and labels fit for metrics and subjects.
+    fn check_invariants(inv: &Invocation) {
+        let url = url::Url::parse(&inv.url).unwrap_or_else(|e| panic!("{}: {e}", inv.url));
+        assert_eq!(url.host_str(), Some("gw"), "{}", inv.url);
+        assert!(url.path().starts_with("/function/"), "{}", inv.url);
+        assert!(!inv.function_label.is_empty());
+        assert!(
+            inv.function_label
+                .split('.')
+                .all(|t| !t.is_empty() && !t.contains([' ', '*', '>'])),
+            "{}",
+            inv.function_label
+        );
+        assert!(!inv.call_id.is_empty());
+    }
+
+    #[test]
+    fn hostile_inputs_are_refused_without_panicking() {
+        let deep_array = "[".repeat(100_000);
+        let deep_object = r#"{"Function":"#.repeat(20_000);
+        let deep_header = format!(
+            r#"{{"Function":"f","Header":{{"X":{}}}}}"#,
+            "[".repeat(10_000)
+        );
+        let many_headers = format!(
+            r#"{{"Function":"f","Header":{{{}}}}}"#,
+            (0..5_000)
+                .map(|i| format!(r#""H{i}":["v"]"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let cases: Vec<(&[u8], Option<&str>)> = vec![
+            (b"", Some("malformed")),
+            (b"\xff\xfe\x00", Some("malformed")),
+            (b"null", Some("malformed")),
+            // serde reads a struct from an array of its fields: an empty one has no Function.
+            (b"[]", Some("missing_function")),
+            (b"{}", Some("missing_function")),
+            (deep_array.as_bytes(), Some("malformed")),
+            (deep_object.as_bytes(), Some("malformed")),
+            (deep_header.as_bytes(), Some("malformed")),
+            (br#"{"Function":"f","Body":"e30"}"#, Some("malformed")),
+            (br#"{"Function":"f","Body":"!!!!"}"#, Some("malformed")),
+            (br#"{"Function":"f","Body":5}"#, Some("malformed")),
+            (br#"{"Function":"f","Body":null}"#, None),
+            (br#"{"Function":"f","Body":"e30="}"#, None),
+            (br#"{"Function":"f","Header":{"A":"one","B":null}}"#, None),
+            (
+                br#"{"Function":"f","CallbackUrl":{"Scheme":7}}"#,
+                Some("malformed"),
+            ),
+            (
+                br#"{"Function":"f","Annotations":{"a":1}}"#,
+                Some("malformed"),
+            ),
+            (br#"{"Function":"f\u0000"}"#, Some("bad_function")),
+            (br#"{"Function":"f","Path":"/\u0007"}"#, Some("bad_url")),
+            (
+                br#"{"Function":"f","QueryString":"a=1#frag"}"#,
+                Some("bad_url"),
+            ),
+            (many_headers.as_bytes(), None),
+        ];
+        let mut d = decoder();
+        d.max_bytes = 1 << 20;
+        for (input, want) in cases {
+            let shown = String::from_utf8_lossy(&input[..input.len().min(60)]).into_owned();
+            match (d.decode(input), want) {
+                (Ok(inv), None) => check_invariants(&inv),
+                (Err(e), Some(reason)) => assert_eq!(e.reason(), reason, "{shown}: {e}"),
+                (got, _) => panic!("{shown}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_messages_are_refused_before_parsing() {
+        let mut d = decoder();
+        d.max_bytes = 100;
+        let body = format!(r#"{{"Function":"f","Body":"{}"}}"#, "A".repeat(200));
+        let err = d.decode(body.as_bytes()).unwrap_err();
+        assert_eq!(err.reason(), "too_large");
+        assert!(err.to_string().contains("max_message_bytes (100)"), "{err}");
+        assert!(d.decode(br#"{"Function":"f"}"#).is_ok());
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(serde_json::Value::from),
+                ".{0,20}".prop_map(serde_json::Value::from),
+            ];
+            leaf.prop_recursive(4, 32, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                    prop::collection::btree_map("[A-Za-z]{1,12}", inner, 0..6)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        const FIELDS: &[&str] = &[
+            "Header",
+            "Host",
+            "Body",
+            "Method",
+            "Path",
+            "QueryString",
+            "Function",
+            "QueueName",
+            "Annotations",
+            "Labels",
+            "Environment",
+            "CallbackUrl",
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+                if let Ok(inv) = decoder().decode(&bytes) {
+                    check_invariants(&inv);
+                }
+            }
+
+            #[test]
+            fn any_json_in_any_field_never_panics(
+                field in prop::sample::select(FIELDS),
+                value in json_value(),
+            ) {
+                let mut doc = serde_json::json!({"Function": "f"});
+                doc[field] = value;
+                if let Ok(inv) = decoder().decode(doc.to_string().as_bytes()) {
+                    check_invariants(&inv);
+                }
+            }
+
+            #[test]
+            fn arbitrary_strings_give_a_valid_url_or_a_reason(
+                function in ".{0,24}",
+                path in ".{0,24}",
+                query in ".{0,24}",
+                body in "[A-Za-z0-9+/=]{0,24}",
+                headers in prop::collection::btree_map(".{0,8}", prop::collection::vec(".{0,8}", 0..3), 0..40),
+                callback in ".{0,24}",
+            ) {
+                let doc = serde_json::json!({
+                    "Function": function,
+                    "Path": path,
+                    "QueryString": query,
+                    "Body": body,
+                    "Header": headers,
+                    "CallbackUrl": callback,
+                });
+                match decoder().decode(doc.to_string().as_bytes()) {
+                    Ok(inv) => check_invariants(&inv),
+                    Err(e) => prop_assert!(!e.reason().is_empty()),
+                }
+            }
+        }
     }
 
     #[test]
@@ -233,6 +440,7 @@ mod tests {
             (r#"{"Method":"POST"}"#, "missing_function"),
             (r#"{"Function":"../etc"}"#, "bad_function"),
             (r#"{"Function":"a b"}"#, "bad_function"),
+            (r#"{"Function":"a..b"}"#, "bad_function"),
             (r#"{"Function":"f","Path":"nope"}"#, "bad_url"),
             (r#"{"Function":"f","Path":"/a b"}"#, "bad_url"),
         ];
