@@ -19,10 +19,12 @@ use tokio_util::task::TaskTracker;
 use crate::callback::Callbacks;
 use crate::config::Config;
 use crate::consumer::{PullLimits, Puller};
+use crate::deadletter::DeadLetters;
 use crate::invoke::Invoker;
+use crate::job::Decoder;
 use crate::metrics::{Metrics, ALL_FUNCTIONS};
 use crate::server::{self, Health};
-use crate::stream::{self, Layout, LayoutError};
+use crate::stream::{self, DeadLetterLayout, Layout, LayoutError};
 use crate::worker::Worker;
 
 /// A worker started by [`start`].
@@ -121,19 +123,15 @@ async fn work(
     let client = conn.client.clone();
     let _ = health.nats.set(client.clone());
     let js = async_nats::jetstream::new(client.clone());
-    let layout = Layout {
-        queue: config.queue.clone(),
-        stream: config.stream_name(),
-        durable: config.durable.clone(),
-        replicas: config.stream_replicas,
-        ack_wait: config.ack_wait,
-    };
+    let layout = Layout::of(config);
+    let dead_layout = DeadLetterLayout::of(config);
 
-    // Set up the stream and consumer, waiting out an unavailable server.
+    // Set up the streams and the consumer, waiting out an unavailable server.
     let mut wait = Duration::from_millis(200);
     let consumer_info = loop {
         let attempt = async {
             stream::ensure_stream(&js, &layout).await?;
+            stream::ensure_dead_letter_stream(&js, &dead_layout).await?;
             stream::ensure_consumer(&js, &layout).await
         };
         let result = tokio::select! {
@@ -175,13 +173,24 @@ async fn work(
         callbacks: Callbacks::new(config.callback.clone(), metrics.clone())?,
         metrics: metrics.clone(),
         retry: config.retry.clone(),
-        gateway,
-        default_namespace: config.default_namespace.clone(),
+        decoder: Decoder {
+            gateway,
+            default_namespace: config.default_namespace.clone(),
+            max_bytes: config.max_message_bytes,
+        },
+        dead_letters: DeadLetters::new(
+            js.clone(),
+            dead_layout,
+            &config.queue,
+            &layout.stream,
+            &config.default_namespace,
+        ),
         progress_interval: config.progress_interval(),
         slots: slots.clone(),
         tracker: tracker.clone(),
         deadline: deadline.clone(),
         debug: config.debug,
+        warned: Default::default(),
     });
 
     let intake = CancellationToken::new();

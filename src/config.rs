@@ -62,6 +62,9 @@ keys! {
     "max_retry_wait" = "120s": "Longest delay between retries.",
     "retry_http_codes" = "408,429,500,502,503,504": "HTTP status codes that are retried.",
     "backoff" = "exponential": "exponential, full (random in [0, d]) or equal (d/2 + random in [0, d/2]); empty means exponential.",
+    "max_message_bytes" = "8MiB": "Largest message the worker decodes; a bigger one goes to the dead-letter stream (reason too_large).",
+    "dead_letter_max_age" = "168h": "How long the dead-letter stream OF_<queue>-dead keeps an entry.",
+    "dead_letter_max_bytes" = "1GiB": "Size cap of the dead-letter stream; when full, the oldest entries are removed.",
     "tls_insecure" = "false": "Skip TLS verification for callbacks.",
     "default_function_name" = "openfaas-fn": "Namespace used to qualify function names without one (metric labels, subjects).",
     "callback_max_attempts" = "3": "Most tries to deliver one callback.",
@@ -298,6 +301,35 @@ fn suggest(key: &str) -> String {
     }
 }
 
+/// Parses a byte size: digits, then an optional unit (`B`, `K`/`KiB`, `M`/`MiB`, `G`/`GiB` are
+/// powers of 1024; `KB`, `MB`, `GB` powers of 1000). Case-insensitive; spaces allowed.
+pub fn parse_size(raw: &str) -> Option<u64> {
+    let s = raw.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let number: u64 = s[..digits].parse().ok()?;
+    let scale: u64 = match s[digits..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "ki" | "kib" => 1 << 10,
+        "m" | "mi" | "mib" => 1 << 20,
+        "g" | "gi" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return None,
+    };
+    number.checked_mul(scale)
+}
+
+/// The shortest exact form of a size for messages: `8MiB`, `1000`.
+pub fn format_size(n: u64) -> String {
+    for (unit, scale) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if n >= scale && n % scale == 0 {
+            return format!("{}{unit}", n / scale);
+        }
+    }
+    n.to_string()
+}
+
 /// A secret read from a file. Its `Debug` never prints the value, so a config dump or a panic
 /// message cannot leak it.
 #[derive(Clone, PartialEq, Eq)]
@@ -353,6 +385,14 @@ pub enum LogEncoding {
     Json,
 }
 
+/// Limits of the dead-letter stream `OF_<queue>-dead` (Limits retention: entries leave by
+/// age or, when it is full, oldest first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterConfig {
+    pub max_age: Duration,
+    pub max_bytes: u64,
+}
+
 /// Callback delivery settings. Callbacks are best effort with bounded retries; they never
 /// change the fate of the message.
 #[derive(Debug, Clone)]
@@ -390,6 +430,9 @@ pub struct Config {
     pub pull_max_messages: usize,
     pub upstream_timeout: Duration,
     pub retry: RetryPolicy,
+    /// Largest payload decoded; larger messages are dead-lettered as `too_large`.
+    pub max_message_bytes: usize,
+    pub dead_letter: DeadLetterConfig,
     pub default_namespace: String,
     pub callback: CallbackConfig,
     pub metrics_port: u16,
@@ -414,6 +457,8 @@ impl fmt::Debug for Config {
             .field("pull_max_messages", &self.pull_max_messages)
             .field("upstream_timeout", &self.upstream_timeout)
             .field("retry", &self.retry)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("dead_letter", &self.dead_letter)
             .field("default_namespace", &self.default_namespace)
             .field("callback", &self.callback)
             .field("metrics_port", &self.metrics_port)
@@ -430,6 +475,11 @@ impl Config {
     /// The JetStream stream that holds the queue.
     pub fn stream_name(&self) -> String {
         format!("OF_{}", self.queue)
+    }
+
+    /// The dead-letter stream: `OF_<queue>-dead`.
+    pub fn dead_letter_stream_name(&self) -> String {
+        format!("OF_{}-dead", self.queue)
     }
 
     /// How often an in-progress ack renews the lease of a running call: a third of `ack_wait`,
@@ -531,7 +581,11 @@ impl Config {
         }
 
         let retry = RetryPolicy {
-            max_attempts: r.number("max_retry_attempts", 1, 1_000_000)? as u32,
+            max_attempts: r.number(
+                "max_retry_attempts",
+                1,
+                crate::retry::MAX_ATTEMPTS_LIMIT.into(),
+            )? as u32,
             initial_wait: r.duration("initial_retry_wait", Duration::ZERO, None)?,
             max_wait: r.duration("max_retry_wait", Duration::ZERO, None)?,
             codes: r.codes("retry_http_codes")?,
@@ -554,6 +608,12 @@ impl Config {
                 duration::format(retry.initial_wait)
             )));
         }
+
+        let max_message_bytes = r.size("max_message_bytes", 1024, 1 << 30)? as usize;
+        let dead_letter = DeadLetterConfig {
+            max_age: r.duration("dead_letter_max_age", Duration::from_secs(60), None)?,
+            max_bytes: r.size("dead_letter_max_bytes", 1 << 20, 1 << 50)?,
+        };
 
         let default_namespace = r.string("default_function_name").0.trim().to_string();
         if default_namespace.is_empty()
@@ -596,6 +656,8 @@ impl Config {
             pull_max_messages,
             upstream_timeout,
             retry,
+            max_message_bytes,
+            dead_letter,
             default_namespace,
             callback,
             metrics_port,
@@ -667,6 +729,22 @@ impl Reader<'_> {
         }
     }
 
+    /// A byte size: a whole number of bytes, or with a unit (`512KiB`, `8MiB`, `1GiB`; `KB`,
+    /// `MB`, `GB` are powers of 1000).
+    fn size(&self, key: &'static str, min: u64, max: u64) -> Result<u64, ConfigError> {
+        match parse_size(self.string(key).0) {
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(self.invalid(
+                key,
+                &format!(
+                    "a size like 1048576, 512KiB, 8MiB or 1GiB, from {} to {}",
+                    format_size(min),
+                    format_size(max)
+                ),
+            )),
+        }
+    }
+
     fn boolean(&self, key: &'static str) -> Result<bool, ConfigError> {
         match self.string(key).0.trim().to_ascii_lowercase().as_str() {
             "1" | "t" | "true" | "yes" | "on" => Ok(true),
@@ -687,22 +765,12 @@ impl Reader<'_> {
     }
 
     fn codes(&self, key: &'static str) -> Result<Vec<u16>, ConfigError> {
-        let raw = self.string(key).0;
-        let mut codes = Vec::new();
-        for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match part.parse::<u16>() {
-                Ok(c) if (100..=599).contains(&c) => codes.push(c),
-                _ => {
-                    return Err(self.invalid(
-                        key,
-                        "a comma-separated list of HTTP status codes (100-599), e.g. 429,502,503",
-                    ))
-                }
-            }
-        }
-        codes.sort_unstable();
-        codes.dedup();
-        Ok(codes)
+        crate::retry::parse_codes(self.string(key).0).ok_or_else(|| {
+            self.invalid(
+                key,
+                "a comma-separated list of HTTP status codes (100-599), e.g. 429,502,503",
+            )
+        })
     }
 
     fn optional_path(&self, key: &'static str) -> Option<PathBuf> {
@@ -907,6 +975,29 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("nats://worker:***@nats:4222"), "{shown}");
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        assert_eq!(parse_size("1048576"), Some(1 << 20));
+        assert_eq!(parse_size("8MiB"), Some(8 << 20));
+        assert_eq!(parse_size("512 kib"), Some(512 << 10));
+        assert_eq!(parse_size("1GB"), Some(1_000_000_000));
+        assert_eq!(parse_size("1.5MiB"), None);
+        assert_eq!(parse_size("MiB"), None);
+        assert_eq!(parse_size("99999999999999999999"), None);
+        let c = load(&[]).unwrap();
+        assert_eq!(c.max_message_bytes, 8 << 20);
+        assert_eq!(c.dead_letter.max_bytes, 1 << 30);
+        assert_eq!(c.dead_letter.max_age, Duration::from_secs(7 * 24 * 3600));
+        let err = load(&[("dead_letter_max_bytes", "10")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dead_letter_max_bytes") && err.contains("from 1MiB"),
+            "{err}"
+        );
+        assert_eq!(format_size(1000), "1000");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! ```text
 //! OF_<queue> ──① consumer (pull only what can start) ──② job (decode QueueRequest)
 //!     ──⑤ invoke (HTTP to <gateway>/function/<name>, lease renewed while it runs)
-//!     ──⑥ retry::decide (pure) ──> job.settle (ack / nak+delay / term)
+//!     ──⑥ retry::decide (pure) ──> job.settle (ack / nak+delay / dead-letter, then term)
 //!     ──⑦ callback (after settling, bounded retries) ──⑧ metrics
 //! ```
 //!
@@ -15,6 +15,7 @@
 //! - [`nats`], [`stream`]: the connection; the stream and consumer layout.
 //! - [`consumer`]: the pull loop. [`job`]: a delivered message and its settle.
 //! - [`worker`]: one message's straight line. [`invoke`], [`retry`], [`callback`].
+//! - [`deadletter`]: the dead-letter stream `OF_<queue>-dead` and its operator commands.
 //! - [`metrics`], [`server`]: Prometheus metrics and health endpoints.
 //! - [`request`]: the `QueueRequest` wire format. [`publish`]: writing it.
 //! - [`natsd`], [`sample`], [`demo`]: a local nats-server, a sample gateway, the demo.
@@ -23,6 +24,7 @@ pub mod app;
 pub mod callback;
 pub mod config;
 pub mod consumer;
+pub mod deadletter;
 pub mod demo;
 pub mod duration;
 pub mod invoke;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use queue_worker::config::{Config, ConfigError, LogEncoding, Sources};
+use queue_worker::deadletter::{DeadLetters, Filter, Reason};
 
 #[derive(Parser)]
 #[command(
@@ -102,6 +103,62 @@ enum Command {
     },
     /// Validate the configuration and print the effective settings (secrets hidden).
     CheckConfig,
+    /// Inspect, replay or purge the dead-letter stream OF_<queue>-dead.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// List entries, oldest first: function, reason, attempts, last status, age.
+    List {
+        #[command(flatten)]
+        filter: DeadFilter,
+        /// Print one JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish entries back to the work queue (with a fresh set of attempts) and remove them.
+    Replay {
+        #[command(flatten)]
+        filter: DeadFilter,
+    },
+    /// Remove entries: all of them, or those of one function.
+    Purge {
+        /// Only this function (`fn` or `fn.namespace`).
+        #[arg(long)]
+        function: Option<String>,
+    },
+}
+
+#[derive(Args)]
+struct DeadFilter {
+    /// Only this function (`fn` or `fn.namespace`).
+    #[arg(long)]
+    function: Option<String>,
+    /// Only this reason.
+    #[arg(long, value_parser = parse_reason)]
+    reason: Option<Reason>,
+    /// At most this many entries.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl DeadFilter {
+    fn filter(&self) -> Filter {
+        Filter {
+            function: self.function.clone(),
+            reason: self.reason,
+            limit: self.limit,
+        }
+    }
+}
+
+fn parse_reason(s: &str) -> Result<Reason, String> {
+    Reason::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+        format!("expected one of {}", all.join(", "))
+    })
 }
 
 #[derive(Args)]
@@ -129,6 +186,10 @@ struct PublishArgs {
     /// Query string without `?`.
     #[arg(long, default_value = "")]
     query: String,
+    /// A function annotation as KEY=VALUE (repeatable), as the gateway copies them into the
+    /// message, e.g. `--annotation com.openfaas.retry.attempts=3`.
+    #[arg(long = "annotation", short = 'a', value_name = "KEY=VALUE")]
+    annotations: Vec<String>,
 }
 
 #[derive(Args)]
@@ -219,10 +280,18 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
                     .ok_or_else(|| anyhow::anyhow!("--header {h:?}: expected 'Name: value'"))?;
                 headers.push((k.trim().to_string(), v.trim().to_string()));
             }
+            let mut annotations = Vec::new();
+            for a in &args.annotations {
+                let (k, v) = a
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--annotation {a:?}: expected KEY=VALUE"))?;
+                annotations.push((k.trim().to_string(), v.to_string()));
+            }
             let sub = queue_worker::publish::Submission {
                 function: args.function.clone(),
                 body,
                 headers,
+                annotations,
                 path: args.path,
                 query: args.query,
                 callback_url: args.callback_url,
@@ -262,6 +331,116 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
         Command::Demo { jobs, inflight } => queue_worker::demo::run(jobs, inflight.max(1)).await,
         Command::CheckConfig => {
             println!("{config:#?}");
+            Ok(())
+        }
+        Command::Dead(cmd) => dead(cmd, &config).await,
+    }
+}
+
+/// The `dead` subcommands. NATS must answer within 15s; a missing stream is an error.
+async fn dead(cmd: DeadCommand, config: &Config) -> anyhow::Result<()> {
+    let metrics = queue_worker::metrics::Metrics::new(&config.queue, config.max_inflight);
+    let conn = queue_worker::nats::connect(&config.nats, metrics).await?;
+    let js = async_nats::jetstream::new(conn.client.clone());
+    let dl = DeadLetters::new(
+        js,
+        queue_worker::stream::DeadLetterLayout::of(config),
+        &config.queue,
+        &config.stream_name(),
+        &config.default_namespace,
+    );
+    let (total, bytes) = tokio::time::timeout(std::time::Duration::from_secs(15), dl.totals())
+        .await
+        .map_err(|_| anyhow::anyhow!("NATS did not answer within 15s"))??;
+    match cmd {
+        DeadCommand::List { filter, json } => {
+            let records = dl.list(&filter.filter()).await?;
+            if json {
+                for r in &records {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+                return Ok(());
+            }
+            println!(
+                "{}: {total} entr{} ({}), {} shown",
+                dl.stream(),
+                if total == 1 { "y" } else { "ies" },
+                queue_worker::config::format_size(bytes),
+                records.len()
+            );
+            if records.is_empty() {
+                return Ok(());
+            }
+            let rows: Vec<[String; 7]> = records
+                .iter()
+                .map(|r| {
+                    let age = std::time::Duration::from_secs(r.age().as_secs());
+                    [
+                        r.sequence.to_string(),
+                        queue_worker::duration::format(age),
+                        if r.function.is_empty() {
+                            "-".into()
+                        } else {
+                            r.function.clone()
+                        },
+                        r.reason.clone(),
+                        r.attempts.to_string(),
+                        if r.last_status.is_empty() {
+                            "-".into()
+                        } else {
+                            r.last_status.clone()
+                        },
+                        if r.call_id.is_empty() {
+                            "-".into()
+                        } else {
+                            r.call_id.clone()
+                        },
+                    ]
+                })
+                .collect();
+            let head = [
+                "SEQ", "AGE", "FUNCTION", "REASON", "ATTEMPTS", "STATUS", "CALL ID",
+            ];
+            let mut widths = head.map(str::len);
+            for row in &rows {
+                for (w, cell) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(cell.chars().count());
+                }
+            }
+            let line = |cells: &[&str]| {
+                let parts: Vec<String> = cells
+                    .iter()
+                    .zip(widths)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect();
+                println!("{}", parts.join("  ").trim_end());
+            };
+            line(&head);
+            for row in &rows {
+                line(&row.each_ref().map(String::as_str));
+            }
+            Ok(())
+        }
+        DeadCommand::Replay { filter } => {
+            let report = dl.replay(&filter.filter()).await?;
+            println!(
+                "replayed {} message(s) from {} to {}",
+                report.replayed,
+                dl.stream(),
+                config.stream_name()
+            );
+            if !report.not_removed.is_empty() {
+                anyhow::bail!(
+                    "replayed but could not remove from {}: sequences {:?}",
+                    dl.stream(),
+                    report.not_removed
+                );
+            }
+            Ok(())
+        }
+        DeadCommand::Purge { function } => {
+            let purged = dl.purge(function.as_deref()).await?;
+            println!("purged {purged} message(s) from {}", dl.stream());
             Ok(())
         }
     }

@@ -20,6 +20,9 @@ const OVERFLOW_LABEL: &str = "_other";
 /// function, as OpenFaaS's dashboard shows it.
 pub const ALL_FUNCTIONS: &str = "all-functions";
 
+/// The `function_name` of a message whose function could not be read.
+pub const UNKNOWN_FUNCTION: &str = "_unknown";
+
 /// Every metric name we export, for docs and for tests that check dashboards and README.
 pub const NAMES: &[&str] = &[
     "queue_worker_pending_messages",
@@ -30,7 +33,9 @@ pub const NAMES: &[&str] = &[
     "queue_worker_invocations_total",
     "queue_worker_invocation_duration_seconds",
     "queue_worker_retries_total",
-    "queue_worker_messages_discarded_total",
+    "queue_worker_dead_lettered_total",
+    "queue_worker_dead_letter_failures_total",
+    "queue_worker_invalid_annotations_total",
     "queue_worker_callbacks_total",
     "queue_worker_max_inflight",
 ];
@@ -54,7 +59,9 @@ pub struct Metrics {
     invocations: CounterVec,
     duration: HistogramVec,
     retries: CounterVec,
-    discarded: CounterVec,
+    dead_lettered: CounterVec,
+    pub dead_letter_failures: Counter,
+    invalid_annotations: CounterVec,
     callbacks: CounterVec,
     functions: Mutex<HashMap<String, Arc<FunctionMetrics>>>,
 }
@@ -75,7 +82,7 @@ impl Metrics {
         let processed = CounterVec::new(
             Opts::new(
                 "queue_worker_messages_processed_total",
-                "Messages this replica finished (acknowledged or discarded).",
+                "Messages this replica finished: acknowledged, or dead-lettered and terminated.",
             ),
             q,
         )
@@ -128,12 +135,28 @@ impl Metrics {
             qf,
         )
         .unwrap();
-        let discarded = CounterVec::new(
+        let dead_lettered = CounterVec::new(
             Opts::new(
-                "queue_worker_messages_discarded_total",
-                "Messages given up on, by reason.",
+                "queue_worker_dead_lettered_total",
+                "Messages stored in the dead-letter stream and removed from the queue, by reason (function_name _unknown: undecodable).",
             ),
             &["queue_name", "function_name", "reason"],
+        )
+        .unwrap();
+        let dead_letter_failures = CounterVec::new(
+            Opts::new(
+                "queue_worker_dead_letter_failures_total",
+                "Give-ups that could not be stored in the dead-letter stream; the message stays queued and is tried again.",
+            ),
+            q,
+        )
+        .unwrap();
+        let invalid_annotations = CounterVec::new(
+            Opts::new(
+                "queue_worker_invalid_annotations_total",
+                "Messages whose com.openfaas.retry.* annotation was invalid and replaced by the worker's setting.",
+            ),
+            &["queue_name", "function_name", "annotation"],
         )
         .unwrap();
         let callbacks = CounterVec::new(
@@ -161,7 +184,9 @@ impl Metrics {
             Box::new(invocations.clone()),
             Box::new(duration.clone()),
             Box::new(retries.clone()),
-            Box::new(discarded.clone()),
+            Box::new(dead_lettered.clone()),
+            Box::new(dead_letter_failures.clone()),
+            Box::new(invalid_annotations.clone()),
             Box::new(callbacks.clone()),
             Box::new(max_inflight_g.clone()),
         ] {
@@ -175,6 +200,7 @@ impl Metrics {
         pending.with_label_values(&[queue, ALL_FUNCTIONS]).set(0.0);
         let processed = processed.with_label_values(&[queue]);
         let submitted = submitted.with_label_values(&[queue]);
+        let dead_letter_failures = dead_letter_failures.with_label_values(&[queue]);
         Arc::new(Metrics {
             registry,
             queue: queue.to_string(),
@@ -186,7 +212,9 @@ impl Metrics {
             invocations,
             duration,
             retries,
-            discarded,
+            dead_lettered,
+            dead_letter_failures,
+            invalid_annotations,
             callbacks,
             functions: Mutex::new(HashMap::new()),
         })
@@ -223,9 +251,16 @@ impl Metrics {
             .inc();
     }
 
-    pub fn discarded(&self, function_label: &str, reason: &str) {
-        self.discarded
+    /// `function_label` is a capped label from [`Metrics::function`], or [`UNKNOWN_FUNCTION`].
+    pub fn dead_lettered(&self, function_label: &str, reason: &str) {
+        self.dead_lettered
             .with_label_values(&[&self.queue, function_label, reason])
+            .inc();
+    }
+
+    pub fn invalid_annotation(&self, f: &FunctionMetrics, annotation: &str) {
+        self.invalid_annotations
+            .with_label_values(&[&self.queue, &f.label, annotation])
             .inc();
     }
 
@@ -257,7 +292,9 @@ mod tests {
         m.invocation(&f, "200");
         f.retries.inc();
         f.duration.observe(0.1);
-        m.discarded("sleep.openfaas-fn", "attempts_exhausted");
+        m.dead_lettered("sleep.openfaas-fn", "attempts_exhausted");
+        m.dead_letter_failures.inc();
+        m.invalid_annotation(&f, "com.openfaas.retry.attempts");
         m.callback("delivered");
         m.reconnects.inc();
         let text = m.render();

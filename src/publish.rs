@@ -22,6 +22,8 @@ pub struct Submission {
     pub query: String,
     pub headers: Vec<(String, String)>,
     pub callback_url: Option<String>,
+    /// The function's annotations, as the gateway copies them (e.g. `com.openfaas.retry.*`).
+    pub annotations: Vec<(String, String)>,
 }
 
 /// A fresh call id in the UUID v4 text form the gateway uses.
@@ -74,6 +76,7 @@ impl Submission {
             query_string: self.query.clone(),
             body: self.body.clone(),
             callback_url: self.callback_url.clone(),
+            annotations: self.annotations.iter().cloned().collect(),
             ..QueueRequest::default()
         };
         for (k, v) in &self.headers {
@@ -107,13 +110,7 @@ pub async fn publish(
     let metrics = crate::metrics::Metrics::new(&config.queue, config.max_inflight);
     let conn = crate::nats::connect(&config.nats, metrics).await?;
     let js = jetstream::new(conn.client.clone());
-    let layout = Layout {
-        queue: config.queue.clone(),
-        stream: config.stream_name(),
-        durable: config.durable.clone(),
-        replicas: config.stream_replicas,
-        ack_wait: config.ack_wait,
-    };
+    let layout = Layout::of(config);
     tokio::time::timeout(
         std::time::Duration::from_secs(15),
         stream::ensure_stream(&js, &layout),

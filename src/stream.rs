@@ -32,6 +32,17 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The work stream and shared consumer of a configuration.
+    pub fn of(config: &crate::config::Config) -> Layout {
+        Layout {
+            queue: config.queue.clone(),
+            stream: config.stream_name(),
+            durable: config.durable.clone(),
+            replicas: config.stream_replicas,
+            ack_wait: config.ack_wait,
+        }
+    }
+
     /// `<queue>` for older gateways that publish every function to one subject, and
     /// `<queue>.>` for per-function subjects `<queue>.<fn>.<ns>`.
     pub fn subjects(&self) -> [String; 2] {
@@ -306,4 +317,133 @@ pub async fn read_state(
         submitted: stream.state.last_sequence,
         pending: consumer.num_pending + consumer.num_ack_pending as u64,
     })
+}
+
+/// The dead-letter stream `OF_<queue>-dead`: where messages go that the worker gave up on or
+/// could not decode. Limits retention (entries stay until they age out or the stream is full,
+/// whatever reads them), so `dead list` can show them without consuming them.
+#[derive(Debug, Clone)]
+pub struct DeadLetterLayout {
+    pub stream: String,
+    /// `<queue>-dead`; entries go to `<queue>-dead.<fn>.<ns>`.
+    pub prefix: String,
+    pub replicas: usize,
+    pub max_age: Duration,
+    pub max_bytes: u64,
+}
+
+impl DeadLetterLayout {
+    /// The dead-letter stream of a configuration.
+    pub fn of(config: &crate::config::Config) -> DeadLetterLayout {
+        DeadLetterLayout {
+            stream: config.dead_letter_stream_name(),
+            prefix: format!("{}-dead", config.queue),
+            replicas: config.stream_replicas,
+            max_age: config.dead_letter.max_age,
+            max_bytes: config.dead_letter.max_bytes,
+        }
+    }
+
+    pub fn subjects(&self) -> Vec<String> {
+        vec![format!("{}.>", self.prefix)]
+    }
+
+    fn stream_config(&self) -> stream::Config {
+        stream::Config {
+            name: self.stream.clone(),
+            subjects: self.subjects(),
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            max_age: self.max_age,
+            max_bytes: i64::try_from(self.max_bytes).unwrap_or(i64::MAX),
+            // Full: the oldest entries make room, so a flood of failures never blocks the
+            // worker from recording the newest.
+            discard: stream::DiscardPolicy::Old,
+            // A give-up stored but not yet terminated when the worker died is stored again
+            // on redelivery with the same Nats-Msg-Id; the window drops that copy.
+            duplicate_window: Duration::from_secs(120).min(self.max_age),
+            max_messages: -1,
+            max_messages_per_subject: -1,
+            max_message_size: -1,
+            max_consumers: -1,
+            description: Some("queue-worker dead letters of OF_ queue".into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Makes sure the dead-letter stream exists with our subjects and the configured limits. The
+/// worker owns this stream, so an existing one is brought to the configured `max_age` and
+/// `max_bytes`.
+pub async fn ensure_dead_letter_stream(
+    js: &jetstream::Context,
+    layout: &DeadLetterLayout,
+) -> Result<stream::Info, LayoutError> {
+    let wanted = layout.stream_config();
+    let resp: Response<stream::Info> = js
+        .request(format!("STREAM.INFO.{}", layout.stream), &json!({}))
+        .await
+        .map_err(unavailable)?;
+    let info = match resp {
+        Response::Ok(info) => info,
+        Response::Err { error } if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
+            let resp: Response<stream::Info> = js
+                .request(format!("STREAM.CREATE.{}", layout.stream), &wanted)
+                .await
+                .map_err(unavailable)?;
+            return match resp {
+                Response::Ok(info) => {
+                    tracing::info!(stream = %layout.stream, subjects = ?wanted.subjects, max_age = ?layout.max_age, max_bytes = layout.max_bytes, "Created dead-letter stream");
+                    Ok(info)
+                }
+                Response::Err { error }
+                    if error.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
+                {
+                    Box::pin(ensure_dead_letter_stream(js, layout)).await
+                }
+                Response::Err { error } => Err(LayoutError::Incompatible(format!(
+                    "cannot create dead-letter stream {} with subjects {:?}: {error}",
+                    layout.stream, wanted.subjects
+                ))),
+            };
+        }
+        Response::Err { error } => return Err(unavailable(error)),
+    };
+    let cfg = &info.config;
+    if cfg.retention != stream::RetentionPolicy::Limits {
+        tracing::warn!(stream = %layout.stream, retention = ?cfg.retention, "dead-letter stream does not use Limits retention; entries may vanish when read");
+    }
+    let missing: Vec<String> = wanted
+        .subjects
+        .iter()
+        .filter(|s| !cfg.subjects.contains(s))
+        .cloned()
+        .collect();
+    if missing.is_empty() && cfg.max_age == wanted.max_age && cfg.max_bytes == wanted.max_bytes {
+        return Ok(info);
+    }
+    let mut updated = cfg.clone();
+    updated.subjects.extend(missing.iter().cloned());
+    updated.max_age = wanted.max_age;
+    updated.max_bytes = wanted.max_bytes;
+    updated.duplicate_window = cfg.duplicate_window.min(wanted.max_age);
+    let resp: Response<stream::Info> = js
+        .request(format!("STREAM.UPDATE.{}", layout.stream), &updated)
+        .await
+        .map_err(unavailable)?;
+    match resp {
+        Response::Ok(info) => {
+            tracing::info!(stream = %layout.stream, added = ?missing, max_age = ?wanted.max_age, max_bytes = wanted.max_bytes, "Updated dead-letter stream");
+            Ok(info)
+        }
+        Response::Err { error } if missing.is_empty() => {
+            tracing::warn!(stream = %layout.stream, error = %error, "could not apply dead_letter_max_age / dead_letter_max_bytes; using the stream as it is");
+            Ok(info)
+        }
+        Response::Err { error } => Err(LayoutError::Incompatible(format!(
+            "dead-letter stream {} lacks subjects {missing:?} and they cannot be added: {error}",
+            layout.stream
+        ))),
+    }
 }

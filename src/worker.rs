@@ -1,32 +1,38 @@
 //! The life of one message, as a straight line: decode → ⑤ invoke (renewing the lease while
-//! the call runs) → ⑥ decide → settle → ⑦ callback → ⑧ record.
+//! the call runs) → ⑥ decide → settle (ack, delayed NAK, or dead-letter then terminate) →
+//! ⑦ callback → ⑧ record.
 //!
 //! The slot (semaphore permit) is held from delivery until the message is settled, and
 //! released before the callback, so a slow callback receiver never holds up invocations.
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use bytes::Bytes;
+use reqwest::header::HeaderMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::callback::{Callback, Callbacks};
+use crate::deadletter::{DeadLetters, Entry, Reason};
 use crate::invoke::Invoker;
-use crate::job::{decode, Job, Settle};
-use crate::metrics::Metrics;
-use crate::retry::{decide, Decision, RetryPolicy};
+use crate::job::{Decoder, Invocation, Job, Settle};
+use crate::metrics::{FunctionMetrics, Metrics, UNKNOWN_FUNCTION};
+use crate::retry::{decide, Decision, GiveUpReason, RetryPolicy};
 
 /// Shared by every job task.
 pub struct Worker {
     pub invoker: Invoker,
     pub callbacks: Callbacks,
     pub metrics: Arc<Metrics>,
+    /// The worker's policy; a message's `com.openfaas.retry.*` annotations override it.
     pub retry: RetryPolicy,
-    /// Gateway base URL without a trailing `/`.
-    pub gateway: String,
-    pub default_namespace: String,
+    pub decoder: Decoder,
+    pub dead_letters: DeadLetters,
     pub progress_interval: Duration,
     pub slots: Arc<Semaphore>,
     /// Every job and callback task, so shutdown can wait for them.
@@ -36,6 +42,33 @@ pub struct Worker {
     pub deadline: CancellationToken,
     /// Log request and response bodies.
     pub debug: bool,
+    pub warned: WarnOnce,
+}
+
+/// Remembers what was already warned about, so a bad annotation is logged once per function
+/// and value rather than for every message (the metric still counts every message).
+#[derive(Default)]
+pub struct WarnOnce(Mutex<HashSet<String>>);
+
+impl WarnOnce {
+    /// Most distinct warnings remembered; past it, everything is logged again.
+    const CAP: usize = 1024;
+
+    /// True the first time `key` is seen.
+    pub fn first(&self, key: String) -> bool {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= Self::CAP {
+            seen.clear();
+        }
+        seen.insert(key)
+    }
+}
+
+/// What the last call produced, for the callback.
+struct Outcome {
+    status: u16,
+    headers: HeaderMap,
+    body: Bytes,
 }
 
 impl Worker {
@@ -71,17 +104,61 @@ impl Worker {
             }
         };
 
-        let inv = match decode(job.payload(), &self.gateway, &self.default_namespace) {
+        let inv = match self.decoder.decode(job.payload()) {
             Ok(inv) => inv,
             Err(e) => {
-                tracing::error!(seq = job.stream_sequence, delivery = job.attempt, bytes = job.payload().len(), reason = e.reason(), error = %e, "Discarding message that cannot be decoded");
-                self.metrics.discarded("unknown", e.reason());
-                self.metrics.processed.inc();
-                job.settle(Settle::Term).await;
+                let reason = Reason::from(&e);
+                tracing::error!(seq = job.stream_sequence, subject = job.subject(), delivery = job.attempt, bytes = job.payload().len(), reason = reason.as_str(), error = %e, "Cannot decode message; moving it to the dead-letter stream");
+                let error = e.to_string();
+                let entry = Entry {
+                    reason,
+                    function: None,
+                    function_label: None,
+                    attempts: job.attempt,
+                    last_status: None,
+                    error: &error,
+                    call_id: None,
+                    original_subject: job.subject(),
+                    original_sequence: job.stream_sequence,
+                    payload: job.payload_bytes(),
+                };
+                self.dead_letter(&job, &entry, UNKNOWN_FUNCTION).await;
                 return;
             }
         };
         let f = self.metrics.function(&inv.function_label);
+        let policy = self.policy_for(&inv, &f);
+
+        if job.attempt > policy.max_attempts {
+            // Already given up once, but that give-up did not finish (the dead-letter store
+            // failed, or a worker stopped in between). Calling again would exceed the
+            // attempts allowed.
+            tracing::warn!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, max = policy.max_attempts, "Attempts already exhausted; moving the message to the dead-letter stream");
+            let entry = Entry {
+                reason: Reason::AttemptsExhausted,
+                function: Some(&inv.request.function),
+                function_label: Some(&inv.function_label),
+                attempts: job.attempt,
+                last_status: None,
+                error: "attempts exhausted (the last attempt's result was not recorded)",
+                call_id: Some(&inv.call_id),
+                original_subject: job.subject(),
+                original_sequence: job.stream_sequence,
+                payload: job.payload_bytes(),
+            };
+            let stored = self.dead_letter(&job, &entry, &f.label).await;
+            drop(slot);
+            if stored {
+                let outcome = Outcome {
+                    status: 503,
+                    headers: HeaderMap::new(),
+                    body: Bytes::new(),
+                };
+                self.send_callback(inv, &job, outcome, policy.max_attempts);
+            }
+            return;
+        }
+
         tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, bytes = inv.request.body.len(), url = %inv.url, "Invoke");
         if self.debug {
             tracing::debug!(callId = %inv.call_id, body = %String::from_utf8_lossy(&inv.request.body), "Request body");
@@ -116,12 +193,7 @@ impl Worker {
         let status = resp.status_label();
         f.duration.observe(resp.duration.as_secs_f64());
         self.metrics.invocation(&f, &status);
-        let decision = decide(
-            &resp.call_result(),
-            job.attempt,
-            &self.retry,
-            fastrand::f64(),
-        );
+        let decision = decide(&resp.call_result(), job.attempt, &policy, fastrand::f64());
         match &resp.error {
             None => {
                 tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, status = %status, duration = resp.duration.as_secs_f64(), "Invoked")
@@ -134,24 +206,104 @@ impl Worker {
             tracing::debug!(callId = %inv.call_id, body = %String::from_utf8_lossy(&resp.body), "Response body");
         }
 
-        job.settle(Settle::from(decision)).await;
-        match decision {
+        let finished = match decision {
+            Decision::Ack => {
+                job.settle(Settle::Ack).await;
+                self.metrics.processed.inc();
+                true
+            }
             Decision::Retry { after } => {
+                job.settle(Settle::Nak(Some(after))).await;
                 f.retries.inc();
                 tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, retry_in = after.as_secs_f64(), "Retry scheduled");
+                false
             }
             Decision::GiveUp { reason } => {
-                tracing::warn!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, status = %status, reason = reason.as_str(), "Giving up");
-                self.metrics.discarded(&f.label, reason.as_str());
-                self.metrics.processed.inc();
+                tracing::warn!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, status = %status, reason = reason.as_str(), "Giving up; moving the message to the dead-letter stream");
+                let error = match (&resp.error, reason) {
+                    (Some(err), GiveUpReason::AttemptsExhausted) => {
+                        format!("{} attempts failed; the last: {err}", job.attempt)
+                    }
+                    (None, GiveUpReason::AttemptsExhausted) => {
+                        format!(
+                            "{} attempts failed; the last answered {status}",
+                            job.attempt
+                        )
+                    }
+                };
+                let entry = Entry {
+                    reason: reason.into(),
+                    function: Some(&inv.request.function),
+                    function_label: Some(&inv.function_label),
+                    attempts: job.attempt,
+                    last_status: Some(&status),
+                    error: &error,
+                    call_id: Some(&inv.call_id),
+                    original_subject: job.subject(),
+                    original_sequence: job.stream_sequence,
+                    payload: job.payload_bytes(),
+                };
+                self.dead_letter(&job, &entry, &f.label).await
             }
-            Decision::Ack => self.metrics.processed.inc(),
-        }
+        };
         drop(slot);
 
-        if matches!(decision, Decision::Retry { .. }) {
-            return;
+        if finished {
+            let outcome = Outcome {
+                status: resp.status.unwrap_or(503),
+                headers: resp.headers,
+                body: resp.body,
+            };
+            let max_attempts = policy.max_attempts;
+            self.send_callback(inv, &job, outcome, max_attempts);
         }
+    }
+
+    /// The retry policy for this message: the worker's, with the function's annotations
+    /// applied. Invalid annotations are counted per message and logged once per value.
+    fn policy_for(&self, inv: &Invocation, f: &FunctionMetrics) -> Cow<'_, RetryPolicy> {
+        let (policy, invalid) = self.retry.with_annotations(&inv.request.annotations);
+        for bad in invalid {
+            self.metrics.invalid_annotation(f, bad.key);
+            let key = format!("{}\0{}\0{}", inv.request.function, bad.key, bad.value);
+            if self.warned.first(key) {
+                tracing::warn!(function = %inv.request.function, annotation = bad.key, value = %bad.value, expected = bad.expected, "Invalid retry annotation; using the worker's setting instead");
+            }
+        }
+        policy
+    }
+
+    /// Stores the message in the dead-letter stream, then terminates it. Returns whether it
+    /// was stored. When it could not be (NATS trouble), the message is handed back with a
+    /// delay and nothing is lost: the next delivery tries again.
+    async fn dead_letter(&self, job: &Job, entry: &Entry<'_>, label: &str) -> bool {
+        let stored = tokio::select! {
+            r = self.dead_letters.store(entry) => r,
+            _ = self.deadline.cancelled() => {
+                job.settle(Settle::Nak(None)).await;
+                return false;
+            }
+        };
+        match stored {
+            Ok(()) => {
+                job.settle(Settle::Term).await;
+                self.metrics.dead_lettered(label, entry.reason.as_str());
+                self.metrics.processed.inc();
+                true
+            }
+            Err(e) => {
+                let retry_in = self.retry.initial_wait.max(Duration::from_secs(1));
+                tracing::error!(seq = job.stream_sequence, reason = entry.reason.as_str(), error = %e, retry_in = retry_in.as_secs_f64(), "Cannot store the message in the dead-letter stream; keeping it queued");
+                self.metrics.dead_letter_failures.inc();
+                job.settle(Settle::Nak(Some(retry_in))).await;
+                false
+            }
+        }
+    }
+
+    /// Posts the final result to the caller's callback URL, if any, on its own task: a slow
+    /// receiver never holds a slot, and the drain deadline abandons it.
+    fn send_callback(&self, inv: Invocation, job: &Job, outcome: Outcome, max_attempts: u32) {
         let Some(url) = inv.callback.clone() else {
             return;
         };
@@ -166,12 +318,12 @@ impl Worker {
             url,
             call_id: inv.call_id,
             function: inv.request.function,
-            status: resp.status.unwrap_or(503),
+            status: outcome.status,
             duration: job.received.elapsed(),
             attempt: job.attempt,
-            max_attempts: self.retry.max_attempts,
-            response_headers: resp.headers,
-            body: resp.body,
+            max_attempts,
+            response_headers: outcome.headers,
+            body: outcome.body,
             start_times,
         };
         let callbacks = self.callbacks.clone();

@@ -154,6 +154,51 @@ async fn a_call_three_times_ack_wait_is_invoked_once() {
     crate::support::stop(worker).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_jobs_on_two_replicas_run_exactly_once() {
+    let env = Env::start().await;
+    // Each call lasts four ack_wait periods; two replicas share the consumer.
+    env.gateway.script(
+        "slow",
+        vec![Step::status(200).delay(Duration::from_millis(4200))],
+    );
+    let settings = [("ack_wait", "1s"), ("max_inflight", "3")];
+    let a = env.worker(&settings).await;
+    let b = env.worker(&settings).await;
+    let ids = crate::support::submit(&env.config(&[]), "slow", 6).await;
+    env.gateway
+        .wait_for("6 slow calls to finish", Duration::from_secs(30), |g| {
+            g.calls().iter().filter(|c| c.finished.is_some()).count() == 6
+        })
+        .await;
+    env.wait_drained(Duration::from_secs(5)).await;
+    let calls = env.gateway.calls();
+    let mut called: Vec<String> = calls.iter().map(|c| c.call_id()).collect();
+    called.sort();
+    let mut want = ids.clone();
+    want.sort();
+    assert_eq!(called, want, "every job exactly once");
+    assert_eq!(env.gateway.max_running(), 6, "both replicas worked at once");
+    let c = env.consumer().await;
+    assert_eq!(c.num_redelivered, 0, "a lease ran out while a call ran");
+    assert_eq!(c.delivered.stream_sequence, 6);
+    let invoked = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("queue_worker_invocations_total{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let (ta, tb) = (
+        crate::support::scrape(&a).await,
+        crate::support::scrape(&b).await,
+    );
+    assert_eq!(invoked(&ta) + invoked(&tb), 6);
+    assert!(invoked(&ta) > 0 && invoked(&tb) > 0, "{ta}\n{tb}");
+    crate::support::stop(a).await;
+    crate::support::stop(b).await;
+}
+
 #[tokio::test]
 async fn metrics_and_health_endpoints() {
     let env = Env::start().await;

@@ -3,6 +3,7 @@
 mod auth;
 mod cli;
 mod cluster;
+mod deadletter;
 mod faults;
 mod flow;
 mod layout;

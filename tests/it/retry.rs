@@ -1,29 +1,31 @@
-//! Settling: retryable answers come back after the backoff (a server-side delayed NAK), final
-//! answers are acknowledged once, and exhausted attempts give up with a callback that says so.
+//! The retry policy, row by row, against a real server: retryable answers come back after the
+//! backoff (a server-side delayed NAK) or the function's Retry-After, final answers are
+//! acknowledged once, internal errors are retried whatever the codes, and a function's
+//! annotations override the worker's attempts and codes.
 
 use std::time::Duration;
 
 use queue_worker::publish::{publish, Submission};
 
-use crate::support::{wait_metric, Env, Step};
-
-fn job(function: &str, env: &Env) -> Submission {
-    Submission {
-        function: function.into(),
-        callback_url: Some(env.gateway.callback_url(function)),
-        ..Default::default()
-    }
-}
+use crate::support::{job, wait_metric, Env, Step};
 
 #[tokio::test]
-async fn a_503_is_retried_after_the_backoff_then_succeeds() {
+async fn a_503_503_200_sequence_waits_the_backoff_between_calls() {
     let env = Env::start().await;
     env.gateway.script(
         "flaky",
-        vec![Step::status(503), Step::status(200).body("ok")],
+        vec![
+            Step::status(503),
+            Step::status(503),
+            Step::status(200).body("ok"),
+        ],
     );
     let worker = env
-        .worker(&[("initial_retry_wait", "1s"), ("max_retry_attempts", "5")])
+        .worker(&[
+            ("initial_retry_wait", "400ms"),
+            ("max_retry_wait", "5s"),
+            ("max_retry_attempts", "5"),
+        ])
         .await;
     publish(&env.config(&[]), &job("flaky", &env), 1)
         .await
@@ -31,19 +33,29 @@ async fn a_503_is_retried_after_the_backoff_then_succeeds() {
 
     env.gateway.wait_callbacks(1).await;
     let calls = env.gateway.calls();
-    assert_eq!(calls.len(), 2);
-    let gap = calls[1].started - calls[0].finished.unwrap();
-    assert!(
-        gap >= Duration::from_millis(1000),
-        "retried after {gap:?}, before the 1s backoff"
-    );
-    assert!(gap < Duration::from_secs(5), "retry took {gap:?}");
-    assert_eq!(calls[0].call_id(), calls[1].call_id());
+    assert_eq!(calls.len(), 3);
+    // Exponential: 400ms after the first 503, 800ms after the second.
+    for (i, want) in [(1, 400), (2, 800)] {
+        let gap = calls[i].started - calls[i - 1].finished.unwrap();
+        assert!(
+            gap >= Duration::from_millis(want),
+            "call {} came {gap:?} after the previous one, before the {want}ms backoff",
+            i + 1
+        );
+        assert!(
+            gap < Duration::from_millis(want + 1500),
+            "call {} took {gap:?}",
+            i + 1
+        );
+    }
+    assert!(calls.iter().all(|c| c.call_id() == calls[0].call_id()));
     let cb = &env.gateway.callbacks()[0];
     assert_eq!(cb.header("x-function-status"), "200");
-    assert_eq!(cb.header("x-retry"), "2");
+    assert_eq!(cb.header("x-retry"), "3");
     assert_eq!(cb.header("x-retry-max"), "5");
+    assert_eq!(&cb.body[..], b"ok");
     env.wait_drained(Duration::from_secs(5)).await;
+    wait_metric(&worker, r#"queue_worker_retries_total{function_name="flaky.openfaas-fn",queue_name="faas-request"} 2"#).await;
     crate::support::stop(worker).await;
 }
 
@@ -67,32 +79,136 @@ async fn a_400_is_final_and_called_once() {
 }
 
 #[tokio::test]
-async fn exhausted_attempts_give_up_with_a_final_callback() {
+async fn an_internal_500_is_retried_where_a_plain_500_is_not() {
     let env = Env::start().await;
-    env.gateway.script("down", vec![Step::status(502)]);
+    env.gateway.script(
+        "behind-proxy",
+        vec![
+            Step::status(500).header("X-OpenFaaS-Internal", "proxy"),
+            Step::status(200),
+        ],
+    );
+    env.gateway
+        .script("plain", vec![Step::status(500), Step::status(200)]);
+    // 500 is not a retried code here: only the header makes the first one retried.
     let worker = env
-        .worker(&[
-            ("initial_retry_wait", "100ms"),
-            ("max_retry_wait", "200ms"),
-            ("max_retry_attempts", "3"),
-        ])
+        .worker(&[("retry_http_codes", "429"), ("initial_retry_wait", "100ms")])
         .await;
-    publish(&env.config(&[]), &job("down", &env), 1)
+    publish(&env.config(&[]), &job("behind-proxy", &env), 1)
+        .await
+        .unwrap();
+    publish(&env.config(&[]), &job("plain", &env), 1)
+        .await
+        .unwrap();
+    env.gateway.wait_callbacks(2).await;
+    env.wait_drained(Duration::from_secs(5)).await;
+    assert_eq!(env.gateway.calls_to("behind-proxy"), 2);
+    assert_eq!(env.gateway.calls_to("plain"), 1);
+    let status = |tag| env.gateway.callback_for(tag).header("x-function-status");
+    assert_eq!(status("behind-proxy"), "200");
+    assert_eq!(status("plain"), "500");
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn retry_after_replaces_the_backoff() {
+    let env = Env::start().await;
+    env.gateway.script(
+        "limited",
+        vec![
+            Step::status(429).header("Retry-After", "2"),
+            Step::status(200),
+        ],
+    );
+    let worker = env
+        .worker(&[("initial_retry_wait", "100ms"), ("max_retry_wait", "10s")])
+        .await;
+    publish(&env.config(&[]), &job("limited", &env), 1)
         .await
         .unwrap();
     env.gateway.wait_callbacks(1).await;
-    env.wait_drained(Duration::from_secs(5)).await;
-    assert_eq!(
-        env.gateway.calls().len(),
-        3,
-        "max_retry_attempts counts calls"
+    let calls = env.gateway.calls();
+    assert_eq!(calls.len(), 2);
+    let gap = calls[1].started - calls[0].finished.unwrap();
+    assert!(
+        gap >= Duration::from_secs(2),
+        "retried {gap:?} after a Retry-After of 2s"
     );
-    let cb = &env.gateway.callbacks()[0];
-    assert_eq!(cb.header("x-function-status"), "502");
-    assert_eq!(cb.header("x-retry"), "3");
-    assert_eq!(cb.header("x-retry-max"), "3");
-    wait_metric(&worker, r#"queue_worker_messages_discarded_total{function_name="down.openfaas-fn",queue_name="faas-request",reason="attempts_exhausted"} 1"#).await;
-    wait_metric(&worker, r#"queue_worker_retries_total{function_name="down.openfaas-fn",queue_name="faas-request"} 2"#).await;
+    assert!(
+        gap < Duration::from_millis(3500),
+        "retried only after {gap:?}"
+    );
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn annotations_override_attempts_and_codes() {
+    let env = Env::start().await;
+    env.gateway.script("teapot", vec![Step::status(418)]);
+    env.gateway.script("unavailable", vec![Step::status(503)]);
+    let worker = env
+        .worker(&[
+            ("max_retry_attempts", "5"),
+            ("initial_retry_wait", "100ms"),
+            ("max_retry_wait", "100ms"),
+        ])
+        .await;
+    let annotated = |function: &str| Submission {
+        annotations: vec![
+            ("com.openfaas.retry.attempts".into(), "2".into()),
+            ("com.openfaas.retry.codes".into(), "418".into()),
+            ("com.openfaas.retry.min_wait".into(), "50ms".into()),
+            ("com.openfaas.retry.max_wait".into(), "50ms".into()),
+        ],
+        ..job(function, &env)
+    };
+    // 418 is not a worker code, but the function's: retried, twice in all.
+    publish(&env.config(&[]), &annotated("teapot"), 1)
+        .await
+        .unwrap();
+    // 503 is a worker code, but not the function's: final at once.
+    publish(&env.config(&[]), &annotated("unavailable"), 1)
+        .await
+        .unwrap();
+    env.gateway.wait_callbacks(2).await;
+    env.wait_drained(Duration::from_secs(5)).await;
+    assert_eq!(env.gateway.calls_to("teapot"), 2);
+    assert_eq!(env.gateway.calls_to("unavailable"), 1);
+    let teapot = env.gateway.callback_for("teapot");
+    assert_eq!(teapot.header("x-retry"), "2");
+    assert_eq!(teapot.header("x-retry-max"), "2");
+    let unavailable = env.gateway.callback_for("unavailable");
+    assert_eq!(unavailable.header("x-function-status"), "503");
+    let dead = env.wait_dead_letters(1).await;
+    assert_eq!(dead[0].function, "teapot");
+    assert_eq!(dead[0].attempts, 2);
+    assert_eq!(dead[0].last_status, "418");
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn an_invalid_annotation_falls_back_to_the_worker_setting() {
+    let env = Env::start().await;
+    env.gateway.script("down", vec![Step::status(503)]);
+    let worker = env
+        .worker(&[
+            ("max_retry_attempts", "2"),
+            ("initial_retry_wait", "100ms"),
+            ("max_retry_wait", "100ms"),
+        ])
+        .await;
+    let sub = Submission {
+        annotations: vec![
+            ("com.openfaas.retry.attempts".into(), "lots".into()),
+            ("com.openfaas.retry.codes".into(), "503".into()),
+        ],
+        ..job("down", &env)
+    };
+    publish(&env.config(&[]), &sub, 1).await.unwrap();
+    env.gateway.wait_callbacks(1).await;
+    assert_eq!(env.gateway.calls().len(), 2, "max_retry_attempts applies");
+    assert_eq!(env.gateway.callbacks()[0].header("x-retry-max"), "2");
+    wait_metric(&worker, r#"queue_worker_invalid_annotations_total{annotation="com.openfaas.retry.attempts",function_name="down.openfaas-fn",queue_name="faas-request"} 2"#).await;
     crate::support::stop(worker).await;
 }
 
@@ -118,24 +234,13 @@ async fn an_unreachable_function_is_retried() {
     assert_eq!(cb.header("x-function-status"), "503");
     assert_eq!(cb.header("x-retry"), "2");
     wait_metric(&worker, r#"queue_worker_invocations_total{function_name="gone.openfaas-fn",queue_name="faas-request",status="error"} 2"#).await;
-    crate::support::stop(worker).await;
-}
-
-#[tokio::test]
-async fn an_undecodable_message_is_discarded_and_work_goes_on() {
-    let env = Env::start().await;
-    let worker = env.worker(&[]).await;
-    let js = env.js().await;
-    crate::support::publish_raw(&js, "faas-request", b"this is not json".to_vec()).await;
-    crate::support::publish_raw(&js, "faas-request", br#"{"Function":"../../etc"}"#.to_vec()).await;
-    publish(&env.config(&[]), &job("fine", &env), 1)
-        .await
-        .unwrap();
-    env.gateway.wait_callbacks(1).await;
-    env.wait_drained(Duration::from_secs(5)).await;
-    assert_eq!(env.gateway.calls().len(), 1);
-    wait_metric(&worker, r#"reason="malformed"} 1"#).await;
-    wait_metric(&worker, r#"reason="bad_function"} 1"#).await;
+    let dead = env.wait_dead_letters(1).await;
+    assert_eq!(dead[0].last_status, "error");
+    assert!(
+        dead[0].error.contains("2 attempts failed"),
+        "{}",
+        dead[0].error
+    );
     crate::support::stop(worker).await;
 }
 

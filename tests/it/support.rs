@@ -160,6 +160,27 @@ impl FakeGateway {
         self.inner.lock().unwrap().callbacks.clone()
     }
 
+    /// How many calls reached `/function/<name>`.
+    pub fn calls_to(&self, name: &str) -> usize {
+        let prefix = format!("/function/{name}");
+        self.inner
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .filter(|c| c.path == prefix || c.path.starts_with(&format!("{prefix}/")))
+            .count()
+    }
+
+    /// The first callback posted to [`FakeGateway::callback_url`]`(tag)`.
+    pub fn callback_for(&self, tag: &str) -> Recorded {
+        let path = format!("/callback/{tag}");
+        self.callbacks()
+            .into_iter()
+            .find(|c| c.path == path)
+            .unwrap_or_else(|| panic!("no callback for {tag}"))
+    }
+
     /// Waits until exactly `n` callbacks have arrived.
     pub async fn wait_callbacks(&self, n: usize) {
         self.wait_for(&format!("{n} callback(s)"), Duration::from_secs(10), |g| {
@@ -330,6 +351,41 @@ impl Env {
         async_nats::jetstream::new(client)
     }
 
+    /// The dead-letter stream of the default queue, read as the `dead` commands do.
+    pub async fn dead_letters(&self) -> queue_worker::deadletter::DeadLetters {
+        let config = self.config(&[]);
+        queue_worker::deadletter::DeadLetters::new(
+            self.js().await,
+            queue_worker::stream::DeadLetterLayout::of(&config),
+            &config.queue,
+            &config.stream_name(),
+            &config.default_namespace,
+        )
+    }
+
+    /// Waits until the dead-letter stream holds `n` entries, and returns them.
+    pub async fn wait_dead_letters(&self, n: usize) -> Vec<queue_worker::deadletter::Record> {
+        let dl = self.dead_letters().await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // The stream may be missing for a moment (a test deletes it; a worker makes it).
+            let records = match dl.list(&Default::default()).await {
+                Ok(r) => r,
+                Err(queue_worker::deadletter::DeadLetterError::NoStream(_)) => Vec::new(),
+                Err(e) => panic!("{e}"),
+            };
+            if records.len() == n {
+                return records;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} dead letters, found {}: {records:?}",
+                records.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Consumer counters of the shared consumer (default names).
     pub async fn consumer(&self) -> async_nats::jetstream::consumer::Info {
         let js = self.js().await;
@@ -412,6 +468,16 @@ pub async fn wait_metric(running: &Running, needle: &str) {
             "{needle} not in /metrics:\n{text}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A gateway-format job for `function` whose callback goes to the fake, tagged with the
+/// function's name.
+pub fn job(function: &str, env: &Env) -> queue_worker::publish::Submission {
+    queue_worker::publish::Submission {
+        function: function.into(),
+        callback_url: Some(env.gateway.callback_url(function)),
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,503 @@
+//! The dead-letter stream `OF_<queue>-dead`: a message the worker gave up on (attempts
+//! exhausted) or cannot run (undecodable, too large) is stored there, with why, before the
+//! original is terminated. Nothing leaves the work queue without a trace.
+//!
+//! An entry is the original payload, unchanged, on `<queue>-dead.<fn>.<ns>` (or
+//! `<queue>-dead._unknown` when no function could be read), with `Dead-Letter-*` headers. The
+//! same type serves the operator commands `dead list`, `dead replay` and `dead purge`.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::job::DecodeError;
+use crate::publish::subject_for;
+use crate::retry::GiveUpReason;
+use crate::stream::DeadLetterLayout;
+
+/// Headers of a dead-letter entry. The payload is the original message, byte for byte.
+pub mod header {
+    /// One of [`super::Reason`], e.g. `attempts_exhausted`.
+    pub const REASON: &str = "Dead-Letter-Reason";
+    /// The `Function` of the message as submitted (absent when it could not be read).
+    pub const FUNCTION: &str = "Dead-Letter-Function";
+    /// Deliveries of the message when it was given up (the JetStream delivery count).
+    pub const ATTEMPTS: &str = "Dead-Letter-Attempts";
+    /// The last call's result: an HTTP status, `timeout` or `error` (absent: never called).
+    pub const STATUS: &str = "Dead-Letter-Status";
+    /// When the worker gave up, RFC 3339 UTC.
+    pub const TIME: &str = "Dead-Letter-Time";
+    /// A one-line explanation for people.
+    pub const ERROR: &str = "Dead-Letter-Error";
+    /// The work-queue subject the message came from; `dead replay` publishes it back there.
+    pub const SUBJECT: &str = "Dead-Letter-Subject";
+    /// The message's sequence in the work stream.
+    pub const SEQUENCE: &str = "Dead-Letter-Sequence";
+    pub const CALL_ID: &str = "Dead-Letter-Call-Id";
+    /// Set when the payload had to be left out (it did not fit `max_payload` with the
+    /// headers): the original size in bytes.
+    pub const PAYLOAD_DROPPED: &str = "Dead-Letter-Payload-Dropped";
+}
+
+/// Why a message was dead-lettered: the `reason` header and metric label. A closed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Retryable failures on every allowed attempt.
+    AttemptsExhausted,
+    /// Larger than `max_message_bytes`.
+    TooLarge,
+    /// Not JSON, or not a `QueueRequest` (wrong types, bad base64).
+    Malformed,
+    MissingFunction,
+    BadFunction,
+    /// `Path` or `QueryString` cannot form a URL.
+    BadUrl,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 6] = [
+        Reason::AttemptsExhausted,
+        Reason::TooLarge,
+        Reason::Malformed,
+        Reason::MissingFunction,
+        Reason::BadFunction,
+        Reason::BadUrl,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::AttemptsExhausted => "attempts_exhausted",
+            Reason::TooLarge => "too_large",
+            Reason::Malformed => "malformed",
+            Reason::MissingFunction => "missing_function",
+            Reason::BadFunction => "bad_function",
+            Reason::BadUrl => "bad_url",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl From<GiveUpReason> for Reason {
+    fn from(r: GiveUpReason) -> Reason {
+        match r {
+            GiveUpReason::AttemptsExhausted => Reason::AttemptsExhausted,
+        }
+    }
+}
+
+impl From<&DecodeError> for Reason {
+    fn from(e: &DecodeError) -> Reason {
+        match e {
+            DecodeError::TooLarge { .. } => Reason::TooLarge,
+            DecodeError::Malformed(_) => Reason::Malformed,
+            DecodeError::MissingFunction => Reason::MissingFunction,
+            DecodeError::BadFunction(_) => Reason::BadFunction,
+            DecodeError::BadUrl(_) => Reason::BadUrl,
+        }
+    }
+}
+
+/// What the worker knows about a message it gives up on.
+#[derive(Debug, Clone)]
+pub struct Entry<'a> {
+    pub reason: Reason,
+    /// `Function` as submitted, when the message could be read.
+    pub function: Option<&'a str>,
+    /// `<fn>.<ns>`, when the message could be read; names the entry's subject.
+    pub function_label: Option<&'a str>,
+    pub attempts: u32,
+    /// The last call's status label (`503`, `timeout`, `error`); `None` when never called.
+    pub last_status: Option<&'a str>,
+    pub error: &'a str,
+    pub call_id: Option<&'a str>,
+    pub original_subject: &'a str,
+    pub original_sequence: u64,
+    pub payload: Bytes,
+}
+
+/// Why the dead-letter stream could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("dead-letter stream {0} does not exist (a worker creates it when it starts)")]
+    NoStream(String),
+    #[error("{0}")]
+    Nats(String),
+}
+
+/// An entry as read back by the operator commands.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    /// Sequence in the dead-letter stream.
+    pub sequence: u64,
+    /// When it was stored.
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    pub function: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub last_status: String,
+    pub call_id: String,
+    pub error: String,
+    pub original_subject: String,
+    pub bytes: usize,
+    #[serde(skip)]
+    pub payload: Bytes,
+}
+
+impl Record {
+    /// How long ago it was stored.
+    pub fn age(&self) -> Duration {
+        let secs = (OffsetDateTime::now_utc() - self.time).as_seconds_f64();
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+/// Which entries an operator command applies to.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// `fn` or `fn.ns`.
+    pub function: Option<String>,
+    pub reason: Option<Reason>,
+    pub limit: Option<usize>,
+}
+
+/// What `dead replay` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub replayed: usize,
+    /// Sequences that were republished but could not be removed from the dead-letter stream
+    /// (they would be replayed again by a second run; the work queue's duplicate window drops
+    /// such a copy for two minutes).
+    pub not_removed: Vec<u64>,
+}
+
+/// The dead-letter stream of one queue, for writing (the worker) and for the operator
+/// commands.
+#[derive(Clone)]
+pub struct DeadLetters {
+    js: jetstream::Context,
+    layout: DeadLetterLayout,
+    queue: String,
+    work_stream: String,
+    default_namespace: String,
+}
+
+/// Header values cannot hold line breaks; error texts are also kept short.
+fn header_value(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(512)
+        .collect()
+}
+
+fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+impl DeadLetters {
+    pub fn new(
+        js: jetstream::Context,
+        layout: DeadLetterLayout,
+        queue: &str,
+        work_stream: &str,
+        default_namespace: &str,
+    ) -> DeadLetters {
+        DeadLetters {
+            js,
+            layout,
+            queue: queue.to_string(),
+            work_stream: work_stream.to_string(),
+            default_namespace: default_namespace.to_string(),
+        }
+    }
+
+    /// The stream name, `OF_<queue>-dead`.
+    pub fn stream(&self) -> &str {
+        &self.layout.stream
+    }
+
+    /// The subject an entry for `function` (`fn` or `fn.ns`) is stored on; `None`: every entry.
+    pub fn subject(&self, function: Option<&str>) -> String {
+        match function {
+            Some(f) => subject_for(&self.layout.prefix, f, &self.default_namespace),
+            None => format!("{}.>", self.layout.prefix),
+        }
+    }
+
+    /// Stores an entry and waits for JetStream to confirm it. Tries three times over about a
+    /// second, re-creating the stream if it was deleted; the caller keeps the original
+    /// message when this fails.
+    pub async fn store(&self, entry: &Entry<'_>) -> Result<(), DeadLetterError> {
+        let subject = match entry.function_label {
+            Some(label) => format!("{}.{label}", self.layout.prefix),
+            None => format!("{}._unknown", self.layout.prefix),
+        };
+        let mut headers = HeaderMap::new();
+        // Stored twice (the worker died between storing and terminating): the second copy
+        // has the same id and the stream's duplicate window drops it.
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{}:{}", self.work_stream, entry.original_sequence).as_str(),
+        );
+        headers.insert(header::REASON, entry.reason.as_str());
+        if let Some(f) = entry.function {
+            headers.insert(header::FUNCTION, header_value(f).as_str());
+        }
+        headers.insert(header::ATTEMPTS, entry.attempts.to_string().as_str());
+        if let Some(s) = entry.last_status {
+            headers.insert(header::STATUS, s);
+        }
+        headers.insert(header::TIME, now_rfc3339().as_str());
+        headers.insert(header::ERROR, header_value(entry.error).as_str());
+        headers.insert(
+            header::SUBJECT,
+            header_value(entry.original_subject).as_str(),
+        );
+        headers.insert(
+            header::SEQUENCE,
+            entry.original_sequence.to_string().as_str(),
+        );
+        if let Some(id) = entry.call_id {
+            headers.insert(header::CALL_ID, header_value(id).as_str());
+        }
+
+        let mut payload = entry.payload.clone();
+        let mut last_error = String::new();
+        for wait in [
+            Duration::ZERO,
+            Duration::from_millis(250),
+            Duration::from_secs(1),
+        ] {
+            tokio::time::sleep(wait).await;
+            let sent = self
+                .js
+                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await;
+            let result = match sent {
+                Ok(ack) => ack.await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if e.kind() == PublishErrorKind::MaxPayloadExceeded && !payload.is_empty() =>
+                {
+                    // The original fitted; with our headers it does not. Keep the record of
+                    // what happened rather than nothing: the headers, without the body.
+                    tracing::error!(seq = entry.original_sequence, bytes = payload.len(), "dead letter too large for NATS max_payload with its headers; storing it without the payload");
+                    headers.insert(header::PAYLOAD_DROPPED, payload.len().to_string().as_str());
+                    payload = Bytes::new();
+                    last_error = e.to_string();
+                }
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                    // Deleted while we run (an operator, a reset): make it again.
+                    tracing::warn!(stream = %self.layout.stream, "dead-letter stream missing; creating it again");
+                    if let Err(e) =
+                        crate::stream::ensure_dead_letter_stream(&self.js, &self.layout).await
+                    {
+                        last_error = e.to_string();
+                    } else {
+                        last_error = "dead-letter stream was missing".into();
+                    }
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+        }
+        Err(DeadLetterError::Nats(last_error))
+    }
+
+    async fn stream_handle(&self) -> Result<jetstream::stream::Stream, DeadLetterError> {
+        self.js
+            .get_stream(&self.layout.stream)
+            .await
+            .map_err(|e| match e.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    DeadLetterError::NoStream(self.layout.stream.clone())
+                }
+                _ => {
+                    DeadLetterError::Nats(format!("cannot read stream {}: {e}", self.layout.stream))
+                }
+            })
+    }
+
+    /// How many entries the stream holds, and their bytes.
+    pub async fn totals(&self) -> Result<(u64, u64), DeadLetterError> {
+        let mut stream = self.stream_handle().await?;
+        let info = stream.info().await.map_err(|e| {
+            DeadLetterError::Nats(format!("cannot read {}: {e}", self.layout.stream))
+        })?;
+        Ok((info.state.messages, info.state.bytes))
+    }
+
+    /// The entries matching `filter`, oldest first. Reading does not remove them.
+    pub async fn list(&self, filter: &Filter) -> Result<Vec<Record>, DeadLetterError> {
+        let stream = self.stream_handle().await?;
+        let subject = self.subject(filter.function.as_deref());
+        let mut records = Vec::new();
+        let mut seq = 1;
+        while filter.limit.is_none_or(|l| records.len() < l) {
+            let msg = match stream
+                .raw_message_builder()
+                .sequence(seq)
+                .next_by_subject(subject.clone())
+                .send()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                    break
+                }
+                Err(e) => {
+                    return Err(DeadLetterError::Nats(format!(
+                        "cannot read {}: {e}",
+                        self.layout.stream
+                    )))
+                }
+            };
+            seq = msg.sequence + 1;
+            let record = to_record(msg);
+            if filter
+                .reason
+                .is_none_or(|r| r.as_str() == record.reason.as_str())
+            {
+                records.push(record);
+            }
+        }
+        Ok(records)
+    }
+
+    /// Publishes the matching entries back to the work queue (on the subject they came from)
+    /// as new messages, so they get a fresh set of attempts, and removes each from the
+    /// dead-letter stream once JetStream has stored its copy.
+    pub async fn replay(&self, filter: &Filter) -> Result<ReplayReport, DeadLetterError> {
+        let stream = self.stream_handle().await?;
+        let records = self.list(filter).await?;
+        let mut report = ReplayReport::default();
+        for record in records {
+            let subject = self.replay_subject(&record);
+            let mut headers = HeaderMap::new();
+            // A second replay run after a crash between publish and delete is dropped by
+            // the work stream's duplicate window.
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("{}:{}:replay", self.layout.stream, record.sequence).as_str(),
+            );
+            let ack = self
+                .js
+                .publish_with_headers(subject.clone(), headers, record.payload.clone())
+                .await
+                .map_err(|e| DeadLetterError::Nats(format!("cannot publish to {subject}: {e}")))?;
+            ack.await.map_err(|e| {
+                DeadLetterError::Nats(format!(
+                    "JetStream did not store the replay on {subject}: {e}"
+                ))
+            })?;
+            report.replayed += 1;
+            if let Err(e) = stream.delete_message(record.sequence).await {
+                tracing::warn!(seq = record.sequence, error = %e, "replayed but not removed from the dead-letter stream");
+                report.not_removed.push(record.sequence);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Where a replayed entry goes: its original subject when that belongs to this queue,
+    /// otherwise the function's subject.
+    fn replay_subject(&self, record: &Record) -> String {
+        let s = record.original_subject.as_str();
+        if s == self.queue
+            || s.strip_prefix(&self.queue)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .is_some_and(is_subject_tail)
+        {
+            return s.to_string();
+        }
+        if is_subject_tail(&record.function) {
+            return subject_for(&self.queue, &record.function, &self.default_namespace);
+        }
+        self.queue.clone()
+    }
+
+    /// Removes the entries of `function` (`fn` or `fn.ns`), or every entry. Returns how many.
+    pub async fn purge(&self, function: Option<&str>) -> Result<u64, DeadLetterError> {
+        let stream = self.stream_handle().await?;
+        let purge = stream.purge();
+        let resp = match function {
+            Some(_) => purge.filter(self.subject(function)).await,
+            None => purge.await,
+        };
+        resp.map(|r| r.purged)
+            .map_err(|e| DeadLetterError::Nats(format!("cannot purge {}: {e}", self.layout.stream)))
+    }
+}
+
+/// Dot-separated tokens of letters, digits, `-` and `_`: safe to append to a subject.
+fn is_subject_tail(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+fn to_record(msg: jetstream::message::StreamMessage) -> Record {
+    let get = |name: &str| {
+        msg.headers
+            .get(name)
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default()
+    };
+    Record {
+        sequence: msg.sequence,
+        time: msg.time,
+        function: get(header::FUNCTION),
+        reason: get(header::REASON),
+        attempts: get(header::ATTEMPTS).parse().unwrap_or(0),
+        last_status: get(header::STATUS),
+        call_id: get(header::CALL_ID),
+        error: get(header::ERROR),
+        original_subject: get(header::SUBJECT),
+        bytes: msg.payload.len(),
+        payload: msg.payload,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_round_trip() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::parse(r.as_str()), Some(r));
+        }
+        assert_eq!(Reason::parse("nope"), None);
+    }
+
+    #[test]
+    fn header_values_are_one_line() {
+        assert_eq!(header_value("a\r\nb\tc"), "a  b c");
+        assert_eq!(header_value(&"x".repeat(2000)).len(), 512);
+    }
+
+    #[test]
+    fn time_is_rfc3339() {
+        let t = now_rfc3339();
+        assert!(
+            t.len() >= 20 && t.ends_with('Z') && t.as_bytes()[10] == b'T',
+            "{t}"
+        );
+    }
+}

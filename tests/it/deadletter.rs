@@ -1,0 +1,431 @@
+//! The dead-letter stream: give-ups and undecodable messages land there with their reason
+//! before the original is terminated, the worker carries on, and `dead list / replay / purge`
+//! work on what is there.
+
+use std::process::Command;
+use std::time::Duration;
+
+use queue_worker::deadletter::{Filter, Reason};
+use queue_worker::publish::{publish, Submission};
+
+use crate::support::{job, publish_raw, wait_metric, Env, Step};
+
+const FAST_GIVE_UP: &[(&str, &str)] = &[
+    ("initial_retry_wait", "100ms"),
+    ("max_retry_wait", "200ms"),
+    ("max_retry_attempts", "3"),
+];
+
+#[tokio::test]
+async fn exhausted_attempts_give_up_with_a_final_callback_and_a_dead_letter() {
+    let env = Env::start().await;
+    env.gateway
+        .script("down", vec![Step::status(502).body("bad gateway")]);
+    let worker = env.worker(FAST_GIVE_UP).await;
+    let sub = Submission {
+        body: b"payload".to_vec(),
+        ..job("down", &env)
+    };
+    publish(&env.config(&[]), &sub, 1).await.unwrap();
+    env.gateway.wait_callbacks(1).await;
+    env.wait_drained(Duration::from_secs(5)).await;
+    let calls = env.gateway.calls();
+    assert_eq!(calls.len(), 3, "max_retry_attempts counts calls");
+    let cb = &env.gateway.callbacks()[0];
+    assert_eq!(cb.header("x-function-status"), "502");
+    assert_eq!(cb.header("x-retry"), "3");
+    assert_eq!(cb.header("x-retry-max"), "3");
+    assert_eq!(&cb.body[..], b"bad gateway");
+
+    let dead = env.wait_dead_letters(1).await;
+    let d = &dead[0];
+    assert_eq!(d.function, "down");
+    assert_eq!(d.reason, "attempts_exhausted");
+    assert_eq!(d.attempts, 3);
+    assert_eq!(d.last_status, "502");
+    assert_eq!(d.call_id, calls[0].call_id());
+    assert_eq!(d.original_subject, "faas-request.down.openfaas-fn");
+    assert!(d.age() < Duration::from_secs(30));
+    // The payload is the original message: it decodes to the same invocation.
+    let original: queue_worker::request::QueueRequest = serde_json::from_slice(&d.payload).unwrap();
+    assert_eq!(original.function, "down");
+    assert_eq!(original.body, b"payload");
+
+    // The original is gone from the work queue (terminated, not left to be redelivered).
+    let stream = env.js().await.get_stream("OF_faas-request").await.unwrap();
+    assert_eq!(stream.cached_info().state.messages, 0);
+    wait_metric(&worker, r#"queue_worker_dead_lettered_total{function_name="down.openfaas-fn",queue_name="faas-request",reason="attempts_exhausted"} 1"#).await;
+    wait_metric(&worker, r#"queue_worker_retries_total{function_name="down.openfaas-fn",queue_name="faas-request"} 2"#).await;
+    wait_metric(
+        &worker,
+        r#"queue_worker_messages_processed_total{queue_name="faas-request"} 1"#,
+    )
+    .await;
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn undecodable_and_oversized_messages_are_dead_lettered_and_work_goes_on() {
+    let env = Env::start().await;
+    let worker = env.worker(&[("max_message_bytes", "2KiB")]).await;
+    let js = env.js().await;
+    let huge = format!(r#"{{"Function":"big","Body":"{}"}}"#, "QUFB".repeat(1024));
+    let inputs: Vec<(&str, Vec<u8>)> = vec![
+        ("faas-request", b"this is not json".to_vec()),
+        ("faas-request.x.y", vec![0xff, 0x00, 0x13, 0x37]),
+        ("faas-request", br#"{"Function":"../../etc"}"#.to_vec()),
+        ("faas-request", br#"{"Method":"POST"}"#.to_vec()),
+        (
+            "faas-request",
+            br#"{"Function":"f","Path":"no-slash"}"#.to_vec(),
+        ),
+        ("faas-request", huge.clone().into_bytes()),
+    ];
+    for (subject, payload) in &inputs {
+        publish_raw(&js, subject, payload.clone()).await;
+    }
+    publish(&env.config(&[]), &job("fine", &env), 1)
+        .await
+        .unwrap();
+    env.gateway.wait_callbacks(1).await;
+    env.wait_drained(Duration::from_secs(5)).await;
+    assert_eq!(env.gateway.calls().len(), 1, "only the good message is run");
+
+    let dead = env.wait_dead_letters(inputs.len()).await;
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert_eq!(
+        reasons,
+        [
+            "malformed",
+            "malformed",
+            "bad_function",
+            "missing_function",
+            "bad_url",
+            "too_large"
+        ]
+    );
+    for (d, (subject, payload)) in dead.iter().zip(&inputs) {
+        assert_eq!(&d.payload[..], &payload[..], "kept byte for byte");
+        assert_eq!(d.original_subject, *subject);
+        assert_eq!(d.attempts, 1);
+        assert_eq!(d.last_status, "", "never called");
+        assert!(!d.error.is_empty());
+    }
+    assert!(
+        dead[5].error.contains("max_message_bytes"),
+        "{}",
+        dead[5].error
+    );
+    wait_metric(&worker, r#"queue_worker_dead_lettered_total{function_name="_unknown",queue_name="faas-request",reason="malformed"} 2"#).await;
+    wait_metric(
+        &worker,
+        r#"function_name="_unknown",queue_name="faas-request",reason="too_large"} 1"#,
+    )
+    .await;
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn replay_brings_a_job_back_and_it_runs() {
+    let env = Env::start().await;
+    env.gateway.script(
+        "recovering",
+        vec![
+            Step::status(503),
+            Step::status(503),
+            Step::status(200).body("done"),
+        ],
+    );
+    env.gateway.script("broken", vec![Step::status(503)]);
+    let worker = env
+        .worker(&[
+            ("initial_retry_wait", "100ms"),
+            ("max_retry_wait", "100ms"),
+            ("max_retry_attempts", "2"),
+        ])
+        .await;
+    publish(&env.config(&[]), &job("recovering", &env), 1)
+        .await
+        .unwrap();
+    publish(&env.config(&[]), &job("broken", &env), 1)
+        .await
+        .unwrap();
+    env.gateway.wait_callbacks(2).await;
+    env.wait_dead_letters(2).await;
+
+    let dl = env.dead_letters().await;
+    let report = dl
+        .replay(&Filter {
+            function: Some("recovering".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.replayed, 1);
+    assert!(report.not_removed.is_empty());
+    env.gateway.wait_callbacks(3).await;
+    let cb = &env.gateway.callbacks()[2];
+    assert_eq!(cb.header("x-function-status"), "200");
+    assert_eq!(
+        cb.header("x-retry"),
+        "1",
+        "a replay starts a fresh set of attempts"
+    );
+    assert_eq!(&cb.body[..], b"done");
+    let calls = env.gateway.calls();
+    assert_eq!(calls.len(), 5);
+    assert_eq!(
+        calls[4].call_id(),
+        calls[0].call_id(),
+        "the same call, replayed"
+    );
+    let left = env.wait_dead_letters(1).await;
+    assert_eq!(left[0].function, "broken");
+    env.wait_drained(Duration::from_secs(5)).await;
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn list_filters_and_purge_by_function() {
+    let env = Env::start().await;
+    env.gateway.script("a", vec![Step::status(500)]);
+    env.gateway.script("b.team-b", vec![Step::status(500)]);
+    let worker = env.worker(&[("max_retry_attempts", "1")]).await;
+    let config = env.config(&[]);
+    crate::support::submit(&config, "a", 3).await;
+    crate::support::submit(&config, "b.team-b", 2).await;
+    publish_raw(&env.js().await, "faas-request", b"garbage".to_vec()).await;
+    env.wait_dead_letters(6).await;
+
+    let dl = env.dead_letters().await;
+    let list = |function: Option<&str>, reason: Option<Reason>, limit: Option<usize>| {
+        let dl = dl.clone();
+        let filter = Filter {
+            function: function.map(str::to_string),
+            reason,
+            limit,
+        };
+        async move { dl.list(&filter).await.unwrap() }
+    };
+    assert_eq!(list(Some("a"), None, None).await.len(), 3);
+    assert_eq!(list(Some("a.openfaas-fn"), None, None).await.len(), 3);
+    assert_eq!(list(Some("b.team-b"), None, None).await.len(), 2);
+    assert_eq!(
+        list(Some("b"), None, None).await.len(),
+        0,
+        "b lives in team-b"
+    );
+    assert_eq!(list(None, Some(Reason::Malformed), None).await.len(), 1);
+    assert_eq!(
+        list(None, Some(Reason::AttemptsExhausted), Some(4))
+            .await
+            .len(),
+        4
+    );
+
+    assert_eq!(dl.purge(Some("a")).await.unwrap(), 3);
+    let left: Vec<String> = list(None, None, None)
+        .await
+        .into_iter()
+        .map(|d| d.function)
+        .collect();
+    assert_eq!(left, ["b.team-b", "b.team-b", ""]);
+    assert_eq!(dl.purge(None).await.unwrap(), 3);
+    assert!(list(None, None, None).await.is_empty());
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_cannot_be_stored_stays_queued() {
+    let env = Env::start().await;
+    env.gateway.script("down", vec![Step::status(503)]);
+    // A dead-letter stream made by someone else that refuses new entries once it holds one.
+    let js = env.js().await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "OF_faas-request-dead".into(),
+        subjects: vec!["faas-request-dead.>".into()],
+        max_messages: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    publish_raw(&js, "faas-request-dead.filler", b"x".to_vec()).await;
+    let worker = env
+        .worker(&[("max_retry_attempts", "1"), ("initial_retry_wait", "100ms")])
+        .await;
+    publish(&env.config(&[]), &job("down", &env), 1)
+        .await
+        .unwrap();
+    wait_metric(
+        &worker,
+        r#"queue_worker_dead_letter_failures_total{queue_name="faas-request"} 1"#,
+    )
+    .await;
+    assert_eq!(env.gateway.callbacks().len(), 0, "no final callback yet");
+    let stream = js.get_stream("OF_faas-request").await.unwrap();
+    assert_eq!(stream.cached_info().state.messages, 1, "still queued");
+
+    // Room again: the redelivery is dead-lettered without calling the function again.
+    js.get_stream("OF_faas-request-dead")
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    env.gateway.wait_callbacks(1).await;
+    assert_eq!(env.gateway.calls().len(), 1, "attempts are not exceeded");
+    let cb = &env.gateway.callbacks()[0];
+    assert_eq!(cb.header("x-retry"), "1");
+    assert_eq!(cb.header("x-retry-max"), "1");
+    let dead = env.wait_dead_letters(1).await;
+    assert_eq!(dead[0].reason, "attempts_exhausted");
+    assert_eq!(dead[0].function, "down");
+    env.wait_drained(Duration::from_secs(5)).await;
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn a_deleted_dead_letter_stream_is_made_again() {
+    let env = Env::start().await;
+    env.gateway.script("down", vec![Step::status(503)]);
+    let worker = env.worker(&[("max_retry_attempts", "1")]).await;
+    let js = env.js().await;
+    js.delete_stream("OF_faas-request-dead").await.unwrap();
+    publish(&env.config(&[]), &job("down", &env), 1)
+        .await
+        .unwrap();
+    let dead = env.wait_dead_letters(1).await;
+    assert_eq!(dead[0].function, "down");
+    let info = js
+        .get_stream("OF_faas-request-dead")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(
+        info.config.retention,
+        async_nats::jetstream::stream::RetentionPolicy::Limits
+    );
+    assert_eq!(info.config.max_age, Duration::from_secs(7 * 24 * 3600));
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn the_dead_letter_stream_follows_its_settings() {
+    let env = Env::start().await;
+    let worker = env
+        .worker(&[
+            ("dead_letter_max_age", "1h"),
+            ("dead_letter_max_bytes", "64MiB"),
+        ])
+        .await;
+    let js = env.js().await;
+    let info = js
+        .get_stream("OF_faas-request-dead")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(info.config.subjects, ["faas-request-dead.>"]);
+    assert_eq!(info.config.max_age, Duration::from_secs(3600));
+    assert_eq!(info.config.max_bytes, 64 << 20);
+    crate::support::stop(worker).await;
+
+    // A restart with other limits updates the existing stream.
+    let worker = env.worker(&[("dead_letter_max_age", "2h")]).await;
+    let info = js
+        .get_stream("OF_faas-request-dead")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(info.config.max_age, Duration::from_secs(7200));
+    assert_eq!(info.config.max_bytes, 1 << 30);
+    crate::support::stop(worker).await;
+}
+
+/// Runs the binary's `dead` subcommand against this environment's NATS.
+fn dead_cli(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_queue-worker"))
+        .env_clear()
+        .env("nats_url", env.nats.url())
+        .arg("dead")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_dead_commands_of_the_binary() {
+    let env = Env::start().await;
+
+    // Before any worker ran there is no dead-letter stream: a clear error, exit 1.
+    let (code, _, err) = dead_cli(&env, &["list"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("OF_faas-request-dead does not exist"), "{err}");
+
+    env.gateway.script("down", vec![Step::status(502)]);
+    env.gateway.script("other", vec![Step::status(502)]);
+    let worker = env.worker(&[("max_retry_attempts", "1")]).await;
+    let config = env.config(&[]);
+    crate::support::submit(&config, "down", 2).await;
+    crate::support::submit(&config, "other", 1).await;
+    env.wait_dead_letters(3).await;
+
+    let (code, out, err) = dead_cli(&env, &["list"]);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with("OF_faas-request-dead: 3 entries"),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with("SEQ") && lines[1].contains("REASON"),
+        "{out}"
+    );
+    assert_eq!(lines.len(), 5, "{out}");
+    for line in &lines[2..] {
+        assert!(
+            line.contains("attempts_exhausted") && line.contains("502"),
+            "{out}"
+        );
+    }
+
+    let (code, out, _) = dead_cli(&env, &["list", "--json", "--function", "down"]);
+    assert_eq!(code, Some(0));
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["function"], "down");
+    assert_eq!(rows[0]["reason"], "attempts_exhausted");
+    assert_eq!(rows[0]["attempts"], 1);
+
+    let (code, _, err) = dead_cli(&env, &["list", "--reason", "nope"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("attempts_exhausted"), "{err}");
+
+    env.gateway.script("other", vec![Step::status(200)]);
+    let (code, out, err) = dead_cli(&env, &["replay", "--function", "other"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("replayed 1 message(s)"), "{out}");
+    env.gateway
+        .wait_for("the replayed call", Duration::from_secs(10), |g| {
+            g.calls().len() == 4
+        })
+        .await;
+
+    let (code, out, err) = dead_cli(&env, &["purge", "--function", "down"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("purged 2 message(s)"), "{out}");
+    env.wait_dead_letters(0).await;
+    env.wait_drained(Duration::from_secs(5)).await;
+    crate::support::stop(worker).await;
+}
