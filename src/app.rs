@@ -152,6 +152,14 @@ async fn work(
         }
     };
     health.layout_ready.store(true, Ordering::Relaxed);
+    let max_payload = client.server_info().max_payload as u64;
+    if max_payload > config.dead_letter.max_bytes {
+        tracing::warn!(
+            dead_letter_max_bytes = config.dead_letter.max_bytes,
+            max_payload,
+            "dead_letter_max_bytes is below the server's max_payload: one large dead letter could evict all the others"
+        );
+    }
     tracing::info!(stream = %layout.stream, durable = %layout.durable, "Subscribed");
 
     let poller_stop = CancellationToken::new();

@@ -147,6 +147,9 @@ pub struct Record {
     pub error: String,
     pub original_subject: String,
     pub bytes: usize,
+    /// The entry was stored without the original payload (it did not fit with the headers).
+    pub payload_dropped: bool,
+    /// The original message; empty when listed without payloads.
     #[serde(skip)]
     pub payload: Bytes,
 }
@@ -169,9 +172,14 @@ pub struct Filter {
 }
 
 /// What `dead replay` did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct ReplayReport {
     pub replayed: usize,
+    /// Entries stored without their payload (see [`header::PAYLOAD_DROPPED`]): nothing to
+    /// replay, so they stay.
+    pub skipped: Vec<u64>,
+    /// What stopped the replay early, if anything; `replayed` counts what was done before.
+    pub error: Option<DeadLetterError>,
     /// Sequences that were republished but could not be removed from the dead-letter stream
     /// (they would be replayed again by a second run; the work queue's duplicate window drops
     /// such a copy for two minutes).
@@ -233,6 +241,21 @@ impl DeadLetters {
         }
     }
 
+    /// The entry's `Nats-Msg-Id`: the work stream's name and sequence, plus the call id (or a
+    /// hash of the payload), so a work stream re-created inside the duplicate window cannot
+    /// make two different messages look like one.
+    fn store_id(&self, entry: &Entry<'_>) -> String {
+        let tail = match entry.call_id {
+            Some(id) => header_value(id),
+            None => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(&entry.payload[..], &mut h);
+                format!("{:016x}", std::hash::Hasher::finish(&h))
+            }
+        };
+        format!("{}:{}:{tail}", self.work_stream, entry.original_sequence)
+    }
+
     /// Stores an entry and waits for JetStream to confirm it. Tries three times over about a
     /// second, re-creating the stream if it was deleted; the caller keeps the original
     /// message when this fails.
@@ -244,10 +267,7 @@ impl DeadLetters {
         let mut headers = HeaderMap::new();
         // Stored twice (the worker died between storing and terminating): the second copy
         // has the same id and the stream's duplicate window drops it.
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("{}:{}", self.work_stream, entry.original_sequence).as_str(),
-        );
+        headers.insert("Nats-Msg-Id", self.store_id(entry).as_str());
         headers.insert(header::REASON, entry.reason.as_str());
         if let Some(f) = entry.function {
             headers.insert(header::FUNCTION, header_value(f).as_str());
@@ -340,30 +360,45 @@ impl DeadLetters {
         Ok((info.state.messages, info.state.bytes))
     }
 
-    /// The entries matching `filter`, oldest first. Reading does not remove them.
-    pub async fn list(&self, filter: &Filter) -> Result<Vec<Record>, DeadLetterError> {
+    /// The next entry at or after `seq` on `subject`; `None` past the last.
+    async fn next_entry(
+        &self,
+        stream: &jetstream::stream::Stream,
+        subject: &str,
+        seq: u64,
+    ) -> Result<Option<jetstream::message::StreamMessage>, DeadLetterError> {
+        match stream
+            .raw_message_builder()
+            .sequence(seq)
+            .next_by_subject(subject.to_string())
+            .send()
+            .await
+        {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(DeadLetterError::Nats(format!(
+                "cannot read {}: {e}",
+                self.layout.stream
+            ))),
+        }
+    }
+
+    /// Calls `each` with the entries matching `filter`, oldest first, one at a time (the
+    /// stream can hold a gigabyte; nothing is collected here). Reading removes nothing.
+    async fn for_each(
+        &self,
+        filter: &Filter,
+        mut each: impl AsyncFnMut(Record) -> Result<(), DeadLetterError>,
+    ) -> Result<(), DeadLetterError> {
         let stream = self.stream_handle().await?;
         let subject = self.subject(filter.function.as_deref());
-        let mut records = Vec::new();
         let mut seq = 1;
-        while filter.limit.is_none_or(|l| records.len() < l) {
-            let msg = match stream
-                .raw_message_builder()
-                .sequence(seq)
-                .next_by_subject(subject.clone())
-                .send()
-                .await
-            {
-                Ok(m) => m,
-                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-                    break
-                }
-                Err(e) => {
-                    return Err(DeadLetterError::Nats(format!(
-                        "cannot read {}: {e}",
-                        self.layout.stream
-                    )))
-                }
+        let mut matched = 0;
+        while filter.limit.is_none_or(|l| matched < l) {
+            let Some(msg) = self.next_entry(&stream, &subject, seq).await? else {
+                break;
             };
             seq = msg.sequence + 1;
             let record = to_record(msg);
@@ -371,45 +406,88 @@ impl DeadLetters {
                 .reason
                 .is_none_or(|r| r.as_str() == record.reason.as_str())
             {
-                records.push(record);
+                matched += 1;
+                each(record).await?;
             }
         }
+        Ok(())
+    }
+
+    /// The entries matching `filter`, oldest first. Payloads are kept only when asked for.
+    pub async fn list(
+        &self,
+        filter: &Filter,
+        with_payloads: bool,
+    ) -> Result<Vec<Record>, DeadLetterError> {
+        let mut records = Vec::new();
+        self.for_each(filter, async |mut r| {
+            if !with_payloads {
+                r.payload = Bytes::new();
+            }
+            records.push(r);
+            Ok(())
+        })
+        .await?;
         Ok(records)
     }
 
     /// Publishes the matching entries back to the work queue (on the subject they came from)
     /// as new messages, so they get a fresh set of attempts, and removes each from the
-    /// dead-letter stream once JetStream has stored its copy.
-    pub async fn replay(&self, filter: &Filter) -> Result<ReplayReport, DeadLetterError> {
-        let stream = self.stream_handle().await?;
-        let records = self.list(filter).await?;
+    /// dead-letter stream once JetStream has stored its copy. Entries stored without their
+    /// payload are skipped (and kept). On an error, the report says what was done before it.
+    pub async fn replay(&self, filter: &Filter) -> ReplayReport {
         let mut report = ReplayReport::default();
-        for record in records {
-            let subject = self.replay_subject(&record);
-            let mut headers = HeaderMap::new();
-            // A second replay run after a crash between publish and delete is dropped by
-            // the work stream's duplicate window.
-            headers.insert(
-                "Nats-Msg-Id",
-                format!("{}:{}:replay", self.layout.stream, record.sequence).as_str(),
-            );
-            let ack = self
-                .js
-                .publish_with_headers(subject.clone(), headers, record.payload.clone())
-                .await
-                .map_err(|e| DeadLetterError::Nats(format!("cannot publish to {subject}: {e}")))?;
-            ack.await.map_err(|e| {
-                DeadLetterError::Nats(format!(
-                    "JetStream did not store the replay on {subject}: {e}"
-                ))
-            })?;
-            report.replayed += 1;
-            if let Err(e) = stream.delete_message(record.sequence).await {
-                tracing::warn!(seq = record.sequence, error = %e, "replayed but not removed from the dead-letter stream");
-                report.not_removed.push(record.sequence);
+        let stream = match self.stream_handle().await {
+            Ok(s) => s,
+            Err(e) => {
+                report.error = Some(e);
+                return report;
             }
-        }
-        Ok(report)
+        };
+        let result = self
+            .for_each(filter, async |record| {
+                if record.payload_dropped {
+                    report.skipped.push(record.sequence);
+                    return Ok(());
+                }
+                let subject = self.replay_subject(&record);
+                let mut headers = HeaderMap::new();
+                // Unique to this entry (its time in the dead-letter stream, which restarts
+                // its sequences if re-created): a second run after a crash between publish
+                // and delete is dropped by the work stream's duplicate window, and nothing
+                // else can be.
+                headers.insert(
+                    "Nats-Msg-Id",
+                    format!(
+                        "replay:{}:{}:{}",
+                        self.layout.stream,
+                        record.sequence,
+                        record.time.unix_timestamp_nanos()
+                    )
+                    .as_str(),
+                );
+                let ack = self
+                    .js
+                    .publish_with_headers(subject.clone(), headers, record.payload.clone())
+                    .await
+                    .map_err(|e| {
+                        DeadLetterError::Nats(format!("cannot publish to {subject}: {e}"))
+                    })?;
+                ack.await.map_err(|e| {
+                    DeadLetterError::Nats(format!(
+                        "JetStream did not store the replay on {subject}: {e}"
+                    ))
+                })?;
+                report.replayed += 1;
+                if let Err(e) = stream.delete_message(record.sequence).await {
+                    tracing::warn!(seq = record.sequence, error = %e, "replayed but not removed from the dead-letter stream");
+                    report.not_removed.push(record.sequence);
+                }
+                Ok(())
+            })
+            .await;
+        report.error = result.err();
+        report
     }
 
     /// Where a replayed entry goes: its original subject when that belongs to this queue,
@@ -470,6 +548,7 @@ fn to_record(msg: jetstream::message::StreamMessage) -> Record {
         error: get(header::ERROR),
         original_subject: get(header::SUBJECT),
         bytes: msg.payload.len(),
+        payload_dropped: msg.headers.get(header::PAYLOAD_DROPPED).is_some(),
         payload: msg.payload,
     }
 }

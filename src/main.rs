@@ -114,43 +114,69 @@ enum DeadCommand {
     List {
         #[command(flatten)]
         filter: DeadFilter,
+        /// Only this reason.
+        #[arg(long, value_parser = parse_reason)]
+        reason: Option<Reason>,
         /// Print one JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Publish entries back to the work queue (with a fresh set of attempts) and remove them.
+    /// Only give-ups (attempts_exhausted) unless --reason or --any-reason says otherwise:
+    /// undecodable messages would come straight back.
     Replay {
         #[command(flatten)]
         filter: DeadFilter,
+        /// Only this reason [default: attempts_exhausted].
+        #[arg(long, value_parser = parse_reason, conflicts_with = "any_reason")]
+        reason: Option<Reason>,
+        /// Replay entries of every reason.
+        #[arg(long)]
+        any_reason: bool,
     },
-    /// Remove entries: all of them, or those of one function.
+    /// Remove entries: those of one function, or all of them (with --yes).
     Purge {
         /// Only this function (`fn` or `fn.namespace`).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_function)]
         function: Option<String>,
+        /// Confirm removing every entry when no --function is given.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
 #[derive(Args)]
 struct DeadFilter {
     /// Only this function (`fn` or `fn.namespace`).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_function)]
     function: Option<String>,
-    /// Only this reason.
-    #[arg(long, value_parser = parse_reason)]
-    reason: Option<Reason>,
     /// At most this many entries.
     #[arg(long)]
     limit: Option<usize>,
 }
 
 impl DeadFilter {
-    fn filter(&self) -> Filter {
+    fn filter(&self, reason: Option<Reason>) -> Filter {
         Filter {
             function: self.function.clone(),
-            reason: self.reason,
+            reason,
             limit: self.limit,
         }
+    }
+}
+
+/// A function name as the gateway accepts it; wildcards would widen a subject filter.
+fn parse_function(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.split('.').all(|t| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("expected a function name `fn` or `fn.namespace` (letters, digits, '-', '_')".into())
     }
 }
 
@@ -233,6 +259,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(run(cli.command, config));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<UsageError>() => {
+            eprintln!("queue-worker: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("queue-worker: {e:#}");
@@ -240,6 +270,11 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// A command used in a way that needs correcting (exit code 2, like a bad flag).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
 
 /// Loads the configuration; `Ok(None)` is never returned today but keeps room for commands
 /// that need none.
@@ -353,8 +388,12 @@ async fn dead(cmd: DeadCommand, config: &Config) -> anyhow::Result<()> {
         .await
         .map_err(|_| anyhow::anyhow!("NATS did not answer within 15s"))??;
     match cmd {
-        DeadCommand::List { filter, json } => {
-            let records = dl.list(&filter.filter()).await?;
+        DeadCommand::List {
+            filter,
+            reason,
+            json,
+        } => {
+            let records = dl.list(&filter.filter(reason), false).await?;
             if json {
                 for r in &records {
                     println!("{}", serde_json::to_string(r)?);
@@ -421,14 +460,34 @@ async fn dead(cmd: DeadCommand, config: &Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DeadCommand::Replay { filter } => {
-            let report = dl.replay(&filter.filter()).await?;
+        DeadCommand::Replay {
+            filter,
+            reason,
+            any_reason,
+        } => {
+            let reason = match (reason, any_reason) {
+                (Some(r), _) => Some(r),
+                (None, true) => None,
+                (None, false) => Some(Reason::AttemptsExhausted),
+            };
+            let report = dl.replay(&filter.filter(reason)).await;
             println!(
                 "replayed {} message(s) from {} to {}",
                 report.replayed,
                 dl.stream(),
                 config.stream_name()
             );
+            if !report.skipped.is_empty() {
+                println!(
+                    "skipped {} entr{} stored without their payload (sequences {:?}); nothing to replay",
+                    report.skipped.len(),
+                    if report.skipped.len() == 1 { "y" } else { "ies" },
+                    report.skipped
+                );
+            }
+            if let Some(e) = report.error {
+                anyhow::bail!("replay stopped after {} message(s): {e}", report.replayed);
+            }
             if !report.not_removed.is_empty() {
                 anyhow::bail!(
                     "replayed but could not remove from {}: sequences {:?}",
@@ -438,7 +497,14 @@ async fn dead(cmd: DeadCommand, config: &Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DeadCommand::Purge { function } => {
+        DeadCommand::Purge { function, yes } => {
+            if function.is_none() && !yes {
+                return Err(UsageError(format!(
+                    "this removes all {total} entries of {}; add --yes to confirm, or --function F",
+                    dl.stream()
+                ))
+                .into());
+            }
             let purged = dl.purge(function.as_deref()).await?;
             println!("purged {purged} message(s) from {}", dl.stream());
             Ok(())

@@ -330,6 +330,9 @@ pub struct DeadLetterLayout {
     pub replicas: usize,
     pub max_age: Duration,
     pub max_bytes: u64,
+    /// How long a repeated store of the same give-up is recognised: at least two `ack_wait`
+    /// periods (a lost term is redelivered after one), at least 2 minutes, at most `max_age`.
+    pub duplicate_window: Duration,
 }
 
 impl DeadLetterLayout {
@@ -341,6 +344,9 @@ impl DeadLetterLayout {
             replicas: config.stream_replicas,
             max_age: config.dead_letter.max_age,
             max_bytes: config.dead_letter.max_bytes,
+            duplicate_window: (config.ack_wait * 2)
+                .max(Duration::from_secs(120))
+                .min(config.dead_letter.max_age),
         }
     }
 
@@ -362,7 +368,7 @@ impl DeadLetterLayout {
             discard: stream::DiscardPolicy::Old,
             // A give-up stored but not yet terminated when the worker died is stored again
             // on redelivery with the same Nats-Msg-Id; the window drops that copy.
-            duplicate_window: Duration::from_secs(120).min(self.max_age),
+            duplicate_window: self.duplicate_window,
             max_messages: -1,
             max_messages_per_subject: -1,
             max_message_size: -1,
@@ -370,6 +376,48 @@ impl DeadLetterLayout {
             description: Some("queue-worker dead letters of OF_ queue".into()),
             ..Default::default()
         }
+    }
+}
+
+async fn create_dead_letter_stream(
+    js: &jetstream::Context,
+    layout: &DeadLetterLayout,
+    wanted: stream::Config,
+) -> Result<stream::Info, LayoutError> {
+    let create = |config: stream::Config| async move {
+        let resp: Response<stream::Info> = js
+            .request(format!("STREAM.CREATE.{}", layout.stream), &config)
+            .await
+            .map_err(unavailable)?;
+        Ok::<_, LayoutError>(resp)
+    };
+    let error = match create(wanted.clone()).await? {
+        Response::Ok(info) => {
+            tracing::info!(stream = %layout.stream, subjects = ?wanted.subjects, max_age = ?layout.max_age, max_bytes = layout.max_bytes, "Created dead-letter stream");
+            return Ok(info);
+        }
+        // Another replica won the race: use theirs.
+        Response::Err { error }
+            if error.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
+        {
+            return Box::pin(ensure_dead_letter_stream(js, layout)).await;
+        }
+        Response::Err { error } => error,
+    };
+    // The usual cause: JetStream cannot reserve dead_letter_max_bytes (a small
+    // max_file_store, an account limit). A dead-letter stream bounded by age only is better
+    // than a worker that does not start.
+    let mut uncapped = wanted.clone();
+    uncapped.max_bytes = -1;
+    match create(uncapped).await? {
+        Response::Ok(info) => {
+            tracing::warn!(stream = %layout.stream, dead_letter_max_bytes = layout.max_bytes, error = %error, "could not create the dead-letter stream with dead_letter_max_bytes; created it bounded by dead_letter_max_age only. Lower dead_letter_max_bytes to what JetStream can hold.");
+            Ok(info)
+        }
+        Response::Err { error: second } => Err(LayoutError::Incompatible(format!(
+            "cannot create dead-letter stream {} with subjects {:?} (dead_letter_max_bytes={}): {error}; without a size cap: {second}",
+            layout.stream, wanted.subjects, layout.max_bytes
+        ))),
     }
 }
 
@@ -388,25 +436,7 @@ pub async fn ensure_dead_letter_stream(
     let info = match resp {
         Response::Ok(info) => info,
         Response::Err { error } if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
-            let resp: Response<stream::Info> = js
-                .request(format!("STREAM.CREATE.{}", layout.stream), &wanted)
-                .await
-                .map_err(unavailable)?;
-            return match resp {
-                Response::Ok(info) => {
-                    tracing::info!(stream = %layout.stream, subjects = ?wanted.subjects, max_age = ?layout.max_age, max_bytes = layout.max_bytes, "Created dead-letter stream");
-                    Ok(info)
-                }
-                Response::Err { error }
-                    if error.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
-                {
-                    Box::pin(ensure_dead_letter_stream(js, layout)).await
-                }
-                Response::Err { error } => Err(LayoutError::Incompatible(format!(
-                    "cannot create dead-letter stream {} with subjects {:?}: {error}",
-                    layout.stream, wanted.subjects
-                ))),
-            };
+            return create_dead_letter_stream(js, layout, wanted).await;
         }
         Response::Err { error } => return Err(unavailable(error)),
     };
@@ -420,14 +450,18 @@ pub async fn ensure_dead_letter_stream(
         .filter(|s| !cfg.subjects.contains(s))
         .cloned()
         .collect();
-    if missing.is_empty() && cfg.max_age == wanted.max_age && cfg.max_bytes == wanted.max_bytes {
+    if missing.is_empty()
+        && cfg.max_age == wanted.max_age
+        && cfg.max_bytes == wanted.max_bytes
+        && cfg.duplicate_window == wanted.duplicate_window
+    {
         return Ok(info);
     }
     let mut updated = cfg.clone();
     updated.subjects.extend(missing.iter().cloned());
     updated.max_age = wanted.max_age;
     updated.max_bytes = wanted.max_bytes;
-    updated.duplicate_window = cfg.duplicate_window.min(wanted.max_age);
+    updated.duplicate_window = wanted.duplicate_window;
     let resp: Response<stream::Info> = js
         .request(format!("STREAM.UPDATE.{}", layout.stream), &updated)
         .await
@@ -438,7 +472,7 @@ pub async fn ensure_dead_letter_stream(
             Ok(info)
         }
         Response::Err { error } if missing.is_empty() => {
-            tracing::warn!(stream = %layout.stream, error = %error, "could not apply dead_letter_max_age / dead_letter_max_bytes; using the stream as it is");
+            tracing::warn!(stream = %layout.stream, error = %error, "could not apply dead_letter_max_age / dead_letter_max_bytes to the existing dead-letter stream; using it as it is");
             Ok(info)
         }
         Response::Err { error } => Err(LayoutError::Incompatible(format!(

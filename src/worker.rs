@@ -122,42 +122,14 @@ impl Worker {
                     original_sequence: job.stream_sequence,
                     payload: job.payload_bytes(),
                 };
-                self.dead_letter(&job, &entry, UNKNOWN_FUNCTION).await;
+                let retry_in = self.retry.base_delay(job.attempt);
+                self.dead_letter(&job, &entry, UNKNOWN_FUNCTION, retry_in)
+                    .await;
                 return;
             }
         };
         let f = self.metrics.function(&inv.function_label);
         let policy = self.policy_for(&inv, &f);
-
-        if job.attempt > policy.max_attempts {
-            // Already given up once, but that give-up did not finish (the dead-letter store
-            // failed, or a worker stopped in between). Calling again would exceed the
-            // attempts allowed.
-            tracing::warn!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, max = policy.max_attempts, "Attempts already exhausted; moving the message to the dead-letter stream");
-            let entry = Entry {
-                reason: Reason::AttemptsExhausted,
-                function: Some(&inv.request.function),
-                function_label: Some(&inv.function_label),
-                attempts: job.attempt,
-                last_status: None,
-                error: "attempts exhausted (the last attempt's result was not recorded)",
-                call_id: Some(&inv.call_id),
-                original_subject: job.subject(),
-                original_sequence: job.stream_sequence,
-                payload: job.payload_bytes(),
-            };
-            let stored = self.dead_letter(&job, &entry, &f.label).await;
-            drop(slot);
-            if stored {
-                let outcome = Outcome {
-                    status: 503,
-                    headers: HeaderMap::new(),
-                    body: Bytes::new(),
-                };
-                self.send_callback(inv, &job, outcome, policy.max_attempts);
-            }
-            return;
-        }
 
         tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, bytes = inv.request.body.len(), url = %inv.url, "Invoke");
         if self.debug {
@@ -220,16 +192,19 @@ impl Worker {
             }
             Decision::GiveUp { reason } => {
                 tracing::warn!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, status = %status, reason = reason.as_str(), "Giving up; moving the message to the dead-letter stream");
+                // A delivery count past the attempts allowed means some deliveries never
+                // reached the function (a hand-back at a reconnect or drain, a lease lost
+                // with a replica, a dead-letter store that failed): the call still happened,
+                // and this is its result.
                 let error = match (&resp.error, reason) {
-                    (Some(err), GiveUpReason::AttemptsExhausted) => {
-                        format!("{} attempts failed; the last: {err}", job.attempt)
-                    }
-                    (None, GiveUpReason::AttemptsExhausted) => {
-                        format!(
-                            "{} attempts failed; the last answered {status}",
-                            job.attempt
-                        )
-                    }
+                    (Some(err), GiveUpReason::AttemptsExhausted) => format!(
+                        "gave up after {} attempts (delivery {}); the last: {err}",
+                        policy.max_attempts, job.attempt
+                    ),
+                    (None, GiveUpReason::AttemptsExhausted) => format!(
+                        "gave up after {} attempts (delivery {}); the last answered {status}",
+                        policy.max_attempts, job.attempt
+                    ),
                 };
                 let entry = Entry {
                     reason: reason.into(),
@@ -243,7 +218,11 @@ impl Worker {
                     original_sequence: job.stream_sequence,
                     payload: job.payload_bytes(),
                 };
-                self.dead_letter(&job, &entry, &f.label).await
+                // If the entry cannot be stored, the message comes back later, each time
+                // later (the function's backoff, counted from the attempts allowed).
+                let extra = job.attempt.saturating_sub(policy.max_attempts) + 1;
+                self.dead_letter(&job, &entry, &f.label, policy.base_delay(extra))
+                    .await
             }
         };
         drop(slot);
@@ -274,14 +253,32 @@ impl Worker {
     }
 
     /// Stores the message in the dead-letter stream, then terminates it. Returns whether it
-    /// was stored. When it could not be (NATS trouble), the message is handed back with a
-    /// delay and nothing is lost: the next delivery tries again.
-    async fn dead_letter(&self, job: &Job, entry: &Entry<'_>, label: &str) -> bool {
-        let stored = tokio::select! {
-            r = self.dead_letters.store(entry) => r,
-            _ = self.deadline.cancelled() => {
-                job.settle(Settle::Nak(None)).await;
-                return false;
+    /// was stored. When it could not be (NATS trouble, a full stream), the message is handed
+    /// back to be redelivered after `retry_in` (at least a second) and nothing is lost. The
+    /// lease is renewed while the store is tried, so no other replica takes the message.
+    async fn dead_letter(
+        &self,
+        job: &Job,
+        entry: &Entry<'_>,
+        label: &str,
+        retry_in: Duration,
+    ) -> bool {
+        let stored = {
+            let store = self.dead_letters.store(entry);
+            tokio::pin!(store);
+            let mut renew = tokio::time::interval_at(
+                tokio::time::Instant::now() + self.progress_interval,
+                self.progress_interval,
+            );
+            loop {
+                tokio::select! {
+                    r = &mut store => break r,
+                    _ = renew.tick() => job.progress().await,
+                    _ = self.deadline.cancelled() => {
+                        job.settle(Settle::Nak(None)).await;
+                        return false;
+                    }
+                }
             }
         };
         match stored {
@@ -292,7 +289,7 @@ impl Worker {
                 true
             }
             Err(e) => {
-                let retry_in = self.retry.initial_wait.max(Duration::from_secs(1));
+                let retry_in = retry_in.max(Duration::from_secs(1));
                 tracing::error!(seq = job.stream_sequence, reason = entry.reason.as_str(), error = %e, retry_in = retry_in.as_secs_f64(), "Cannot store the message in the dead-letter stream; keeping it queued");
                 self.metrics.dead_letter_failures.inc();
                 job.settle(Settle::Nak(Some(retry_in))).await;

@@ -2,11 +2,11 @@
 //! before the original is terminated, the worker carries on, and `dead list / replay / purge`
 //! work on what is there.
 
-use std::process::Command;
 use std::time::Duration;
 
 use queue_worker::deadletter::{Filter, Reason};
 use queue_worker::publish::{publish, Submission};
+use tokio::process::Command;
 
 use crate::support::{job, publish_raw, wait_metric, Env, Step};
 
@@ -163,10 +163,10 @@ async fn replay_brings_a_job_back_and_it_runs() {
             function: Some("recovering".into()),
             ..Default::default()
         })
-        .await
-        .unwrap();
+        .await;
+    assert!(report.error.is_none(), "{:?}", report.error);
     assert_eq!(report.replayed, 1);
-    assert!(report.not_removed.is_empty());
+    assert!(report.not_removed.is_empty() && report.skipped.is_empty());
     env.gateway.wait_callbacks(3).await;
     let cb = &env.gateway.callbacks()[2];
     assert_eq!(cb.header("x-function-status"), "200");
@@ -215,7 +215,7 @@ async fn list_filters_and_purge_by_function() {
             reason,
             limit,
         };
-        async move { dl.list(&filter).await.unwrap() }
+        async move { dl.list(&filter, false).await.unwrap() }
     };
     assert_eq!(list(Some("a"), None, None).await.len(), 3);
     assert_eq!(list(Some("a.openfaas-fn"), None, None).await.len(), 3);
@@ -278,7 +278,9 @@ async fn a_dead_letter_that_cannot_be_stored_stays_queued() {
     let stream = js.get_stream("OF_faas-request").await.unwrap();
     assert_eq!(stream.cached_info().state.messages, 1, "still queued");
 
-    // Room again: the redelivery is dead-lettered without calling the function again.
+    // Room again. The redelivery is still past the attempts allowed: it gets its call (the
+    // delivery count cannot tell a failed store from a delivery that never reached the
+    // function), fails again, and this time the give-up is stored.
     js.get_stream("OF_faas-request-dead")
         .await
         .unwrap()
@@ -286,13 +288,15 @@ async fn a_dead_letter_that_cannot_be_stored_stays_queued() {
         .await
         .unwrap();
     env.gateway.wait_callbacks(1).await;
-    assert_eq!(env.gateway.calls().len(), 1, "attempts are not exceeded");
+    assert_eq!(env.gateway.calls().len(), 2);
     let cb = &env.gateway.callbacks()[0];
+    assert_eq!(cb.header("x-function-status"), "503");
     assert_eq!(cb.header("x-retry"), "1");
     assert_eq!(cb.header("x-retry-max"), "1");
     let dead = env.wait_dead_letters(1).await;
     assert_eq!(dead[0].reason, "attempts_exhausted");
     assert_eq!(dead[0].function, "down");
+    assert_eq!(dead[0].attempts, 2, "deliveries");
     env.wait_drained(Duration::from_secs(5)).await;
     crate::support::stop(worker).await;
 }
@@ -357,14 +361,16 @@ async fn the_dead_letter_stream_follows_its_settings() {
     crate::support::stop(worker).await;
 }
 
-/// Runs the binary's `dead` subcommand against this environment's NATS.
-fn dead_cli(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
+/// Runs the binary's `dead` subcommand against this environment's NATS. Asynchronously: the
+/// worker under test runs on this same runtime and must keep going meanwhile.
+async fn dead_cli(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_queue-worker"))
         .env_clear()
         .env("nats_url", env.nats.url())
         .arg("dead")
         .args(args)
         .output()
+        .await
         .unwrap();
     (
         out.status.code(),
@@ -378,7 +384,7 @@ async fn the_dead_commands_of_the_binary() {
     let env = Env::start().await;
 
     // Before any worker ran there is no dead-letter stream: a clear error, exit 1.
-    let (code, _, err) = dead_cli(&env, &["list"]);
+    let (code, _, err) = dead_cli(&env, &["list"]).await;
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("OF_faas-request-dead does not exist"), "{err}");
 
@@ -390,7 +396,7 @@ async fn the_dead_commands_of_the_binary() {
     crate::support::submit(&config, "other", 1).await;
     env.wait_dead_letters(3).await;
 
-    let (code, out, err) = dead_cli(&env, &["list"]);
+    let (code, out, err) = dead_cli(&env, &["list"]).await;
     assert_eq!(code, Some(0), "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert!(
@@ -409,7 +415,7 @@ async fn the_dead_commands_of_the_binary() {
         );
     }
 
-    let (code, out, _) = dead_cli(&env, &["list", "--json", "--function", "down"]);
+    let (code, out, _) = dead_cli(&env, &["list", "--json", "--function", "down"]).await;
     assert_eq!(code, Some(0));
     let rows: Vec<serde_json::Value> = out
         .lines()
@@ -420,12 +426,12 @@ async fn the_dead_commands_of_the_binary() {
     assert_eq!(rows[0]["reason"], "attempts_exhausted");
     assert_eq!(rows[0]["attempts"], 1);
 
-    let (code, _, err) = dead_cli(&env, &["list", "--reason", "nope"]);
+    let (code, _, err) = dead_cli(&env, &["list", "--reason", "nope"]).await;
     assert_eq!(code, Some(2));
     assert!(err.contains("attempts_exhausted"), "{err}");
 
     env.gateway.script("other", vec![Step::status(200)]);
-    let (code, out, err) = dead_cli(&env, &["replay", "--function", "other"]);
+    let (code, out, err) = dead_cli(&env, &["replay", "--function", "other"]).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("replayed 1 message(s)"), "{out}");
     env.gateway
@@ -434,10 +440,78 @@ async fn the_dead_commands_of_the_binary() {
         })
         .await;
 
-    let (code, out, err) = dead_cli(&env, &["purge", "--function", "down"]);
+    let (code, _, err) = dead_cli(&env, &["list", "--function", "down.*"]).await;
+    assert_eq!(code, Some(2), "wildcards are refused: {err}");
+
+    // A plain replay takes the give-ups only: an undecodable message would come straight back.
+    publish_raw(&env.js().await, "faas-request", b"garbage".to_vec()).await;
+    env.wait_dead_letters(3).await;
+    let (code, out, err) = dead_cli(&env, &["replay", "--limit", "1"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("replayed 1 message(s)"), "{out}");
+    env.gateway
+        .wait_for("the second replayed call", Duration::from_secs(10), |g| {
+            g.calls().len() == 5
+        })
+        .await;
+    let left = env.wait_dead_letters(3).await;
+    assert_eq!(
+        left.iter().filter(|d| d.reason == "malformed").count(),
+        1,
+        "{left:?}"
+    );
+
+    let (code, _, err) = dead_cli(&env, &["purge"]).await;
+    assert_eq!(code, Some(2), "purging everything needs --yes");
+    assert!(err.contains("--yes"), "{err}");
+    let (code, out, err) = dead_cli(&env, &["purge", "--function", "down"]).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("purged 2 message(s)"), "{out}");
+    let (code, out, err) = dead_cli(&env, &["purge", "--yes"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("purged 1 message(s)"), "{out}");
     env.wait_dead_letters(0).await;
     env.wait_drained(Duration::from_secs(5)).await;
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn a_small_jetstream_still_gets_a_dead_letter_stream() {
+    crate::support::init_logs();
+    // JetStream may hold 64 MiB here, far below dead_letter_max_bytes' 1 GiB default.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "jetstream { max_file_store: 64MB }\n").unwrap();
+    let store = dir.path().join("js");
+    let args = vec!["-c".to_string(), conf.display().to_string()];
+    let nats = tokio::task::spawn_blocking(move || {
+        queue_worker::natsd::NatsServer::start_with(
+            &store,
+            queue_worker::natsd::free_port().unwrap(),
+            args,
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let env = Env {
+        nats,
+        gateway: crate::support::FakeGateway::start().await,
+    };
+    env.gateway.script("down", vec![Step::status(503)]);
+    let worker = env.worker(&[("max_retry_attempts", "1")]).await;
+    let info = env
+        .js()
+        .await
+        .get_stream("OF_faas-request-dead")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(info.config.max_bytes, -1, "bounded by age only");
+    assert_eq!(info.config.max_age, Duration::from_secs(7 * 24 * 3600));
+    crate::support::submit(&env.config(&[]), "down", 1).await;
+    let dead = env.wait_dead_letters(1).await;
+    assert_eq!(dead[0].function, "down");
     crate::support::stop(worker).await;
 }

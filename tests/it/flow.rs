@@ -157,12 +157,12 @@ async fn a_call_three_times_ack_wait_is_invoked_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_jobs_on_two_replicas_run_exactly_once() {
     let env = Env::start().await;
-    // Each call lasts four ack_wait periods; two replicas share the consumer.
+    // Each call lasts three and a half ack_wait periods; two replicas share the consumer.
     env.gateway.script(
         "slow",
-        vec![Step::status(200).delay(Duration::from_millis(4200))],
+        vec![Step::status(200).delay(Duration::from_millis(7000))],
     );
-    let settings = [("ack_wait", "1s"), ("max_inflight", "3")];
+    let settings = [("ack_wait", "2s"), ("max_inflight", "3")];
     let a = env.worker(&settings).await;
     let b = env.worker(&settings).await;
     let ids = crate::support::submit(&env.config(&[]), "slow", 6).await;

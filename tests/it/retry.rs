@@ -237,7 +237,7 @@ async fn an_unreachable_function_is_retried() {
     let dead = env.wait_dead_letters(1).await;
     assert_eq!(dead[0].last_status, "error");
     assert!(
-        dead[0].error.contains("2 attempts failed"),
+        dead[0].error.contains("gave up after 2 attempts"),
         "{}",
         dead[0].error
     );
@@ -286,5 +286,46 @@ async fn a_failing_callback_is_retried_but_never_reruns_the_function() {
     .await;
     assert_eq!(env.gateway.callbacks().len(), 6);
     assert_eq!(env.gateway.calls().len(), 2);
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn a_delivery_that_never_reached_the_function_still_gets_its_call() {
+    let env = Env::start().await;
+    let config = env.config(&[("max_retry_attempts", "1")]);
+    publish(&config, &job("once", &env), 1).await.unwrap();
+    // Someone takes the message from the shared consumer and hands it back unrun (as a
+    // worker does at a reconnect or a drain): its delivery count is now 1 with no call.
+    let js = env.js().await;
+    queue_worker::stream::ensure_consumer(&js, &queue_worker::stream::Layout::of(&config))
+        .await
+        .unwrap();
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream("OF_faas-request")
+        .await
+        .unwrap()
+        .get_consumer("faas-workers")
+        .await
+        .unwrap();
+    let mut batch = consumer.fetch().max_messages(1).messages().await.unwrap();
+    let msg = futures_util::StreamExt::next(&mut batch)
+        .await
+        .unwrap()
+        .unwrap();
+    msg.ack_with(async_nats::jetstream::AckKind::Nak(None))
+        .await
+        .unwrap();
+
+    let worker = env.worker(&[("max_retry_attempts", "1")]).await;
+    let cb = {
+        env.gateway.wait_callbacks(1).await;
+        env.gateway.callbacks()[0].clone()
+    };
+    assert_eq!(env.gateway.calls().len(), 1, "the one allowed call happens");
+    assert_eq!(cb.header("x-function-status"), "200");
+    assert_eq!(cb.header("x-retry"), "1");
+    assert_eq!(cb.header("x-retry-max"), "1");
+    env.wait_drained(Duration::from_secs(5)).await;
+    env.wait_dead_letters(0).await;
     crate::support::stop(worker).await;
 }

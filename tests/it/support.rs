@@ -369,7 +369,7 @@ impl Env {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             // The stream may be missing for a moment (a test deletes it; a worker makes it).
-            let records = match dl.list(&Default::default()).await {
+            let records = match dl.list(&Default::default(), true).await {
                 Ok(r) => r,
                 Err(queue_worker::deadletter::DeadLetterError::NoStream(_)) => Vec::new(),
                 Err(e) => panic!("{e}"),
