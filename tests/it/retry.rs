@@ -113,10 +113,21 @@ async fn an_internal_500_is_retried_where_a_plain_500_is_not() {
 #[tokio::test]
 async fn retry_after_replaces_the_backoff() {
     let env = Env::start().await;
+    // Delta-seconds, and an HTTP date five seconds ahead (whole seconds, so 4s to 5s from
+    // now; the first call happens well within the first second).
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(5));
+    let date: &'static str = Box::leak(date.into_boxed_str());
     env.gateway.script(
         "limited",
         vec![
             Step::status(429).header("Retry-After", "2"),
+            Step::status(200),
+        ],
+    );
+    env.gateway.script(
+        "busy",
+        vec![
+            Step::status(503).header("Retry-After", date),
             Step::status(200),
         ],
     );
@@ -126,18 +137,28 @@ async fn retry_after_replaces_the_backoff() {
     publish(&env.config(&[]), &job("limited", &env), 1)
         .await
         .unwrap();
-    env.gateway.wait_callbacks(1).await;
-    let calls = env.gateway.calls();
-    assert_eq!(calls.len(), 2);
-    let gap = calls[1].started - calls[0].finished.unwrap();
-    assert!(
-        gap >= Duration::from_secs(2),
-        "retried {gap:?} after a Retry-After of 2s"
-    );
-    assert!(
-        gap < Duration::from_millis(3500),
-        "retried only after {gap:?}"
-    );
+    publish(&env.config(&[]), &job("busy", &env), 1)
+        .await
+        .unwrap();
+    env.gateway.wait_callbacks(2).await;
+    for (function, at_least, below) in [("limited", 1900, 4500), ("busy", 2500, 6000)] {
+        let calls: Vec<_> = env
+            .gateway
+            .calls()
+            .into_iter()
+            .filter(|c| c.path == format!("/function/{function}"))
+            .collect();
+        assert_eq!(calls.len(), 2, "{function}");
+        let gap = calls[1].started - calls[0].finished.unwrap();
+        assert!(
+            gap >= Duration::from_millis(at_least),
+            "{function} retried {gap:?} after its Retry-After"
+        );
+        assert!(
+            gap < Duration::from_millis(below),
+            "{function} retried only after {gap:?}"
+        );
+    }
     crate::support::stop(worker).await;
 }
 
@@ -146,19 +167,20 @@ async fn annotations_override_attempts_and_codes() {
     let env = Env::start().await;
     env.gateway.script("teapot", vec![Step::status(418)]);
     env.gateway.script("unavailable", vec![Step::status(503)]);
+    // The worker would wait 3s before a retry; the function's annotations say 100ms.
     let worker = env
         .worker(&[
             ("max_retry_attempts", "5"),
-            ("initial_retry_wait", "100ms"),
-            ("max_retry_wait", "100ms"),
+            ("initial_retry_wait", "3s"),
+            ("max_retry_wait", "3s"),
         ])
         .await;
     let annotated = |function: &str| Submission {
         annotations: vec![
             ("com.openfaas.retry.attempts".into(), "2".into()),
             ("com.openfaas.retry.codes".into(), "418".into()),
-            ("com.openfaas.retry.min_wait".into(), "50ms".into()),
-            ("com.openfaas.retry.max_wait".into(), "50ms".into()),
+            ("com.openfaas.retry.min_wait".into(), "100ms".into()),
+            ("com.openfaas.retry.max_wait".into(), "100ms".into()),
         ],
         ..job(function, &env)
     };
@@ -173,6 +195,17 @@ async fn annotations_override_attempts_and_codes() {
     env.gateway.wait_callbacks(2).await;
     env.wait_drained(Duration::from_secs(5)).await;
     assert_eq!(env.gateway.calls_to("teapot"), 2);
+    let teapot_calls: Vec<_> = env
+        .gateway
+        .calls()
+        .into_iter()
+        .filter(|c| c.path == "/function/teapot")
+        .collect();
+    let gap = teapot_calls[1].started - teapot_calls[0].finished.unwrap();
+    assert!(
+        gap >= Duration::from_millis(100) && gap < Duration::from_millis(2500),
+        "retried after {gap:?}: min_wait/max_wait of 100ms not applied"
+    );
     assert_eq!(env.gateway.calls_to("unavailable"), 1);
     let teapot = env.gateway.callback_for("teapot");
     assert_eq!(teapot.header("x-retry"), "2");
