@@ -401,10 +401,9 @@ async fn dead(cmd: DeadCommand, config: &Config) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{}: {total} entr{} ({}), {} shown",
+                "{}: {total} entr{} ({bytes} bytes), {} shown",
                 dl.stream(),
                 if total == 1 { "y" } else { "ies" },
-                queue_worker::config::format_size(bytes),
                 records.len()
             );
             if records.is_empty() {
