@@ -197,6 +197,10 @@ pub struct DeadLetters {
     default_namespace: String,
 }
 
+/// Longest function label put in a subject. The decoder already refuses longer names; this
+/// keeps a subject far below the server's control-line limit whatever the caller passes.
+const MAX_LABEL_IN_SUBJECT: usize = 512;
+
 /// Header values cannot hold line breaks; error texts are also kept short.
 fn header_value(s: &str) -> String {
     s.chars()
@@ -261,8 +265,10 @@ impl DeadLetters {
     /// message when this fails.
     pub async fn store(&self, entry: &Entry<'_>) -> Result<(), DeadLetterError> {
         let subject = match entry.function_label {
-            Some(label) => format!("{}.{label}", self.layout.prefix),
-            None => format!("{}._unknown", self.layout.prefix),
+            Some(label) if label.len() <= MAX_LABEL_IN_SUBJECT => {
+                format!("{}.{label}", self.layout.prefix)
+            }
+            _ => format!("{}._unknown", self.layout.prefix),
         };
         let mut headers = HeaderMap::new();
         // Stored twice (the worker died between storing and terminating): the second copy
@@ -387,19 +393,32 @@ impl DeadLetters {
 
     /// Calls `each` with the entries matching `filter`, oldest first, one at a time (the
     /// stream can hold a gigabyte; nothing is collected here). Reading removes nothing.
-    async fn for_each(
+    ///
+    /// Only entries present when the walk starts are visited: a running worker may store new
+    /// ones meanwhile (a replayed message that fails again comes back at a higher sequence),
+    /// and following them would never end.
+    pub async fn for_each(
         &self,
         filter: &Filter,
         mut each: impl AsyncFnMut(Record) -> Result<(), DeadLetterError>,
     ) -> Result<(), DeadLetterError> {
-        let stream = self.stream_handle().await?;
+        let mut stream = self.stream_handle().await?;
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| DeadLetterError::Nats(format!("cannot read {}: {e}", self.layout.stream)))?
+            .state
+            .last_sequence;
         let subject = self.subject(filter.function.as_deref());
         let mut seq = 1;
         let mut matched = 0;
-        while filter.limit.is_none_or(|l| matched < l) {
+        while seq <= last && filter.limit.is_none_or(|l| matched < l) {
             let Some(msg) = self.next_entry(&stream, &subject, seq).await? else {
                 break;
             };
+            if msg.sequence > last {
+                break;
+            }
             seq = msg.sequence + 1;
             let record = to_record(msg);
             if filter
@@ -509,11 +528,19 @@ impl DeadLetters {
 
     /// Removes the entries of `function` (`fn` or `fn.ns`), or every entry. Returns how many.
     pub async fn purge(&self, function: Option<&str>) -> Result<u64, DeadLetterError> {
-        let stream = self.stream_handle().await?;
+        let mut stream = self.stream_handle().await?;
+        // Only what is there now: entries a running worker stores meanwhile stay.
+        let upto = stream
+            .info()
+            .await
+            .map_err(|e| DeadLetterError::Nats(format!("cannot read {}: {e}", self.layout.stream)))?
+            .state
+            .last_sequence
+            + 1;
         let purge = stream.purge();
         let resp = match function {
-            Some(_) => purge.filter(self.subject(function)).await,
-            None => purge.await,
+            Some(_) => purge.filter(self.subject(function)).sequence(upto).await,
+            None => purge.sequence(upto).await,
         };
         resp.map(|r| r.purged)
             .map_err(|e| DeadLetterError::Nats(format!("cannot purge {}: {e}", self.layout.stream)))

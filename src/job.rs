@@ -119,6 +119,11 @@ pub struct Invocation {
     pub callback: Option<url::Url>,
 }
 
+/// Longest `Function` accepted: a Kubernetes name and namespace (63 each) with room to spare.
+/// The name ends up in subjects (which the server limits with its control line) and in
+/// metric labels, so it must be bounded.
+pub const MAX_FUNCTION_NAME: usize = 253;
+
 /// Turns payloads into invocations for one gateway.
 #[derive(Debug, Clone)]
 pub struct Decoder {
@@ -153,14 +158,17 @@ fn decode(payload: &[u8], gateway: &str, default_ns: &str) -> Result<Invocation,
     if function.is_empty() {
         return Err(DecodeError::MissingFunction);
     }
-    if !function
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    if function.len() > MAX_FUNCTION_NAME
+        || !function
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         || function.starts_with('.')
         || function.ends_with('.')
         || function.contains("..")
     {
-        return Err(DecodeError::BadFunction(request.function.clone()));
+        // Shown in logs and headers: keep it short whatever was sent.
+        let shown: String = request.function.chars().take(80).collect();
+        return Err(DecodeError::BadFunction(shown));
     }
     let path = request.path.as_str();
     if !(path.is_empty() || path.starts_with('/'))
@@ -411,7 +419,11 @@ mod tests {
                 });
                 match decoder().decode(doc.to_string().as_bytes()) {
                     Ok(inv) => check_invariants(&inv),
-                    Err(e) => prop_assert!(!e.reason().is_empty()),
+                    Err(e) => prop_assert!(
+                        ["malformed", "missing_function", "bad_function", "bad_url"]
+                            .contains(&e.reason()),
+                        "{e}"
+                    ),
                 }
             }
         }
@@ -434,6 +446,7 @@ mod tests {
 
     #[test]
     fn decode_errors_have_reasons() {
+        let long_name = format!(r#"{{"Function":"{}"}}"#, "f".repeat(MAX_FUNCTION_NAME + 1));
         let cases = [
             ("not json", "malformed"),
             (r#"{"Function":5}"#, "malformed"),
@@ -441,6 +454,7 @@ mod tests {
             (r#"{"Function":"../etc"}"#, "bad_function"),
             (r#"{"Function":"a b"}"#, "bad_function"),
             (r#"{"Function":"a..b"}"#, "bad_function"),
+            (&long_name, "bad_function"),
             (r#"{"Function":"f","Path":"nope"}"#, "bad_url"),
             (r#"{"Function":"f","Path":"/a b"}"#, "bad_url"),
         ];

@@ -376,7 +376,9 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
 async fn dead(cmd: DeadCommand, config: &Config) -> anyhow::Result<()> {
     let metrics = queue_worker::metrics::Metrics::new(&config.queue, config.max_inflight);
     let conn = queue_worker::nats::connect(&config.nats, metrics).await?;
-    let js = async_nats::jetstream::new(conn.client.clone());
+    let mut js = async_nats::jetstream::new(conn.client.clone());
+    // Purging a large stream can take the server longer than the default 5s.
+    js.set_timeout(std::time::Duration::from_secs(60));
     let dl = DeadLetters::new(
         js,
         queue_worker::stream::DeadLetterLayout::of(config),
@@ -393,70 +395,57 @@ async fn dead(cmd: DeadCommand, config: &Config) -> anyhow::Result<()> {
             reason,
             json,
         } => {
-            let records = dl.list(&filter.filter(reason), false).await?;
-            if json {
-                for r in &records {
-                    println!("{}", serde_json::to_string(r)?);
-                }
-                return Ok(());
+            if !json {
+                println!(
+                    "{}: {total} entr{} ({bytes} bytes)",
+                    dl.stream(),
+                    if total == 1 { "y" } else { "ies" },
+                );
             }
-            println!(
-                "{}: {total} entr{} ({bytes} bytes), {} shown",
-                dl.stream(),
-                if total == 1 { "y" } else { "ies" },
-                records.len()
-            );
-            if records.is_empty() {
-                return Ok(());
-            }
-            let rows: Vec<[String; 7]> = records
-                .iter()
-                .map(|r| {
-                    let age = std::time::Duration::from_secs(r.age().as_secs());
-                    [
-                        r.sequence.to_string(),
-                        queue_worker::duration::format(age),
-                        if r.function.is_empty() {
-                            "-".into()
-                        } else {
-                            r.function.clone()
-                        },
-                        r.reason.clone(),
-                        r.attempts.to_string(),
-                        if r.last_status.is_empty() {
-                            "-".into()
-                        } else {
-                            r.last_status.clone()
-                        },
-                        if r.call_id.is_empty() {
-                            "-".into()
-                        } else {
-                            r.call_id.clone()
-                        },
-                    ]
-                })
-                .collect();
-            let head = [
-                "SEQ", "AGE", "FUNCTION", "REASON", "ATTEMPTS", "STATUS", "CALL ID",
-            ];
-            let mut widths = head.map(str::len);
-            for row in &rows {
-                for (w, cell) in widths.iter_mut().zip(row) {
-                    *w = (*w).max(cell.chars().count());
-                }
-            }
-            let line = |cells: &[&str]| {
+            // Rows are printed as they are read (the stream may hold a million entries), so
+            // the columns have fixed widths; a longer cell pushes its row to the right.
+            const WIDTHS: [usize; 7] = [6, 6, 24, 18, 8, 6, 0];
+            let line = |cells: [&str; 7]| {
                 let parts: Vec<String> = cells
                     .iter()
-                    .zip(widths)
+                    .zip(WIDTHS)
                     .map(|(c, w)| format!("{c:<w$}"))
                     .collect();
                 println!("{}", parts.join("  ").trim_end());
             };
-            line(&head);
-            for row in &rows {
-                line(&row.each_ref().map(String::as_str));
-            }
+            let dash = |s: &str| {
+                if s.is_empty() {
+                    "-".to_string()
+                } else {
+                    s.to_string()
+                }
+            };
+            let mut first = true;
+            dl.for_each(&filter.filter(reason), async |r| {
+                if json {
+                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
+                    return Ok(());
+                }
+                if std::mem::take(&mut first) {
+                    line([
+                        "SEQ", "AGE", "FUNCTION", "REASON", "ATTEMPTS", "STATUS", "CALL ID",
+                    ]);
+                }
+                let age = queue_worker::duration::format(std::time::Duration::from_secs(
+                    r.age().as_secs(),
+                ));
+                line([
+                    &r.sequence.to_string(),
+                    &age,
+                    &dash(&r.function),
+                    &r.reason,
+                    &r.attempts.to_string(),
+                    &dash(&r.last_status),
+                    &dash(&r.call_id),
+                ]);
+                Ok(())
+            })
+            .await?;
             Ok(())
         }
         DeadCommand::Replay {

@@ -330,8 +330,10 @@ pub struct DeadLetterLayout {
     pub replicas: usize,
     pub max_age: Duration,
     pub max_bytes: u64,
-    /// How long a repeated store of the same give-up is recognised: at least two `ack_wait`
-    /// periods (a lost term is redelivered after one), at least 2 minutes, at most `max_age`.
+    /// How long a repeated store of the same give-up is recognised. A lost term brings the
+    /// message back after `ack_wait`, and its call may take `upstream_timeout` before the
+    /// second store: so at least `ack_wait + upstream_timeout` (plus slack), two `ack_wait`s
+    /// and 2 minutes, at most `max_age`.
     pub duplicate_window: Duration,
 }
 
@@ -345,6 +347,7 @@ impl DeadLetterLayout {
             max_age: config.dead_letter.max_age,
             max_bytes: config.dead_letter.max_bytes,
             duplicate_window: (config.ack_wait * 2)
+                .max(config.ack_wait + config.upstream_timeout + Duration::from_secs(30))
                 .max(Duration::from_secs(120))
                 .min(config.dead_letter.max_age),
         }

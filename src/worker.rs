@@ -24,6 +24,10 @@ use crate::job::{Decoder, Invocation, Job, Settle};
 use crate::metrics::{FunctionMetrics, Metrics, UNKNOWN_FUNCTION};
 use crate::retry::{decide, Decision, GiveUpReason, RetryPolicy};
 
+/// How long a dead-letter store may go on after the drain deadline before the message is
+/// handed back (within the 5 s the drain allows tasks after its deadline).
+const DRAIN_STORE_GRACE: Duration = Duration::from_secs(2);
+
 /// Shared by every job task.
 pub struct Worker {
     pub invoker: Invoker,
@@ -275,8 +279,16 @@ impl Worker {
                     r = &mut store => break r,
                     _ = renew.tick() => job.progress().await,
                     _ = self.deadline.cancelled() => {
-                        job.settle(Settle::Nak(None)).await;
-                        return false;
+                        // The entry may already be stored: handing the message back now
+                        // would run it again elsewhere. The store is bounded; give it a
+                        // moment to say how it went.
+                        match tokio::time::timeout(DRAIN_STORE_GRACE, &mut store).await {
+                            Ok(r) => break r,
+                            Err(_) => {
+                                job.settle(Settle::Nak(None)).await;
+                                return false;
+                            }
+                        }
                     }
                 }
             }

@@ -196,6 +196,27 @@ async fn replay_brings_a_job_back_and_it_runs() {
 }
 
 #[tokio::test]
+async fn a_replay_stops_at_the_entries_that_were_there() {
+    let env = Env::start().await;
+    env.gateway.script("broken", vec![Step::status(503)]);
+    let worker = env.worker(&[("max_retry_attempts", "1")]).await;
+    crate::support::submit(&env.config(&[]), "broken", 5).await;
+    env.wait_dead_letters(5).await;
+    // Each replayed message fails again and comes back as a new entry while the replay
+    // runs; the replay must not chase them.
+    let dl = env.dead_letters().await;
+    let report = tokio::time::timeout(Duration::from_secs(20), dl.replay(&Filter::default()))
+        .await
+        .expect("the replay ends");
+    assert!(report.error.is_none(), "{:?}", report.error);
+    assert_eq!(report.replayed, 5);
+    env.wait_dead_letters(5).await;
+    env.wait_drained(Duration::from_secs(5)).await;
+    assert_eq!(env.gateway.calls_to("broken"), 10);
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
 async fn list_filters_and_purge_by_function() {
     let env = Env::start().await;
     env.gateway.script("a", vec![Step::status(500)]);

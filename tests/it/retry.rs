@@ -141,7 +141,7 @@ async fn retry_after_replaces_the_backoff() {
         .await
         .unwrap();
     env.gateway.wait_callbacks(2).await;
-    for (function, at_least, below) in [("limited", 1900, 4500), ("busy", 2500, 6000)] {
+    for (function, at_least, below) in [("limited", 1900, 4500), ("busy", 2000, 6000)] {
         let calls: Vec<_> = env
             .gateway
             .calls()
@@ -361,4 +361,64 @@ async fn a_delivery_that_never_reached_the_function_still_gets_its_call() {
     env.wait_drained(Duration::from_secs(5)).await;
     env.wait_dead_letters(0).await;
     crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn an_invalid_annotation_is_logged_once_naming_function_and_annotation() {
+    let env = Env::start().await;
+    let port = queue_worker::natsd::free_port().unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
+        .env_clear()
+        .env("nats_url", env.nats.url())
+        .env("gateway_url", env.gateway.url())
+        .env("metrics_port", port.to_string())
+        .env("log_encoding", "json")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !reqwest::get(&ready)
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(std::time::Instant::now() < deadline, "worker not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sub = Submission {
+        annotations: vec![("com.openfaas.retry.attempts".into(), "lots".into())],
+        ..job("tagged", &env)
+    };
+    publish(&env.config(&[]), &sub, 3).await.unwrap();
+    env.gateway.wait_callbacks(3).await;
+
+    let pid = child.id().unwrap().to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let warnings: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Invalid retry annotation"))
+        })
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "once per value, not per message: {warnings:?}"
+    );
+    let w = &warnings[0];
+    assert_eq!(w["level"], "WARN");
+    assert_eq!(w["function"], "tagged");
+    assert_eq!(w["annotation"], "com.openfaas.retry.attempts");
+    assert_eq!(w["value"], "lots");
 }

@@ -455,12 +455,14 @@ pub async fn stop(worker: Running) {
         .expect("the worker stops without error");
 }
 
-/// Waits until `/metrics` contains `needle` (metrics from polled state lag a little).
+/// Waits until a line of `/metrics` ends with `needle`, a sample's tail with its value
+/// (metrics from polled state lag a little).
 pub async fn wait_metric(running: &Running, needle: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let text = scrape(running).await;
-        if text.contains(needle) {
+        // Whole values only: "} 2" must not match a line ending in "} 20".
+        if text.lines().any(|l| l.ends_with(needle)) {
             return;
         }
         assert!(
