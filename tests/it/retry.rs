@@ -79,7 +79,7 @@ async fn a_400_is_final_and_called_once() {
 }
 
 #[tokio::test]
-async fn an_internal_500_is_retried_where_a_plain_500_is_not() {
+async fn internal_errors_are_retried_whatever_the_codes() {
     let env = Env::start().await;
     env.gateway.script(
         "behind-proxy",
@@ -88,25 +88,89 @@ async fn an_internal_500_is_retried_where_a_plain_500_is_not() {
             Step::status(200),
         ],
     );
+    env.gateway.script(
+        "limited",
+        vec![
+            Step::status(400).header("X-OpenFaaS-Internal", "faas-middleware"),
+            Step::status(200),
+        ],
+    );
     env.gateway
         .script("plain", vec![Step::status(500), Step::status(200)]);
-    // 500 is not a retried code here: only the header makes the first one retried.
+    // Neither 500 nor 400 is a retried code here: only the header makes a call retried.
     let worker = env
         .worker(&[("retry_http_codes", "429"), ("initial_retry_wait", "100ms")])
         .await;
-    publish(&env.config(&[]), &job("behind-proxy", &env), 1)
-        .await
-        .unwrap();
-    publish(&env.config(&[]), &job("plain", &env), 1)
-        .await
-        .unwrap();
-    env.gateway.wait_callbacks(2).await;
+    for function in ["behind-proxy", "limited", "plain"] {
+        publish(&env.config(&[]), &job(function, &env), 1)
+            .await
+            .unwrap();
+    }
+    env.gateway.wait_callbacks(3).await;
     env.wait_drained(Duration::from_secs(5)).await;
     assert_eq!(env.gateway.calls_to("behind-proxy"), 2);
+    assert_eq!(env.gateway.calls_to("limited"), 2);
     assert_eq!(env.gateway.calls_to("plain"), 1);
     let status = |tag| env.gateway.callback_for(tag).header("x-function-status");
     assert_eq!(status("behind-proxy"), "200");
+    assert_eq!(status("limited"), "200");
     assert_eq!(status("plain"), "500");
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn a_timed_out_call_is_retried() {
+    let env = Env::start().await;
+    env.gateway.script(
+        "stuck",
+        vec![
+            Step::status(200).delay(Duration::from_secs(2)),
+            Step::status(200).body("fast now"),
+        ],
+    );
+    let worker = env
+        .worker(&[
+            ("upstream_timeout", "300ms"),
+            ("initial_retry_wait", "100ms"),
+        ])
+        .await;
+    publish(&env.config(&[]), &job("stuck", &env), 1)
+        .await
+        .unwrap();
+    env.gateway.wait_callbacks(1).await;
+    assert_eq!(env.gateway.calls_to("stuck"), 2);
+    let cb = env.gateway.callback_for("stuck");
+    assert_eq!(cb.header("x-function-status"), "200");
+    assert_eq!(cb.header("x-retry"), "2");
+    assert_eq!(&cb.body[..], b"fast now");
+    wait_metric(&worker, r#"queue_worker_invocations_total{function_name="stuck.openfaas-fn",queue_name="faas-request",status="timeout"} 1"#).await;
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn retry_after_is_capped_at_the_maximum_wait() {
+    let env = Env::start().await;
+    env.gateway.script(
+        "patient",
+        vec![
+            Step::status(503).header("Retry-After", "3600"),
+            Step::status(200),
+        ],
+    );
+    let worker = env
+        .worker(&[("initial_retry_wait", "100ms"), ("max_retry_wait", "1s")])
+        .await;
+    publish(&env.config(&[]), &job("patient", &env), 1)
+        .await
+        .unwrap();
+    env.gateway.wait_callbacks(1).await;
+    let calls = env.gateway.calls();
+    assert_eq!(calls.len(), 2);
+    let gap = calls[1].started - calls[0].finished.unwrap();
+    assert!(
+        gap >= Duration::from_millis(1000) && gap < Duration::from_millis(3000),
+        "an hour's Retry-After is capped at max_retry_wait (1s): retried after {gap:?}"
+    );
     crate::support::stop(worker).await;
 }
 
