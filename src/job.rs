@@ -80,7 +80,8 @@ impl Job {
     }
 }
 
-/// Why a message cannot be run. Each becomes a `reason` label, so the set is closed.
+/// Why a message cannot be run. Each becomes a `reason` label (see
+/// [`crate::deadletter::Reason`]), so the set is closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("message of {size} bytes is larger than max_message_bytes ({max})")]
@@ -96,14 +97,9 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// The dead-letter reason and metric label (one mapping: `From` in [`crate::deadletter::Reason`]).
     pub fn reason(&self) -> &'static str {
-        match self {
-            DecodeError::TooLarge { .. } => "too_large",
-            DecodeError::Malformed(_) => "malformed",
-            DecodeError::MissingFunction => "missing_function",
-            DecodeError::BadFunction(_) => "bad_function",
-            DecodeError::BadUrl(_) => "bad_url",
-        }
+        crate::deadletter::Reason::from(self).as_str()
     }
 }
 
