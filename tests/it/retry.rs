@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use queue_worker::publish::{publish, Submission};
 
-use crate::support::{job, wait_metric, Env, Step};
+use crate::support::{assert_gap, job, wait_metric, Env, Step};
 
 #[tokio::test]
 async fn a_503_503_200_sequence_waits_the_backoff_between_calls() {
@@ -35,19 +35,9 @@ async fn a_503_503_200_sequence_waits_the_backoff_between_calls() {
     let calls = env.gateway.calls();
     assert_eq!(calls.len(), 3);
     // Exponential: 400ms after the first 503, 800ms after the second.
-    for (i, want) in [(1, 400), (2, 800)] {
-        let gap = calls[i].started - calls[i - 1].finished.unwrap();
-        assert!(
-            gap >= Duration::from_millis(want),
-            "call {} came {gap:?} after the previous one, before the {want}ms backoff",
-            i + 1
-        );
-        assert!(
-            gap < Duration::from_millis(want + 1500),
-            "call {} took {gap:?}",
-            i + 1
-        );
-    }
+    let gaps = env.gateway.retry_gaps("flaky");
+    assert_gap(gaps[0], 400, 1900, "first retry");
+    assert_gap(gaps[1], 800, 2300, "second retry");
     assert!(calls.iter().all(|c| c.call_id() == calls[0].call_id()));
     let cb = &env.gateway.callbacks()[0];
     assert_eq!(cb.header("x-function-status"), "200");
@@ -164,13 +154,9 @@ async fn retry_after_is_capped_at_the_maximum_wait() {
         .await
         .unwrap();
     env.gateway.wait_callbacks(1).await;
-    let calls = env.gateway.calls();
-    assert_eq!(calls.len(), 2);
-    let gap = calls[1].started - calls[0].finished.unwrap();
-    assert!(
-        gap >= Duration::from_millis(1000) && gap < Duration::from_millis(3000),
-        "an hour's Retry-After is capped at max_retry_wait (1s): retried after {gap:?}"
-    );
+    let gaps = env.gateway.retry_gaps("patient");
+    assert_eq!(gaps.len(), 1);
+    assert_gap(gaps[0], 1000, 3000, "an hour's Retry-After capped at 1s");
     crate::support::stop(worker).await;
 }
 
@@ -206,22 +192,9 @@ async fn retry_after_replaces_the_backoff() {
         .unwrap();
     env.gateway.wait_callbacks(2).await;
     for (function, at_least, below) in [("limited", 1900, 4500), ("busy", 2000, 6000)] {
-        let calls: Vec<_> = env
-            .gateway
-            .calls()
-            .into_iter()
-            .filter(|c| c.path == format!("/function/{function}"))
-            .collect();
-        assert_eq!(calls.len(), 2, "{function}");
-        let gap = calls[1].started - calls[0].finished.unwrap();
-        assert!(
-            gap >= Duration::from_millis(at_least),
-            "{function} retried {gap:?} after its Retry-After"
-        );
-        assert!(
-            gap < Duration::from_millis(below),
-            "{function} retried only after {gap:?}"
-        );
+        let gaps = env.gateway.retry_gaps(function);
+        assert_eq!(gaps.len(), 1, "{function}");
+        assert_gap(gaps[0], at_least, below, function);
     }
     crate::support::stop(worker).await;
 }
@@ -259,17 +232,8 @@ async fn annotations_override_attempts_and_codes() {
     env.gateway.wait_callbacks(2).await;
     env.wait_drained(Duration::from_secs(5)).await;
     assert_eq!(env.gateway.calls_to("teapot"), 2);
-    let teapot_calls: Vec<_> = env
-        .gateway
-        .calls()
-        .into_iter()
-        .filter(|c| c.path == "/function/teapot")
-        .collect();
-    let gap = teapot_calls[1].started - teapot_calls[0].finished.unwrap();
-    assert!(
-        gap >= Duration::from_millis(100) && gap < Duration::from_millis(2500),
-        "retried after {gap:?}: min_wait/max_wait of 100ms not applied"
-    );
+    // 100ms from the annotations, not the worker's 3s.
+    assert_gap(env.gateway.retry_gaps("teapot")[0], 100, 2500, "teapot");
     assert_eq!(env.gateway.calls_to("unavailable"), 1);
     let teapot = env.gateway.callback_for("teapot");
     assert_eq!(teapot.header("x-retry"), "2");

@@ -172,6 +172,21 @@ impl FakeGateway {
             .count()
     }
 
+    /// For each retry of `/function/<name>`: the time from the end of the previous call to
+    /// the start of this one (the backoff as the function saw it).
+    pub fn retry_gaps(&self, name: &str) -> Vec<Duration> {
+        let path = format!("/function/{name}");
+        let calls: Vec<Recorded> = self
+            .calls()
+            .into_iter()
+            .filter(|c| c.path == path)
+            .collect();
+        calls
+            .windows(2)
+            .map(|w| w[1].started - w[0].finished.expect("the earlier call finished"))
+            .collect()
+    }
+
     /// The first callback posted to [`FakeGateway::callback_url`]`(tag)`.
     pub fn callback_for(&self, tag: &str) -> Recorded {
         let path = format!("/callback/{tag}");
@@ -453,6 +468,14 @@ pub async fn stop(worker: Running) {
         .await
         .expect("the worker stops within 30s")
         .expect("the worker stops without error");
+}
+
+/// Asserts `min_ms <= gap < below_ms`.
+pub fn assert_gap(gap: Duration, min_ms: u64, below_ms: u64, what: &str) {
+    assert!(
+        gap >= Duration::from_millis(min_ms) && gap < Duration::from_millis(below_ms),
+        "{what}: retried after {gap:?}, expected {min_ms}ms to {below_ms}ms"
+    );
 }
 
 /// Waits until a line of `/metrics` ends with `needle`, a sample's tail with its value
