@@ -359,11 +359,9 @@ impl DeadLetters {
 
     /// How many entries the stream holds, and their bytes.
     pub async fn totals(&self) -> Result<(u64, u64), DeadLetterError> {
-        let mut stream = self.stream_handle().await?;
-        let info = stream.info().await.map_err(|e| {
-            DeadLetterError::Nats(format!("cannot read {}: {e}", self.layout.stream))
-        })?;
-        Ok((info.state.messages, info.state.bytes))
+        let stream = self.stream_handle().await?;
+        let state = &stream.cached_info().state;
+        Ok((state.messages, state.bytes))
     }
 
     /// The next entry at or after `seq` on `subject`; `None` past the last.
@@ -402,13 +400,9 @@ impl DeadLetters {
         filter: &Filter,
         mut each: impl AsyncFnMut(Record) -> Result<(), DeadLetterError>,
     ) -> Result<(), DeadLetterError> {
-        let mut stream = self.stream_handle().await?;
-        let last = stream
-            .info()
-            .await
-            .map_err(|e| DeadLetterError::Nats(format!("cannot read {}: {e}", self.layout.stream)))?
-            .state
-            .last_sequence;
+        // The info fetched with the handle is as of now: where this walk ends.
+        let stream = self.stream_handle().await?;
+        let last = stream.cached_info().state.last_sequence;
         let subject = self.subject(filter.function.as_deref());
         let mut seq = 1;
         let mut matched = 0;
@@ -528,15 +522,9 @@ impl DeadLetters {
 
     /// Removes the entries of `function` (`fn` or `fn.ns`), or every entry. Returns how many.
     pub async fn purge(&self, function: Option<&str>) -> Result<u64, DeadLetterError> {
-        let mut stream = self.stream_handle().await?;
+        let stream = self.stream_handle().await?;
         // Only what is there now: entries a running worker stores meanwhile stay.
-        let upto = stream
-            .info()
-            .await
-            .map_err(|e| DeadLetterError::Nats(format!("cannot read {}: {e}", self.layout.stream)))?
-            .state
-            .last_sequence
-            + 1;
+        let upto = stream.cached_info().state.last_sequence + 1;
         let purge = stream.purge();
         let resp = match function {
             Some(_) => purge.filter(self.subject(function)).sequence(upto).await,
