@@ -535,8 +535,9 @@ impl DeadLetters {
     }
 }
 
-/// Dot-separated tokens of letters, digits, `-` and `_`: safe to append to a subject.
-fn is_subject_tail(s: &str) -> bool {
+/// Dot-separated tokens of letters, digits, `-` and `_`: safe to append to a subject, and
+/// the form of a function name (`fn` or `fn.namespace`) the commands accept.
+pub fn is_subject_tail(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|t| {
             !t.is_empty()

@@ -167,13 +167,7 @@ impl DeadFilter {
 
 /// A function name as the gateway accepts it; wildcards would widen a subject filter.
 fn parse_function(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.split('.').all(|t| {
-            !t.is_empty()
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    if ok {
+    if queue_worker::deadletter::is_subject_tail(s) {
         Ok(s.to_string())
     } else {
         Err("expected a function name `fn` or `fn.namespace` (letters, digits, '-', '_')".into())
