@@ -67,10 +67,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let shutdown = CancellationToken::new();
     let server_stop = CancellationToken::new();
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.metrics_port));
-    let (metrics_addr, server) =
-        server::serve(addr, metrics.clone(), health.clone(), server_stop.clone())
-            .await
-            .with_context(|| format!("cannot listen on metrics_port {}", config.metrics_port))?;
+    let (metrics_addr, server) = server::serve(
+        addr,
+        metrics.registry().clone(),
+        health.clone(),
+        server_stop.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on metrics_port {}", config.metrics_port))?;
     tracing::info!(port = metrics_addr.port(), "Starting metrics server");
 
     let task = tokio::spawn(run(
@@ -119,7 +123,7 @@ async fn work(
         ackWait = ?config.ack_wait,
         "Starting queue-worker"
     );
-    let conn = crate::nats::connect(&config.nats, metrics.clone()).await?;
+    let conn = crate::nats::connect(&config.nats, metrics.reconnects.clone()).await?;
     let client = conn.client.clone();
     let _ = health.nats.set(client.clone());
     let js = async_nats::jetstream::new(client.clone());

@@ -73,6 +73,11 @@ keys! {
     "metrics_port" = "8081": "Port of /metrics, /healthz and /readyz.",
     "drain_timeout" = "25s": "On SIGTERM, how long in-flight calls may run before their messages are handed back.",
     "stream_poll_interval" = "5s": "How often stream and consumer state is read for metrics and readiness.",
+    "frontdoor_listen" = "0.0.0.0:8080": "Address of the front door (queue-worker frontdoor): POST /async-function/<name>.",
+    "frontdoor_max_body" = "1MiB": "Largest request body the front door queues (413 above it); lowered to what fits the NATS server's max_payload.",
+    "frontdoor_queues" = "": "Queue per function for the front door, as fn=queue pairs (fn or fn.namespace), comma separated; others use queue_name.",
+    "frontdoor_check_function" = "false": "Front door: look each function up at <gateway_url>/system/function/<name> (404 when unknown; its com.openfaas.queue and retry annotations apply).",
+    "secret_mount_path" = "": "Directory holding basic-auth-user and basic-auth-password for the gateway's /system API (OpenFaaS's basic-auth secret).",
     "debug" = "false": "Log at debug level (includes bodies).",
     "log_encoding" = "console": "console or json.",
 }
@@ -336,6 +341,10 @@ pub fn format_size(n: u64) -> String {
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -393,6 +402,31 @@ pub struct DeadLetterConfig {
     pub max_bytes: u64,
 }
 
+/// Settings of the front door (`queue-worker frontdoor`), which publishes HTTP requests to
+/// the queue as the OpenFaaS gateway does.
+#[derive(Debug, Clone)]
+pub struct FrontDoorConfig {
+    pub listen: std::net::SocketAddr,
+    /// Largest body accepted before the server's `max_payload` is taken into account.
+    pub max_body: u64,
+    /// Queue of a function, keyed by `fn.ns` (names without a namespace in the setting are
+    /// qualified with `default_function_name`).
+    pub queues: BTreeMap<String, String>,
+    /// Ask the gateway whether a function exists before queueing it.
+    pub check_function: bool,
+    /// Basic auth for the gateway's `/system` API, from `secret_mount_path`.
+    pub gateway_auth: Option<(String, Secret)>,
+}
+
+/// A queue name as OpenFaaS allows it: letters, digits, `-` and `_` (it becomes a subject
+/// token and part of the stream name `OF_<queue>`).
+pub fn is_queue_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 200
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// Callback delivery settings. Callbacks are best effort with bounded retries; they never
 /// change the fate of the message.
 #[derive(Debug, Clone)]
@@ -435,6 +469,7 @@ pub struct Config {
     pub dead_letter: DeadLetterConfig,
     pub default_namespace: String,
     pub callback: CallbackConfig,
+    pub frontdoor: FrontDoorConfig,
     pub metrics_port: u16,
     pub drain_timeout: Duration,
     pub stream_poll_interval: Duration,
@@ -461,6 +496,7 @@ impl fmt::Debug for Config {
             .field("dead_letter", &self.dead_letter)
             .field("default_namespace", &self.default_namespace)
             .field("callback", &self.callback)
+            .field("frontdoor", &self.frontdoor)
             .field("metrics_port", &self.metrics_port)
             .field("drain_timeout", &self.drain_timeout)
             .field("stream_poll_interval", &self.stream_poll_interval)
@@ -515,11 +551,7 @@ impl Config {
         } else {
             "queue_name"
         };
-        if queue.is_empty()
-            || !queue
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if !is_queue_name(&queue) {
             return Err(r.invalid(
                 queue_key,
                 "a queue name of letters, digits, '-' and '_' (it becomes the subject and the stream OF_<queue>)",
@@ -634,6 +666,8 @@ impl Config {
             tls_insecure: r.boolean("tls_insecure")?,
         };
 
+        let frontdoor = r.frontdoor(&default_namespace)?;
+
         let metrics_port = r.number("metrics_port", 0, 65535)? as u16;
         let drain_timeout = r.duration("drain_timeout", Duration::ZERO, None)?;
         let stream_poll_interval =
@@ -660,6 +694,7 @@ impl Config {
             dead_letter,
             default_namespace,
             callback,
+            frontdoor,
             metrics_port,
             drain_timeout,
             stream_poll_interval,
@@ -770,6 +805,70 @@ impl Reader<'_> {
                 key,
                 "a comma-separated list of HTTP status codes (100-599), e.g. 429,502,503",
             )
+        })
+    }
+
+    fn frontdoor(&self, default_namespace: &str) -> Result<FrontDoorConfig, ConfigError> {
+        let listen = self
+            .string("frontdoor_listen")
+            .0
+            .trim()
+            .parse()
+            .map_err(|_| self.invalid("frontdoor_listen", "an address like 0.0.0.0:8080"))?;
+        let max_body = self.size("frontdoor_max_body", 1, 1 << 30)?;
+        let mut queues = BTreeMap::new();
+        for pair in self
+            .string("frontdoor_queues")
+            .0
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let bad = || {
+                self.invalid(
+                    "frontdoor_queues",
+                    &format!("fn=queue pairs separated by commas, such as sleep=slow,env.team-a=fast (\"{pair}\" is not one)"),
+                )
+            };
+            let (function, queue) = pair.split_once('=').ok_or_else(bad)?;
+            let (function, queue) = (function.trim(), queue.trim());
+            let qualified = match function.split_once('.') {
+                Some(_) => function.to_string(),
+                None => format!("{function}.{default_namespace}"),
+            };
+            let valid_fn =
+                qualified.split('.').count() == 2 && qualified.split('.').all(is_queue_name);
+            if !valid_fn || !is_queue_name(queue) {
+                return Err(bad());
+            }
+            queues.insert(qualified, queue.to_string());
+        }
+        let check_function = self.boolean("frontdoor_check_function")?;
+        let gateway_auth = match self.optional_path("secret_mount_path") {
+            None => None,
+            Some(dir) => {
+                let read = |name: &str| {
+                    let path = dir.join(name);
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| ConfigError::File {
+                            key: "secret_mount_path".into(),
+                            path: path.clone(),
+                            reason: e.to_string(),
+                        })
+                        .map(|t| t.trim().to_string())
+                };
+                Some((
+                    read("basic-auth-user")?,
+                    Secret(read("basic-auth-password")?),
+                ))
+            }
+        };
+        Ok(FrontDoorConfig {
+            listen,
+            max_body,
+            queues,
+            check_function,
+            gateway_auth,
         })
     }
 

@@ -18,15 +18,19 @@
 //! - [`deadletter`]: the dead-letter stream `OF_<queue>-dead` and its operator commands.
 //! - [`metrics`], [`server`]: Prometheus metrics and health endpoints.
 //! - [`request`]: the `QueueRequest` wire format. [`publish`]: writing it.
+//! - [`frontdoor`]: `POST /async-function/<name>` publishes to the queue as the gateway does.
+//! - [`cli`]: operator commands (`queue status/purge`, `dead list/replay/purge`).
 //! - [`natsd`], [`sample`], [`demo`]: a local nats-server, a sample gateway, the demo.
 
 pub mod app;
 pub mod callback;
+pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod deadletter;
 pub mod demo;
 pub mod duration;
+pub mod frontdoor;
 pub mod invoke;
 pub mod job;
 pub mod logging;

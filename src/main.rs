@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use queue_worker::cli::{self, CliError};
 use queue_worker::config::{Config, ConfigError, LogEncoding, Sources};
-use queue_worker::deadletter::{DeadLetters, Filter, Reason};
+use queue_worker::deadletter::{Filter, Reason};
+use queue_worker::nats::ConnectError;
 
 #[derive(Parser)]
 #[command(
@@ -94,18 +96,45 @@ enum Command {
     Publish(PublishArgs),
     /// Run a sample gateway: /function/<name> sleeps and echoes, /callback counts.
     SampleFunction(SampleArgs),
-    /// Run a self-contained demo: nats-server, sample function, worker, a burst of jobs.
-    Demo {
-        #[arg(long, default_value_t = 40)]
-        jobs: usize,
-        #[arg(long = "inflight", default_value_t = 8)]
-        inflight: usize,
-    },
+    /// Run a self-contained demo: nats-server, sample `sleep` function, worker, front door,
+    /// a burst of jobs with live progress.
+    Demo(DemoArgs),
     /// Validate the configuration and print the effective settings (secrets hidden).
     CheckConfig,
     /// Inspect, replay or purge the dead-letter stream OF_<queue>-dead.
     #[command(subcommand)]
     Dead(DeadCommand),
+    /// Inspect or purge the work queue OF_<queue> while workers run.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Run the async front door: POST /async-function/<name> queues a call and answers 202.
+    Frontdoor {
+        /// Address to listen on [default: frontdoor_listen, 0.0.0.0:8080].
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Messages and bytes, depth per function, consumers, oldest message age.
+    Status {
+        /// Print one JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove queued jobs now, with no restart: those of one function, or all (with --yes).
+    Purge {
+        /// Only this function (`fn` or `fn.namespace`).
+        #[arg(long, value_parser = parse_function)]
+        function: Option<String>,
+        /// Confirm removing every queued job when no --function is given.
+        #[arg(long)]
+        yes: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -213,6 +242,25 @@ struct PublishArgs {
 }
 
 #[derive(Args)]
+struct DemoArgs {
+    /// Jobs in the burst.
+    #[arg(long, default_value_t = 200)]
+    jobs: usize,
+    /// The worker's max_inflight.
+    #[arg(long = "inflight", default_value_t = 16)]
+    inflight: usize,
+    /// The sample function's own limit; calls above it get 429 and are retried.
+    #[arg(long, default_value_t = 10)]
+    function_inflight: u64,
+    /// Front door address (try `hey -m POST -n 500 -c 4 http://ADDR/async-function/sleep`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// Keep everything running after the burst, until Ctrl-C.
+    #[arg(long)]
+    stay: bool,
+}
+
+#[derive(Args)]
 struct SampleArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: std::net::SocketAddr,
@@ -223,6 +271,9 @@ struct SampleArgs {
     /// Answer 503 to the first try of one call in N (0: never).
     #[arg(long, default_value_t = 0)]
     fail_every: u64,
+    /// Answer 429 when more calls than this run at once, like the watchdog (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    max_inflight: u64,
 }
 
 fn main() -> ExitCode {
@@ -238,7 +289,10 @@ fn main() -> ExitCode {
         .as_ref()
         .map(|c| (c.log_encoding, c.debug))
         .unwrap_or((LogEncoding::Console, false));
-    let quiet = matches!(cli.command, Some(Command::Demo { .. }));
+    let quiet = matches!(
+        cli.command,
+        Some(Command::Demo(_) | Command::Queue(_) | Command::Dead(_))
+    );
     queue_worker::logging::init(encoding, debug, quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -253,9 +307,13 @@ fn main() -> ExitCode {
     let result = runtime.block_on(run(cli.command, config));
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.is::<UsageError>() => {
+        Err(e) if e.is::<CliError>() || e.is::<ConnectError>() => {
+            let e = match e.downcast::<ConnectError>() {
+                Ok(c) => CliError::from(c),
+                Err(e) => e.downcast::<CliError>().expect("checked above"),
+            };
             eprintln!("queue-worker: {e}");
-            ExitCode::from(2)
+            ExitCode::from(e.exit_code())
         }
         Err(e) => {
             tracing::error!("{e:#}");
@@ -264,11 +322,6 @@ fn main() -> ExitCode {
         }
     }
 }
-
-/// A command used in a way that needs correcting (exit code 2, like a bad flag).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct UsageError(String);
 
 /// Loads the configuration; `Ok(None)` is never returned today but keeps room for commands
 /// that need none.
@@ -348,6 +401,8 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
                     min_delay: std::time::Duration::from_millis(args.min_ms),
                     max_delay: std::time::Duration::from_millis(args.max_ms.max(args.min_ms)),
                     fail_every: args.fail_every,
+                    max_inflight: args.max_inflight,
+                    functions: Vec::new(),
                 },
                 stop.clone(),
             )
@@ -357,32 +412,43 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
             stop.cancel();
             Ok(())
         }
-        Command::Demo { jobs, inflight } => queue_worker::demo::run(jobs, inflight.max(1)).await,
+        Command::Demo(a) => {
+            queue_worker::demo::run(queue_worker::demo::DemoOptions {
+                jobs: a.jobs,
+                max_inflight: a.inflight.max(1),
+                function_inflight: a.function_inflight,
+                listen: a.listen,
+                stay: a.stay,
+            })
+            .await
+        }
         Command::CheckConfig => {
             println!("{config:#?}");
             Ok(())
         }
-        Command::Dead(cmd) => dead(cmd, &config).await,
+        Command::Dead(cmd) => Ok(dead(cmd, &config).await?),
+        Command::Queue(cmd) => Ok(queue(cmd, &config).await?),
+        Command::Frontdoor { listen } => {
+            let mut config = config;
+            if let Some(addr) = listen {
+                config.frontdoor.listen = addr;
+            }
+            let door = queue_worker::frontdoor::start(config).await?;
+            tokio::select! {
+                _ = shutdown_signal() => {
+                    tracing::info!("Signal received, shutting down");
+                    door.shutdown();
+                }
+                _ = door.stopped() => {}
+            }
+            door.wait().await
+        }
     }
 }
 
-/// The `dead` subcommands. NATS must answer within 15s; a missing stream is an error.
-async fn dead(cmd: DeadCommand, config: &Config) -> anyhow::Result<()> {
-    let metrics = queue_worker::metrics::Metrics::new(&config.queue, config.max_inflight);
-    let conn = queue_worker::nats::connect(&config.nats, metrics).await?;
-    let mut js = async_nats::jetstream::new(conn.client.clone());
-    // Purging a large stream can take the server longer than the default 5s.
-    js.set_timeout(std::time::Duration::from_secs(60));
-    let dl = DeadLetters::new(
-        js,
-        queue_worker::stream::DeadLetterLayout::of(config),
-        &config.queue,
-        &config.stream_name(),
-        &config.default_namespace,
-    );
-    let (total, bytes) = tokio::time::timeout(std::time::Duration::from_secs(15), dl.totals())
-        .await
-        .map_err(|_| anyhow::anyhow!("NATS did not answer within 15s"))??;
+/// The `dead` subcommands.
+async fn dead(cmd: DeadCommand, config: &Config) -> Result<(), CliError> {
+    let (dl, total, bytes) = cli::dead::open(config).await?;
     match cmd {
         DeadCommand::List {
             filter,
@@ -391,104 +457,70 @@ async fn dead(cmd: DeadCommand, config: &Config) -> anyhow::Result<()> {
         } => {
             if !json {
                 println!(
-                    "{}: {total} entr{} ({bytes} bytes)",
+                    "{}: {} ({bytes} bytes)",
                     dl.stream(),
-                    if total == 1 { "y" } else { "ies" },
+                    if total == 1 {
+                        "1 entry".to_string()
+                    } else {
+                        format!("{total} entries")
+                    }
                 );
             }
-            // Rows are printed as they are read (the stream may hold a million entries), so
-            // the columns have fixed widths; a longer cell pushes its row to the right.
-            const WIDTHS: [usize; 7] = [6, 6, 24, 18, 8, 6, 0];
-            let line = |cells: [&str; 7]| {
-                let parts: Vec<String> = cells
-                    .iter()
-                    .zip(WIDTHS)
-                    .map(|(c, w)| format!("{c:<w$}"))
-                    .collect();
-                println!("{}", parts.join("  ").trim_end());
-            };
-            let dash = |s: &str| {
-                if s.is_empty() {
-                    "-".to_string()
-                } else {
-                    s.to_string()
-                }
-            };
-            let mut first = true;
-            dl.for_each(&filter.filter(reason), async |r| {
-                if json {
-                    println!("{}", serde_json::to_string(&r).unwrap_or_default());
-                    return Ok(());
-                }
-                if std::mem::take(&mut first) {
-                    line([
-                        "SEQ", "AGE", "FUNCTION", "REASON", "ATTEMPTS", "STATUS", "CALL ID",
-                    ]);
-                }
-                let age = queue_worker::duration::format(std::time::Duration::from_secs(
-                    r.age().as_secs(),
-                ));
-                line([
-                    &r.sequence.to_string(),
-                    &age,
-                    &dash(&r.function),
-                    &r.reason,
-                    &r.attempts.to_string(),
-                    &dash(&r.last_status),
-                    &dash(&r.call_id),
-                ]);
-                Ok(())
-            })
-            .await?;
-            Ok(())
+            cli::dead::list(&dl, &filter.filter(reason), json).await
         }
         DeadCommand::Replay {
             filter,
             reason,
             any_reason,
         } => {
-            let reason = match (reason, any_reason) {
-                (Some(r), _) => Some(r),
-                (None, true) => None,
-                (None, false) => Some(Reason::AttemptsExhausted),
-            };
-            let report = dl.replay(&filter.filter(reason)).await;
-            println!(
-                "replayed {} message(s) from {} to {}",
-                report.replayed,
-                dl.stream(),
-                config.stream_name()
-            );
-            if !report.skipped.is_empty() {
+            let reason = cli::dead::replay_reason(reason, any_reason);
+            cli::dead::replay(&dl, &filter.filter(reason), &config.stream_name()).await
+        }
+        DeadCommand::Purge { function, yes } => {
+            cli::dead::purge(&dl, total, function.as_deref(), yes).await
+        }
+    }
+}
+
+/// The `queue` subcommands.
+async fn queue(cmd: QueueCommand, config: &Config) -> Result<(), CliError> {
+    let js = cli::jetstream(&config.nats).await?;
+    match cmd {
+        QueueCommand::Status { json } => {
+            let status = cli::queue::status(&js, config).await?;
+            if json {
                 println!(
-                    "skipped {} entr{} stored without their payload (sequences {:?}); nothing to replay",
-                    report.skipped.len(),
-                    if report.skipped.len() == 1 { "y" } else { "ies" },
-                    report.skipped
+                    "{}",
+                    serde_json::to_string_pretty(&status).unwrap_or_default()
                 );
-            }
-            if let Some(e) = report.error {
-                anyhow::bail!("replay stopped after {} message(s): {e}", report.replayed);
-            }
-            if !report.not_removed.is_empty() {
-                anyhow::bail!(
-                    "replayed but could not remove from {}: sequences {:?}",
-                    dl.stream(),
-                    report.not_removed
-                );
+            } else {
+                cli::queue::print_status(&status);
             }
             Ok(())
         }
-        DeadCommand::Purge { function, yes } => {
+        QueueCommand::Purge {
+            function,
+            yes,
+            json,
+        } => {
             if function.is_none() && !yes {
-                return Err(UsageError(format!(
-                    "this removes all {total} entries of {}; add --yes to confirm, or --function F",
-                    dl.stream()
-                ))
-                .into());
+                let status = cli::queue::status(&js, config).await?;
+                return Err(CliError::Usage(format!(
+                    "this removes all {} queued in {}; add --yes to confirm, or --function F",
+                    if status.messages == 1 {
+                        "1 message".to_string()
+                    } else {
+                        format!("{} messages", status.messages)
+                    },
+                    status.stream
+                )));
             }
-            let purged = dl.purge(function.as_deref()).await?;
-            println!("purged {purged} message(s) from {}", dl.stream());
+            let purged = cli::queue::purge(&js, config, function.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string(&purged).unwrap_or_default());
+            } else {
+                cli::queue::print_purged(&purged);
+            }
             Ok(())
         }
     }

@@ -38,6 +38,10 @@ pub const NAMES: &[&str] = &[
     "queue_worker_invalid_annotations_total",
     "queue_worker_callbacks_total",
     "queue_worker_max_inflight",
+    "queue_worker_frontdoor_accepted_total",
+    "queue_worker_frontdoor_duplicates_total",
+    "queue_worker_frontdoor_rejected_total",
+    "queue_worker_frontdoor_publish_seconds",
 ];
 
 /// Handles resolved once per function, so the hot path does not hash label sets.
@@ -272,13 +276,145 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .expect("text encoding to a Vec cannot fail");
-        String::from_utf8(buf).unwrap_or_default()
+        render(&self.registry)
+    }
+
+    /// The registry `/metrics` serves.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
+
+/// The Prometheus text exposition of a registry.
+pub fn render(registry: &Registry) -> String {
+    let mut buf = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut buf)
+        .expect("text encoding to a Vec cannot fail");
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// The front door's metrics (`queue-worker frontdoor`), in a registry of their own: a front
+/// door must not export the worker's series (the autoscaler would average a zero
+/// `queue_worker_pending_messages` from it into the real one).
+pub struct FrontDoorMetrics {
+    registry: Registry,
+    accepted: CounterVec,
+    duplicates: CounterVec,
+    rejected: CounterVec,
+    publish_seconds: HistogramVec,
+    pub reconnects: Counter,
+    functions: Mutex<std::collections::HashSet<String>>,
+}
+
+impl FrontDoorMetrics {
+    pub fn new() -> Arc<FrontDoorMetrics> {
+        let registry = Registry::new();
+        let accepted = CounterVec::new(
+            Opts::new(
+                "queue_worker_frontdoor_accepted_total",
+                "Requests the front door queued and answered 202 (JetStream stored them).",
+            ),
+            &["queue_name", "function_name"],
+        )
+        .unwrap();
+        let duplicates = CounterVec::new(
+            Opts::new(
+                "queue_worker_frontdoor_duplicates_total",
+                "Accepted requests whose X-Call-Id was already queued within the duplicate window (stored once).",
+            ),
+            &["queue_name"],
+        )
+        .unwrap();
+        let rejected = CounterVec::new(
+            Opts::new(
+                "queue_worker_frontdoor_rejected_total",
+                "Requests the front door refused, by reason: bad_request, too_large, unknown_function, lookup_failed, unavailable.",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let publish_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "queue_worker_frontdoor_publish_seconds",
+                "Time from publishing a request to JetStream's acknowledgement.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+            &["queue_name"],
+        )
+        .unwrap();
+        let reconnects = Counter::new(
+            "queue_worker_nats_reconnect_total",
+            "Times the NATS connection was re-established.",
+        )
+        .unwrap();
+        for c in [
+            Box::new(accepted.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duplicates.clone()),
+            Box::new(rejected.clone()),
+            Box::new(publish_seconds.clone()),
+            Box::new(reconnects.clone()),
+        ] {
+            registry.register(c).unwrap();
+        }
+        for reason in FRONTDOOR_REJECTIONS {
+            rejected.with_label_values(&[reason]);
+        }
+        Arc::new(FrontDoorMetrics {
+            registry,
+            accepted,
+            duplicates,
+            rejected,
+            publish_seconds,
+            reconnects,
+            functions: Mutex::default(),
+        })
+    }
+
+    /// A request stored by JetStream; `duplicate` when it was already there.
+    pub fn accepted(&self, queue: &str, function: &str, duplicate: bool, publish: f64) {
+        let label = {
+            let mut seen = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.contains(function) || seen.len() < MAX_FUNCTION_LABELS {
+                seen.insert(function.to_string());
+                function
+            } else {
+                OVERFLOW_LABEL
+            }
+        };
+        self.accepted.with_label_values(&[queue, label]).inc();
+        if duplicate {
+            self.duplicates.with_label_values(&[queue]).inc();
+        }
+        self.publish_seconds
+            .with_label_values(&[queue])
+            .observe(publish);
+    }
+
+    /// A refused request; `reason` is one of [`FRONTDOOR_REJECTIONS`].
+    pub fn rejected(&self, reason: &str) {
+        self.rejected.with_label_values(&[reason]).inc();
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn render(&self) -> String {
+        render(&self.registry)
+    }
+}
+
+/// The `reason` values of `queue_worker_frontdoor_rejected_total`.
+pub const FRONTDOOR_REJECTIONS: &[&str] = &[
+    "bad_request",
+    "too_large",
+    "unknown_function",
+    "lookup_failed",
+    "unavailable",
+];
 
 #[cfg(test)]
 mod tests {
@@ -297,7 +433,9 @@ mod tests {
         m.invalid_annotation(&f, "com.openfaas.retry.attempts");
         m.callback("delivered");
         m.reconnects.inc();
-        let text = m.render();
+        let door = FrontDoorMetrics::new();
+        door.accepted("faas-request", "sleep.openfaas-fn", true, 0.001);
+        let text = m.render() + &door.render();
         for name in NAMES {
             assert!(text.contains(name), "{name} missing:\n{text}");
         }

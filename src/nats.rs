@@ -8,7 +8,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::{NatsAuth, NatsConfig};
-use crate::metrics::Metrics;
 
 /// A connected client plus what the rest of the worker needs to know about its state.
 pub struct Connection {
@@ -18,11 +17,85 @@ pub struct Connection {
     pub generation: watch::Receiver<u64>,
 }
 
-/// Connects, retrying until the server answers. Reconnects forever afterwards; every
-/// reconnect is counted in `queue_worker_nats_reconnect_total`.
-pub async fn connect(cfg: &NatsConfig, metrics: Arc<Metrics>) -> anyhow::Result<Connection> {
+/// Why a command could not get a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Bad settings (a .creds file that does not load, a URL that does not parse).
+    #[error("{0}")]
+    Config(String),
+    /// No server answered, or it refused us.
+    #[error("cannot reach NATS at {servers}: {reason}")]
+    Unreachable { servers: String, reason: String },
+}
+
+/// Connects for a long-running process (worker, front door): retries until the server
+/// answers and reconnects forever afterwards; every reconnect is counted in `reconnects`
+/// (`queue_worker_nats_reconnect_total`).
+pub async fn connect(
+    cfg: &NatsConfig,
+    reconnects: prometheus::Counter,
+) -> anyhow::Result<Connection> {
     let (gen_tx, gen_rx) = watch::channel(0u64);
     let disconnected = Arc::new(AtomicBool::new(false));
+    let opts = options(cfg)
+        .await?
+        .max_reconnects(None)
+        .retry_on_initial_connect()
+        .reconnect_delay_callback(|attempts| {
+            // 0, 100ms, 200ms, ... up to 5s: quick after a blip, gentle during an outage.
+            Duration::from_millis((attempts as u64).saturating_mul(100).min(5_000))
+        })
+        .event_callback(move |event| {
+            let reconnects = reconnects.clone();
+            let disconnected = disconnected.clone();
+            let gen_tx = gen_tx.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        disconnected.store(true, Ordering::SeqCst);
+                        tracing::warn!("NATS disconnected; reconnecting");
+                    }
+                    async_nats::Event::Connected => {
+                        if disconnected.swap(false, Ordering::SeqCst) {
+                            reconnects.inc();
+                            tracing::info!("NATS reconnected");
+                        }
+                        gen_tx.send_modify(|g| *g += 1);
+                    }
+                    async_nats::Event::LameDuckMode => {
+                        tracing::warn!("NATS server entered lame duck mode")
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            }
+        });
+    let (urls, shown) = servers(cfg).map_err(anyhow::Error::msg)?;
+    tracing::info!(servers = %shown, "Connecting to NATS");
+    let client = opts.connect(urls).await?;
+    Ok(Connection {
+        client,
+        generation: gen_rx,
+    })
+}
+
+/// Connects once for an operator command: an unreachable server is an error at once (after
+/// the 5s connection timeout), not a reason to wait.
+pub async fn connect_once(cfg: &NatsConfig) -> Result<async_nats::Client, ConnectError> {
+    let opts = options(cfg)
+        .await
+        .map_err(|e| ConnectError::Config(e.to_string()))?
+        .max_reconnects(Some(1));
+    let (urls, shown) = servers(cfg).map_err(ConnectError::Config)?;
+    opts.connect(urls)
+        .await
+        .map_err(|e| ConnectError::Unreachable {
+            servers: shown,
+            reason: e.to_string(),
+        })
+}
+
+/// Auth, TLS and timeouts shared by both ways of connecting.
+async fn options(cfg: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions> {
     let mut opts = match &cfg.auth {
         NatsAuth::CredsFile(path) => async_nats::ConnectOptions::with_credentials_file(path)
             .await
@@ -45,58 +118,25 @@ pub async fn connect(cfg: &NatsConfig, metrics: Arc<Metrics>) -> anyhow::Result<
             .add_client_certificate(cert.clone(), key.clone())
             .require_tls(true);
     }
-    let events_metrics = metrics.clone();
-    let events_disconnected = disconnected.clone();
-    opts = opts
+    Ok(opts
         .name(concat!("queue-worker/", env!("CARGO_PKG_VERSION")))
-        .max_reconnects(None)
-        .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(5)))
-        .client_capacity(65_536)
-        .reconnect_delay_callback(|attempts| {
-            // 0, 100ms, 200ms, ... up to 5s: quick after a blip, gentle during an outage.
-            Duration::from_millis((attempts as u64).saturating_mul(100).min(5_000))
-        })
-        .event_callback(move |event| {
-            let metrics = events_metrics.clone();
-            let disconnected = events_disconnected.clone();
-            let gen_tx = gen_tx.clone();
-            async move {
-                match event {
-                    async_nats::Event::Disconnected => {
-                        disconnected.store(true, Ordering::SeqCst);
-                        tracing::warn!("NATS disconnected; reconnecting");
-                    }
-                    async_nats::Event::Connected => {
-                        if disconnected.swap(false, Ordering::SeqCst) {
-                            metrics.reconnects.inc();
-                            tracing::info!("NATS reconnected");
-                        }
-                        gen_tx.send_modify(|g| *g += 1);
-                    }
-                    async_nats::Event::LameDuckMode => {
-                        tracing::warn!("NATS server entered lame duck mode")
-                    }
-                    other => tracing::debug!(event = %other, "NATS event"),
-                }
-            }
-        });
-    let urls: Vec<async_nats::ServerAddr> = cfg
+        .client_capacity(65_536))
+}
+
+/// The server addresses, and the same for logs (passwords hidden).
+fn servers(cfg: &NatsConfig) -> Result<(Vec<async_nats::ServerAddr>, String), String> {
+    let urls = cfg
         .urls
         .iter()
         .map(|u| u.parse())
         .collect::<Result<_, _>>()
-        .map_err(|e| anyhow::anyhow!("nats_url: {e}"))?;
+        .map_err(|e| format!("nats_url: {e}"))?;
     let shown: Vec<String> = cfg
         .urls
         .iter()
         .map(|u| crate::config::redact_url(u))
         .collect();
-    tracing::info!(servers = %shown.join(","), "Connecting to NATS");
-    let client = opts.connect(urls).await?;
-    Ok(Connection {
-        client,
-        generation: gen_rx,
-    })
+    Ok((urls, shown.join(",")))
 }

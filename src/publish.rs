@@ -2,8 +2,6 @@
 //! `<queue>.<fn>.<ns>` with `X-Call-Id` and `X-Start-Time` headers, and `Nats-Msg-Id` = call
 //! id so a repeated submission inside the stream's duplicate window is stored once.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use anyhow::Context as _;
 use async_nats::jetstream;
 
@@ -82,14 +80,7 @@ impl Submission {
         for (k, v) in &self.headers {
             req.append_header(k, v.clone());
         }
-        if req.header_value("X-Call-Id").is_none() {
-            req.append_header("X-Call-Id", call_id.to_string());
-        }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        req.append_header("X-Start-Time", now.to_string());
+        req.stamp(call_id);
         if let Some(cb) = &self.callback_url {
             if req.header_value("X-Callback-Url").is_none() {
                 req.append_header("X-Callback-Url", cb.clone());
@@ -107,9 +98,8 @@ pub async fn publish(
     sub: &Submission,
     count: usize,
 ) -> anyhow::Result<Vec<String>> {
-    let metrics = crate::metrics::Metrics::new(&config.queue, config.max_inflight);
-    let conn = crate::nats::connect(&config.nats, metrics).await?;
-    let js = jetstream::new(conn.client.clone());
+    let client = crate::nats::connect_once(&config.nats).await?;
+    let js = jetstream::new(client.clone());
     let layout = Layout::of(config);
     tokio::time::timeout(
         std::time::Duration::from_secs(15),
@@ -141,7 +131,7 @@ pub async fn publish(
     for ack in pending {
         ack.await.context("JetStream did not store a message")?;
     }
-    conn.client.flush().await.ok();
+    client.flush().await.ok();
     Ok(ids)
 }
 

@@ -100,6 +100,19 @@ impl QueueRequest {
             .map(String::as_str)
     }
 
+    /// What the gateway's call-id middleware does to every request: add `X-Call-Id` when
+    /// the caller sent none, and append `X-Start-Time` (Unix nanoseconds, now).
+    pub fn stamp(&mut self, call_id: &str) {
+        if self.header_value("X-Call-Id").is_none() {
+            self.append_header("X-Call-Id", call_id.to_string());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        self.append_header("X-Start-Time", now.to_string());
+    }
+
     /// Appends a header value, keeping Go's canonical form for the names we add.
     pub fn append_header(&mut self, name: &str, value: String) {
         let key = self

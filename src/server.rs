@@ -12,8 +12,6 @@ use axum::routing::get;
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-
 /// What readiness depends on. Written by the app and the stream poller, read by `/readyz`.
 #[derive(Default)]
 pub struct Health {
@@ -48,14 +46,15 @@ impl Health {
 
 #[derive(Clone)]
 struct AppState {
-    metrics: Arc<Metrics>,
+    registry: prometheus::Registry,
     health: Arc<Health>,
 }
 
-/// Binds `addr` and serves until `stop`; returns the bound address (useful with port 0).
+/// Binds `addr` and serves the metrics of `registry` and `health` until `stop`; returns the
+/// bound address (useful with port 0).
 pub async fn serve(
     addr: SocketAddr,
-    metrics: Arc<Metrics>,
+    registry: prometheus::Registry,
     health: Arc<Health>,
     stop: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
@@ -65,7 +64,7 @@ pub async fn serve(
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, health });
+        .with_state(AppState { registry, health });
     let handle = tokio::spawn(async move {
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move { stop.cancelled().await })
@@ -80,7 +79,7 @@ pub async fn serve(
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(),
+        crate::metrics::render(&s.registry),
     )
 }
 

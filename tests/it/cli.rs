@@ -72,6 +72,19 @@ fn function_mode_is_refused_as_not_supported_yet() {
     assert!(err.contains("not supported yet"), "{err}");
 }
 
+/// Sends SIGTERM, checks the exit code is 0, and returns stderr.
+fn terminate(child: std::process::Child) -> String {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    err
+}
+
 #[test]
 fn sigterm_drains_and_exits_0() {
     let nats = queue_worker::natsd::NatsServer::start().unwrap();
@@ -101,13 +114,52 @@ fn sigterm_drains_and_exits_0() {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{err}");
+    let err = terminate(child);
     assert!(err.contains("Draining") && err.contains("Stopped"), "{err}");
+}
+
+#[test]
+fn the_frontdoor_binary_queues_and_stops_on_sigterm() {
+    let nats = queue_worker::natsd::NatsServer::start().unwrap();
+    let metrics = queue_worker::natsd::free_port().unwrap();
+    let listen = queue_worker::natsd::free_port().unwrap();
+    let child = worker()
+        .env("nats_url", nats.url())
+        .env("metrics_port", metrics.to_string())
+        .args(["frontdoor", "--listen", &format!("127.0.0.1:{listen}")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let http = |port: u16, request: &str| -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return String::new();
+        };
+        let _ = s.write_all(request.as_bytes());
+        let mut buf = String::new();
+        let _ = s.read_to_string(&mut buf);
+        buf
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !http(metrics, "GET /readyz HTTP/1.0\r\n\r\n").contains(" 200 ") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "front door never ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let answer = http(
+        listen,
+        "POST /async-function/sleep HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi",
+    );
+    assert!(
+        answer.starts_with("HTTP/1.0 202") || answer.starts_with("HTTP/1.1 202"),
+        "{answer}"
+    );
+    assert!(
+        answer.to_ascii_lowercase().contains("x-call-id: "),
+        "{answer}"
+    );
+    let err = terminate(child);
+    assert!(err.contains("Stopped"), "{err}");
 }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use queue_worker::deadletter::{Filter, Reason};
 use queue_worker::publish::{publish, Submission};
-use tokio::process::Command;
 
 use crate::support::{job, publish_raw, wait_metric, Env, Step};
 
@@ -382,31 +381,20 @@ async fn the_dead_letter_stream_follows_its_settings() {
     crate::support::stop(worker).await;
 }
 
-/// Runs the binary's `dead` subcommand against this environment's NATS. Asynchronously: the
-/// worker under test runs on this same runtime and must keep going meanwhile.
+/// Runs the binary's `dead` subcommand against this environment's NATS.
 async fn dead_cli(env: &Env, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_queue-worker"))
-        .env_clear()
-        .env("nats_url", env.nats.url())
-        .arg("dead")
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut all = vec!["dead"];
+    all.extend_from_slice(args);
+    crate::support::cli(&env.nats.url(), &all).await
 }
 
 #[tokio::test]
 async fn the_dead_commands_of_the_binary() {
     let env = Env::start().await;
 
-    // Before any worker ran there is no dead-letter stream: a clear error, exit 1.
+    // Before any worker ran there is no dead-letter stream: a clear error, exit 4.
     let (code, _, err) = dead_cli(&env, &["list"]).await;
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(4), "{err}");
     assert!(err.contains("OF_faas-request-dead does not exist"), "{err}");
 
     env.gateway.script("down", vec![Step::status(502)]);
@@ -454,7 +442,7 @@ async fn the_dead_commands_of_the_binary() {
     env.gateway.script("other", vec![Step::status(200)]);
     let (code, out, err) = dead_cli(&env, &["replay", "--function", "other"]).await;
     assert_eq!(code, Some(0), "{err}");
-    assert!(out.contains("replayed 1 message(s)"), "{out}");
+    assert!(out.contains("replayed 1 message from"), "{out}");
     env.gateway
         .wait_for("the replayed call", Duration::from_secs(10), |g| {
             g.calls().len() == 4
@@ -469,7 +457,7 @@ async fn the_dead_commands_of_the_binary() {
     env.wait_dead_letters(3).await;
     let (code, out, err) = dead_cli(&env, &["replay", "--limit", "1"]).await;
     assert_eq!(code, Some(0), "{err}");
-    assert!(out.contains("replayed 1 message(s)"), "{out}");
+    assert!(out.contains("replayed 1 message from"), "{out}");
     env.gateway
         .wait_for("the second replayed call", Duration::from_secs(10), |g| {
             g.calls().len() == 5
@@ -487,10 +475,10 @@ async fn the_dead_commands_of_the_binary() {
     assert!(err.contains("--yes"), "{err}");
     let (code, out, err) = dead_cli(&env, &["purge", "--function", "down"]).await;
     assert_eq!(code, Some(0), "{err}");
-    assert!(out.contains("purged 2 message(s)"), "{out}");
+    assert!(out.contains("purged 2 messages"), "{out}");
     let (code, out, err) = dead_cli(&env, &["purge", "--yes"]).await;
     assert_eq!(code, Some(0), "{err}");
-    assert!(out.contains("purged 1 message(s)"), "{out}");
+    assert!(out.contains("purged 1 message from"), "{out}");
     env.wait_dead_letters(0).await;
     env.wait_drained(Duration::from_secs(5)).await;
     crate::support::stop(worker).await;

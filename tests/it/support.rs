@@ -103,6 +103,10 @@ struct Inner {
     callback_script: Vec<u16>,
     running: usize,
     max_running: usize,
+    /// Functions `/system/function/<name>` knows, with their annotations.
+    known: HashMap<String, Vec<(String, String)>>,
+    /// Requests to `/system/function/...`.
+    lookups: Vec<Recorded>,
 }
 
 /// The fake gateway: `/function/<name>...` answers from the script of `<name>` (the last step
@@ -127,6 +131,7 @@ impl FakeGateway {
         let app = Router::new()
             .route("/function/{*rest}", any(function))
             .route("/callback/{*rest}", any(callback))
+            .route("/system/function/{name}", any(describe))
             .with_state(fake.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         fake
@@ -146,6 +151,22 @@ impl FakeGateway {
             .unwrap()
             .scripts
             .insert(function.to_string(), steps);
+    }
+
+    /// Makes `/system/function/<name>` answer 200 with these annotations (unknown names: 404).
+    pub fn know(&self, name: &str, annotations: &[(&str, &str)]) {
+        self.inner.lock().unwrap().known.insert(
+            name.to_string(),
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+    }
+
+    /// Requests the gateway API received at `/system/function/...`.
+    pub fn lookups(&self) -> Vec<Recorded> {
+        self.inner.lock().unwrap().lookups.clone()
     }
 
     pub fn script_callbacks(&self, statuses: Vec<u16>) {
@@ -282,6 +303,30 @@ async fn function(
     resp
 }
 
+async fn describe(
+    State(fake): State<FakeGateway>,
+    Path(name): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let mut inner = fake.inner.lock().unwrap();
+    inner
+        .lookups
+        .push(Recorded::new(method, &uri, headers, Bytes::new()));
+    match inner.known.get(&name) {
+        Some(annotations) => {
+            let annotations: serde_json::Map<String, serde_json::Value> = annotations
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().into()))
+                .collect();
+            let body = serde_json::json!({"name": name, "replicas": 1, "annotations": annotations});
+            (StatusCode::OK, body.to_string()).into_response()
+        }
+        None => (StatusCode::NOT_FOUND, "not found").into_response(),
+    }
+}
+
 /// Step `i` of a script whose last step repeats.
 fn nth<T>(script: &[T], i: usize) -> &T {
     &script[i.min(script.len() - 1)]
@@ -310,6 +355,8 @@ async fn callback(
 
 /// Worker logs show with a failing test's output; `RUST_LOG=debug` for more.
 pub fn init_logs() {
+    // reqwest is built without a default TLS provider; tests make their own clients.
+    queue_worker::tls::install_provider();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
@@ -359,6 +406,21 @@ impl Env {
             .unwrap();
         wait_ready(&running).await;
         running
+    }
+
+    /// A front door on an ephemeral port for this environment, ready to take requests.
+    pub async fn frontdoor(&self, overrides: &[(&str, &str)]) -> queue_worker::frontdoor::Running {
+        let mut all = vec![("frontdoor_listen", "127.0.0.1:0")];
+        all.extend_from_slice(overrides);
+        let door = queue_worker::frontdoor::start(self.config(&all))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while let Err(why) = door.health.readiness() {
+            assert!(Instant::now() < deadline, "front door not ready: {why}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        door
     }
 
     pub async fn js(&self) -> async_nats::jetstream::Context {
@@ -516,4 +578,40 @@ pub async fn submit(config: &Config, function: &str, n: usize) -> Vec<String> {
     queue_worker::publish::publish(config, &sub, n)
         .await
         .unwrap()
+}
+
+/// Runs the binary with `args` against the NATS at `nats_url`, asynchronously (a worker
+/// under test may run on the same runtime); returns (exit code, stdout, stderr).
+pub async fn cli(nats_url: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
+        .env_clear()
+        .env("nats_url", nats_url)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The messages of a stream, read in sequence order with their subjects and headers.
+pub async fn stream_messages(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    let s = js.get_stream(stream).await.unwrap();
+    let state = s.cached_info().state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = s.get_raw_message(seq).await {
+            out.push(m);
+        }
+    }
+    out
 }

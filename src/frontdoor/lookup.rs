@@ -1,0 +1,142 @@
+//! Does a function exist, and what are its annotations? Asked of the gateway's
+//! `GET /system/function/<name>?namespace=<ns>` (the provider API the OpenFaaS gateway
+//! proxies), with basic auth, and cached briefly so a burst of calls costs one lookup.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::config::Secret;
+
+/// How long an answer is reused. Short, so a newly deployed function or a changed
+/// annotation takes effect quickly.
+pub const FOUND_TTL: Duration = Duration::from_secs(5);
+/// How long "no such function" is reused: long enough to absorb a flood of calls to a name
+/// that does not exist, short enough that a deploy that just finished is seen.
+pub const MISSING_TTL: Duration = Duration::from_secs(1);
+/// Longest a lookup may take.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the gateway said about a function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    Exists {
+        annotations: BTreeMap<String, String>,
+    },
+    Missing,
+}
+
+/// Why a lookup gave no answer. The front door answers 503: it cannot tell a function that
+/// exists from one that does not.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LookupError {
+    #[error("the gateway refused the function lookup with {0} (check secret_mount_path's basic-auth-user and basic-auth-password)")]
+    Unauthorized(u16),
+    #[error("the gateway answered the function lookup with {0}")]
+    Status(u16),
+    #[error("the gateway did not answer the function lookup: {0}")]
+    Unreachable(String),
+}
+
+#[derive(Deserialize)]
+struct FunctionStatus {
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+/// Looks functions up, with a small cache.
+pub struct Lookup {
+    client: reqwest::Client,
+    /// Gateway base URL without a trailing `/`.
+    base: String,
+    auth: Option<(String, Secret)>,
+    cache: Mutex<HashMap<String, (Instant, Found)>>,
+}
+
+impl Lookup {
+    pub fn new(base: String, auth: Option<(String, Secret)>) -> anyhow::Result<Lookup> {
+        crate::tls::install_provider();
+        let client = reqwest::Client::builder()
+            .timeout(TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(Lookup {
+            client,
+            base,
+            auth,
+            cache: Mutex::default(),
+        })
+    }
+
+    /// Looks up `function` (`fn` or `fn.ns`, already validated).
+    pub async fn get(&self, function: &str) -> Result<Found, LookupError> {
+        if let Some(found) = self.cached(function) {
+            return Ok(found);
+        }
+        let (name, namespace) = match function.split_once('.') {
+            Some((n, ns)) => (n, Some(ns)),
+            None => (function, None),
+        };
+        let mut url = format!("{}/system/function/{name}", self.base);
+        if let Some(ns) = namespace {
+            url.push_str("?namespace=");
+            url.push_str(ns);
+        }
+        let mut request = self.client.get(&url);
+        if let Some((user, password)) = &self.auth {
+            request = request.basic_auth(user, Some(password.expose()));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| LookupError::Unreachable(e.to_string()))?;
+        let found = match response.status().as_u16() {
+            200 => {
+                let parsed = response
+                    .bytes()
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        serde_json::from_slice::<FunctionStatus>(&b).map_err(|e| e.to_string())
+                    });
+                let annotations = match parsed {
+                    Ok(s) => s.annotations.unwrap_or_default(),
+                    Err(e) => {
+                        tracing::warn!(function, error = %e, "function lookup: unreadable answer; queueing without its annotations");
+                        BTreeMap::new()
+                    }
+                };
+                Found::Exists { annotations }
+            }
+            404 => Found::Missing,
+            code @ (401 | 403) => return Err(LookupError::Unauthorized(code)),
+            code => return Err(LookupError::Status(code)),
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        // Names come from requests: keep the cache bounded whatever they send.
+        if cache.len() >= 10_000 {
+            let now = Instant::now();
+            cache.retain(|_, (at, f)| now.duration_since(*at) < ttl(f));
+            if cache.len() >= 10_000 {
+                cache.clear();
+            }
+        }
+        cache.insert(function.to_string(), (Instant::now(), found.clone()));
+        Ok(found)
+    }
+
+    fn cached(&self, function: &str) -> Option<Found> {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let (at, found) = cache.get(function)?;
+        (at.elapsed() < ttl(found)).then(|| found.clone())
+    }
+}
+
+fn ttl(found: &Found) -> Duration {
+    match found {
+        Found::Exists { .. } => FOUND_TTL,
+        Found::Missing => MISSING_TTL,
+    }
+}

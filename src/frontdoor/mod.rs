@@ -1,0 +1,733 @@
+//! The async front door: `POST /async-function/<name>[/<path>][?query]` queues the call as
+//! the OpenFaaS gateway does, so OpenFaaS CE, faasd and plain HTTP platforms get a JetStream
+//! queue, and `hey -m POST http://…:8080/async-function/sleep` works as in OpenFaaS's docs.
+//!
+//! One request, in order:
+//! 1. name and path from the URL (`fn` or `fn.namespace`; 400 otherwise), body read up to
+//!    the limit (413), `X-Callback-Url` parsed (400), `X-Call-Id` kept or made;
+//! 2. optionally, the function looked up at the gateway (404 when unknown, 503 when the
+//!    gateway cannot say), which also gives its `com.openfaas.queue` and retry annotations;
+//! 3. the queue chosen: `frontdoor_queues`, then the annotation, then `queue_name`;
+//! 4. the `QueueRequest` published to `<queue>.<fn>.<ns>` with `Nats-Msg-Id` = call id;
+//! 5. `202 Accepted` with `X-Call-Id` only once JetStream has stored it, else 503.
+//!
+//! A 503 may still have been stored (the acknowledgement can be lost after the write): a
+//! client that retries with the `X-Call-Id` it got back is deduplicated by JetStream within
+//! the stream's duplicate window (2m), so retrying is always safe.
+
+pub mod lookup;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{is_queue_name, Config};
+use crate::metrics::FrontDoorMetrics;
+use crate::request::QueueRequest;
+use crate::server::{self, Health};
+use crate::stream::{self, Layout, LayoutError};
+use lookup::{Found, Lookup};
+
+/// The annotation that picks a function's queue, as OpenFaaS's gateway reads it.
+pub const QUEUE_ANNOTATION: &str = "com.openfaas.queue";
+/// Annotations copied into the message for the worker (`com.openfaas.retry.*`).
+pub const COPIED_ANNOTATION_PREFIX: &str = "com.openfaas.retry.";
+/// Longest `X-Call-Id` accepted: it becomes the `Nats-Msg-Id`.
+pub const MAX_CALL_ID: usize = 128;
+/// Room kept in `max_payload` for the request's headers and JSON besides the encoded body
+/// when the body limit is derived from it.
+const ENVELOPE_RESERVE: u64 = 4096;
+/// Room for the NATS headers (`Nats-Msg-Id`) of a message.
+const NATS_HEADER_ROOM: u64 = 256;
+
+/// Why a request was refused: the HTTP status, the metric reason, and a message for the
+/// caller.
+#[derive(Debug)]
+struct Rejection {
+    status: StatusCode,
+    reason: &'static str,
+    message: String,
+    call_id: Option<String>,
+}
+
+impl Rejection {
+    fn new(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Rejection {
+        Rejection {
+            status,
+            reason,
+            message: message.into(),
+            call_id: None,
+        }
+    }
+    fn bad(message: impl Into<String>) -> Rejection {
+        Rejection::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn too_large(message: impl Into<String>) -> Rejection {
+        Rejection::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+    }
+    fn unavailable(message: impl Into<String>) -> Rejection {
+        Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+}
+
+/// A front door started by [`start`].
+pub struct Running {
+    /// Where `/async-function/…` is served.
+    pub addr: SocketAddr,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: SocketAddr,
+    pub metrics: Arc<FrontDoorMetrics>,
+    pub health: Arc<Health>,
+    shutdown: CancellationToken,
+    done: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Stops taking requests (readiness turns false at once); requests being published get
+    /// their answer, within `drain_timeout`.
+    pub fn shutdown(&self) {
+        self.health.draining.store(true, Ordering::Relaxed);
+        self.shutdown.cancel();
+    }
+
+    /// Resolves when the front door has stopped (after a shutdown, or on a fatal error).
+    pub async fn stopped(&self) {
+        self.done.cancelled().await
+    }
+
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("front door task panicked")?
+    }
+}
+
+struct Door {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    config: Config,
+    lookup: Option<Lookup>,
+    metrics: Arc<FrontDoorMetrics>,
+    /// Queues whose stream is known to exist.
+    ensured: Mutex<HashSet<String>>,
+    /// Guards against several requests creating the same stream at once.
+    ensuring: tokio::sync::Mutex<()>,
+}
+
+/// Binds the front door and its metrics port, then connects to NATS and sets up the
+/// streams in the background (requests meanwhile get 503).
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let metrics = FrontDoorMetrics::new();
+    let health = Arc::new(Health::default());
+    let shutdown = CancellationToken::new();
+    let server_stop = CancellationToken::new();
+    let metrics_bind = SocketAddr::from(([0, 0, 0, 0], config.metrics_port));
+    let (metrics_addr, metrics_server) = server::serve(
+        metrics_bind,
+        metrics.registry().clone(),
+        health.clone(),
+        server_stop.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot listen on metrics_port {}", config.metrics_port))?;
+    let listener = tokio::net::TcpListener::bind(config.frontdoor.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on frontdoor_listen {}",
+                config.frontdoor.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let lookup = if config.frontdoor.check_function {
+        let (base, _) = crate::invoke::split_gateway(&config.gateway_url);
+        Some(Lookup::new(base, gateway_auth(&config))?)
+    } else {
+        None
+    };
+    let conn = crate::nats::connect(&config.nats, metrics.reconnects.clone()).await?;
+    let client = conn.client;
+    let _ = health.nats.set(client.clone());
+    let door = Arc::new(Door {
+        js: jetstream::new(client.clone()),
+        client: client.clone(),
+        lookup,
+        metrics: metrics.clone(),
+        ensured: Mutex::default(),
+        ensuring: tokio::sync::Mutex::new(()),
+        config,
+    });
+    tracing::info!(
+        %addr,
+        queue = %door.config.queue,
+        max_body = door.config.frontdoor.max_body,
+        check_function = door.config.frontdoor.check_function,
+        "Starting front door"
+    );
+    let done = CancellationToken::new();
+    let task = tokio::spawn(run(
+        door,
+        listener,
+        health.clone(),
+        shutdown.clone(),
+        done.clone(),
+        server_stop,
+        metrics_server,
+    ));
+    Ok(Running {
+        addr,
+        metrics_addr,
+        metrics,
+        health,
+        shutdown,
+        done,
+        task,
+    })
+}
+
+/// Basic auth for the gateway's API: `secret_mount_path`, else credentials in `gateway_url`.
+fn gateway_auth(config: &Config) -> Option<(String, crate::config::Secret)> {
+    if let Some(auth) = &config.frontdoor.gateway_auth {
+        return Some(auth.clone());
+    }
+    let (_, auth) = crate::invoke::split_gateway(&config.gateway_url);
+    auth.map(|(u, p)| (u, crate::config::Secret::new(p.unwrap_or_default())))
+}
+
+async fn run(
+    door: Arc<Door>,
+    listener: tokio::net::TcpListener,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    done: CancellationToken,
+    server_stop: CancellationToken,
+    metrics_server: JoinHandle<()>,
+) -> anyhow::Result<()> {
+    let drain_timeout = door.config.drain_timeout;
+    let app = Router::new()
+        .route("/async-function", any(missing_name))
+        .route("/async-function/", any(missing_name))
+        .route("/async-function/{*rest}", any(handle))
+        .with_state(door.clone());
+    let stop = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    });
+    let setup = async {
+        let streams = tokio::select! {
+            r = door.prepare(&health) => r,
+            _ = shutdown.cancelled() => Ok(()),
+        };
+        if streams.is_err() {
+            shutdown.cancel();
+        }
+        shutdown.cancelled().await;
+        streams
+    };
+    let result = setup.await;
+    health.draining.store(true, Ordering::Relaxed);
+    tracing::info!("Front door stopping: no new requests; finishing those in progress");
+    let mut server = server;
+    match tokio::time::timeout(drain_timeout, &mut server).await {
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "front door server failed"),
+        Ok(_) => {}
+        Err(_) => {
+            tracing::warn!("drain_timeout reached; dropping requests still open");
+            server.abort();
+        }
+    }
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), door.client.flush()).await {
+        tracing::warn!(error = %e, "could not flush NATS before exit");
+    }
+    server_stop.cancel();
+    let _ = metrics_server.await;
+    done.cancel();
+    tracing::info!("Stopped");
+    result
+}
+
+impl Door {
+    /// Sets up the streams of the default queue and of every queue in `frontdoor_queues`,
+    /// waiting out an unavailable server; then the door is ready.
+    async fn prepare(&self, health: &Health) -> anyhow::Result<()> {
+        let mut queues: Vec<String> = vec![self.config.queue.clone()];
+        queues.extend(self.config.frontdoor.queues.values().cloned());
+        queues.sort();
+        queues.dedup();
+        let mut wait = Duration::from_millis(200);
+        for queue in &queues {
+            loop {
+                match self.ensure(queue).await {
+                    Ok(()) => break,
+                    Err(LayoutError::Incompatible(msg)) => anyhow::bail!(msg),
+                    Err(LayoutError::Unavailable(msg)) => {
+                        tracing::warn!(error = %msg, retry_in = ?wait, "waiting for JetStream");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+        let max_payload = self.client.server_info().max_payload as u64;
+        let fits = body_limit(self.config.frontdoor.max_body, max_payload);
+        if fits < self.config.frontdoor.max_body {
+            // Expected with the defaults (1 MiB of body is ~1.4 MB once encoded, NATS allows
+            // 1 MB): information, not a warning.
+            tracing::info!(
+                frontdoor_max_body = self.config.frontdoor.max_body,
+                max_payload,
+                effective = fits,
+                "Body limit lowered to fit the NATS server's max_payload once base64-encoded; larger bodies get 413"
+            );
+        }
+        health.layout_ready.store(true, Ordering::Relaxed);
+        health.stream_ok.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn layout(&self, queue: &str) -> Layout {
+        let mut layout = Layout::of(&self.config);
+        layout.queue = queue.to_string();
+        layout.stream = format!("OF_{queue}");
+        layout
+    }
+
+    /// Makes sure the stream of `queue` exists (once per queue and process, unless a
+    /// publish finds it gone).
+    async fn ensure(&self, queue: &str) -> Result<(), LayoutError> {
+        if self.is_ensured(queue) {
+            return Ok(());
+        }
+        let _one_at_a_time = self.ensuring.lock().await;
+        if self.is_ensured(queue) {
+            return Ok(());
+        }
+        stream::ensure_stream(&self.js, &self.layout(queue)).await?;
+        self.ensured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(queue.to_string());
+        Ok(())
+    }
+
+    fn is_ensured(&self, queue: &str) -> bool {
+        self.ensured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(queue)
+    }
+
+    fn forget(&self, queue: &str) {
+        self.ensured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(queue);
+    }
+
+    /// Steps 1–5 of the module doc; `Ok` is the call id of a stored request.
+    async fn accept(
+        &self,
+        method: Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<String, Rejection> {
+        let (function, path) = split_path(uri.path())?;
+        let max_payload = self.client.server_info().max_payload as u64;
+        let limit = body_limit(self.config.frontdoor.max_body, max_payload);
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(too_large(limit, max_payload, &self.config));
+        }
+        let body: Bytes = axum::body::to_bytes(body, limit as usize)
+            .await
+            .map_err(|_| too_large(limit, max_payload, &self.config))?;
+        let callback_url = match header_str(headers, "x-callback-url")? {
+            None => None,
+            Some(raw) => Some(parse_callback(raw)?),
+        };
+        let call_id = match header_str(headers, "x-call-id")? {
+            Some(id) => check_call_id(id)?.to_string(),
+            None => crate::publish::new_call_id(),
+        };
+        let with_id = |mut r: Rejection| {
+            r.call_id = Some(call_id.clone());
+            r
+        };
+
+        let qualified = match function.split_once('.') {
+            Some(_) => function.to_string(),
+            None => format!("{function}.{}", self.config.default_namespace),
+        };
+        let mut annotations = BTreeMap::new();
+        let mut queue = self.config.frontdoor.queues.get(&qualified).cloned();
+        if let Some(lookup) = &self.lookup {
+            match lookup.get(function).await {
+                Ok(Found::Missing) => {
+                    return Err(Rejection::new(
+                        StatusCode::NOT_FOUND,
+                        "unknown_function",
+                        format!("function {function} not found"),
+                    ))
+                }
+                Ok(Found::Exists { annotations: all }) => {
+                    if queue.is_none() {
+                        queue = self.annotated_queue(function, all.get(QUEUE_ANNOTATION));
+                    }
+                    annotations.extend(
+                        all.into_iter()
+                            .filter(|(k, _)| k.starts_with(COPIED_ANNOTATION_PREFIX)),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(function, error = %e, "cannot check the function; answering 503");
+                    return Err(Rejection::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "lookup_failed",
+                        format!("cannot check that function {function} exists: {e}"),
+                    ));
+                }
+            }
+        }
+        let queue_name = queue.clone().unwrap_or_default();
+        let queue = queue.unwrap_or_else(|| self.config.queue.clone());
+
+        let mut request = QueueRequest {
+            method: method.as_str().to_string(),
+            function: function.to_string(),
+            path: path.to_string(),
+            query_string: uri.query().unwrap_or_default().to_string(),
+            host: header_str(headers, "host")
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+                .to_string(),
+            body: body.to_vec(),
+            queue_name,
+            annotations,
+            callback_url,
+            ..QueueRequest::default()
+        };
+        for (name, value) in headers {
+            if name == header::HOST {
+                continue;
+            }
+            request.append_header(
+                &canonical_header(name.as_str()),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            );
+        }
+        request.stamp(&call_id);
+        let payload = serde_json::to_vec(&request)
+            .map_err(|e| with_id(Rejection::bad(format!("cannot encode the request: {e}"))))?;
+        if max_payload > 0 && payload.len() as u64 + NATS_HEADER_ROOM > max_payload {
+            return Err(with_id(Rejection::too_large(format!(
+                "the queued message would be {} bytes (body base64-encoded, headers included), over the NATS server's max_payload of {max_payload}",
+                payload.len()
+            ))));
+        }
+
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(with_id(Rejection::unavailable(
+                "not connected to NATS; nothing was queued",
+            )));
+        }
+        let subject = crate::publish::subject_for(&queue, function, &self.config.default_namespace);
+        let started = Instant::now();
+        let ack = self
+            .publish(&queue, &subject, &call_id, payload.into())
+            .await
+            .map_err(with_id)?;
+        self.metrics.accepted(
+            &queue,
+            &qualified,
+            ack.duplicate,
+            started.elapsed().as_secs_f64(),
+        );
+        if ack.duplicate {
+            tracing::debug!(call_id, function, "duplicate submission; stored once");
+        }
+        Ok(call_id)
+    }
+
+    /// The queue named by a function's `com.openfaas.queue` annotation, when valid.
+    fn annotated_queue(&self, function: &str, value: Option<&String>) -> Option<String> {
+        let v = value?.trim();
+        if v.is_empty() {
+            return None;
+        }
+        if is_queue_name(v) {
+            return Some(v.to_string());
+        }
+        tracing::warn!(
+            function,
+            annotation = QUEUE_ANNOTATION,
+            value = v,
+            expected = "letters, digits, '-' and '_'",
+            "invalid queue annotation; using the default queue"
+        );
+        None
+    }
+
+    /// Publishes and waits for JetStream's acknowledgement. A stream that went missing
+    /// (deleted by an operator) is set up again and the publish tried once more; the
+    /// message id makes that retry safe.
+    async fn publish(
+        &self,
+        queue: &str,
+        subject: &str,
+        call_id: &str,
+        payload: Bytes,
+    ) -> Result<jetstream::publish::PublishAck, Rejection> {
+        let stream_unavailable = |e: LayoutError| {
+            Rejection::unavailable(format!(
+                "stream OF_{queue} is not available ({e}); nothing was queued"
+            ))
+        };
+        self.ensure(queue).await.map_err(stream_unavailable)?;
+        let mut retried = false;
+        loop {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", call_id);
+            let sent = self
+                .js
+                .publish_with_headers(subject.to_string(), headers, payload.clone())
+                .await;
+            let result = match sent {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(ack) => return Ok(ack),
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound && !retried => {
+                    tracing::warn!(
+                        queue,
+                        "stream missing while publishing; setting it up again"
+                    );
+                    retried = true;
+                    self.forget(queue);
+                    self.ensure(queue).await.map_err(stream_unavailable)?;
+                }
+                Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                    return Err(Rejection::too_large(format!(
+                        "the queued message is over the NATS server's max_payload: {e}"
+                    )))
+                }
+                Err(e) => {
+                    tracing::warn!(queue, call_id, error = %e, "publish not acknowledged; answering 503");
+                    return Err(Rejection::unavailable(format!(
+                        "JetStream did not acknowledge the request ({e}); retry with the same X-Call-Id"
+                    )));
+                }
+            }
+        }
+    }
+}
+
+async fn handle(
+    State(door): State<Arc<Door>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match door.accept(method, &uri, &headers, body).await {
+        Ok(call_id) => {
+            let mut response = StatusCode::ACCEPTED.into_response();
+            if let Ok(v) = HeaderValue::from_str(&call_id) {
+                response.headers_mut().insert("x-call-id", v);
+            }
+            response
+        }
+        Err(r) => {
+            door.metrics.rejected(r.reason);
+            if r.status.is_server_error() {
+                tracing::debug!(status = r.status.as_u16(), reason = r.reason, message = %r.message, "request refused");
+            }
+            let mut response = (r.status, format!("{}\n", r.message)).into_response();
+            if let Some(v) = r.call_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+                response.headers_mut().insert("x-call-id", v);
+            }
+            response
+        }
+    }
+}
+
+async fn missing_name(State(door): State<Arc<Door>>) -> Response {
+    door.metrics.rejected("bad_request");
+    (
+        StatusCode::BAD_REQUEST,
+        "missing function name: use /async-function/<name>\n",
+    )
+        .into_response()
+}
+
+/// The function name and the rest of the path, as the gateway splits
+/// `/async-function/<name><path>`. The path keeps its percent-encoding, so it reaches the
+/// function as it was sent.
+fn split_path(full: &str) -> Result<(&str, &str), Rejection> {
+    let rest = full.strip_prefix("/async-function/").unwrap_or_default();
+    let (name, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if !is_function_name(name) {
+        let shown: String = name.chars().take(80).collect();
+        return Err(Rejection::bad(format!(
+            "invalid function name {shown:?}: expected fn or fn.namespace of letters, digits, '-' and '_'"
+        )));
+    }
+    Ok((name, path))
+}
+
+/// `fn` or `fn.namespace`, each of letters, digits, `-` and `_`, at most 253 bytes: a name
+/// the worker accepts and that makes a valid subject.
+pub fn is_function_name(name: &str) -> bool {
+    name.len() <= crate::job::MAX_FUNCTION_NAME
+        && name.split('.').count() <= 2
+        && crate::deadletter::is_subject_tail(name)
+}
+
+/// The largest body that is queued: the configured limit, lowered so that the body, once
+/// base64-encoded (4/3 of its size) with the request's headers, fits `max_payload`.
+pub fn body_limit(max_body: u64, max_payload: u64) -> u64 {
+    if max_payload == 0 {
+        return max_body;
+    }
+    let fits = max_payload.saturating_sub(ENVELOPE_RESERVE) / 4 * 3;
+    max_body.min(fits)
+}
+
+fn too_large(limit: u64, max_payload: u64, config: &Config) -> Rejection {
+    let why = if limit < config.frontdoor.max_body {
+        format!(" (frontdoor_max_body, lowered to fit the NATS server's max_payload of {max_payload} once encoded)")
+    } else {
+        " (frontdoor_max_body)".to_string()
+    };
+    Rejection::too_large(format!("request body larger than {limit} bytes{why}"))
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Rejection> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.trim()).filter(|s| !s.is_empty()))
+            .map_err(|_| Rejection::bad(format!("header {name} is not valid text"))),
+    }
+}
+
+fn parse_callback(raw: &str) -> Result<String, Rejection> {
+    match url::Url::parse(raw) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(raw.into()),
+        _ => Err(Rejection::bad(format!(
+            "X-Callback-Url {raw:?} is not an absolute http(s) URL"
+        ))),
+    }
+}
+
+fn check_call_id(id: &str) -> Result<&str, Rejection> {
+    if id.len() <= MAX_CALL_ID && id.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(id)
+    } else {
+        Err(Rejection::bad(format!(
+            "X-Call-Id must be at most {MAX_CALL_ID} visible ASCII characters"
+        )))
+    }
+}
+
+/// A header name in Go's canonical form (`content-type` → `Content-Type`), as the gateway's
+/// `http.Header` holds them.
+pub fn canonical_header(name: &str) -> String {
+    let mut upper = true;
+    name.chars()
+        .map(|c| {
+            let out = if upper {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            };
+            upper = c == '-';
+            out
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_as_the_gateway_does() {
+        assert_eq!(split_path("/async-function/sleep").unwrap(), ("sleep", ""));
+        assert_eq!(
+            split_path("/async-function/sleep/").unwrap(),
+            ("sleep", "/")
+        );
+        assert_eq!(
+            split_path("/async-function/sleep.team-a/a/b%20c").unwrap(),
+            ("sleep.team-a", "/a/b%20c")
+        );
+        for bad in [
+            "/async-function/",
+            "/async-function/a.b.c",
+            "/async-function/a*b",
+            "/async-function/.x",
+            "/async-function/x.",
+            "/async-function/%2e%2e",
+        ] {
+            let r = split_path(bad).unwrap_err();
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+        let long = format!("/async-function/{}", "f".repeat(254));
+        assert!(split_path(&long).is_err());
+    }
+
+    #[test]
+    fn the_body_limit_fits_max_payload() {
+        assert_eq!(body_limit(1 << 20, 0), 1 << 20);
+        assert_eq!(body_limit(1 << 20, 8 << 20), 1 << 20);
+        let fits = body_limit(1 << 20, 1_048_576);
+        assert!(fits < 1 << 20);
+        // The base64 of the largest body plus the reserve is within max_payload.
+        assert!(fits.div_ceil(3) * 4 + ENVELOPE_RESERVE <= 1_048_576);
+        assert_eq!(body_limit(100, 1_048_576), 100);
+    }
+
+    #[test]
+    fn headers_take_go_canonical_names() {
+        assert_eq!(canonical_header("content-type"), "Content-Type");
+        assert_eq!(canonical_header("x-call-id"), "X-Call-Id");
+        assert_eq!(canonical_header("X-CALLBACK-URL"), "X-Callback-Url");
+    }
+
+    #[test]
+    fn call_ids_and_callbacks_are_checked() {
+        assert!(check_call_id("0f7c1c5e-1d2b-4b8a-9a43-2a6c0b1e9d11").is_ok());
+        assert!(check_call_id("a b").is_err());
+        assert!(check_call_id(&"x".repeat(MAX_CALL_ID + 1)).is_err());
+        assert!(parse_callback("http://cb:8080/x?y=1").is_ok());
+        assert!(parse_callback("ftp://cb/x").is_err());
+        assert!(parse_callback("/relative").is_err());
+    }
+}

@@ -1,0 +1,570 @@
+//! The async front door: what it queues, what it answers, and that a 202 always means stored.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use queue_worker::request::QueueRequest;
+
+use crate::support::{stream_messages, wait_ready, Env};
+
+fn url(door: &queue_worker::frontdoor::Running, path: &str) -> String {
+    format!("http://{}{path}", door.addr)
+}
+
+async fn scrape_door(door: &queue_worker::frontdoor::Running) -> String {
+    reqwest::get(format!(
+        "http://127.0.0.1:{}/metrics",
+        door.metrics_addr.port()
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap()
+}
+
+fn call_id(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-call-id")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_hey_style_burst_runs_every_call_once() {
+    let env = Env::start().await;
+    let door = env.frontdoor(&[]).await;
+    let worker = env.worker(&[("max_inflight", "64")]).await;
+    let client = reqwest::Client::new();
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (client, ids, target) = (
+            client.clone(),
+            ids.clone(),
+            url(&door, "/async-function/sleep"),
+        );
+        clients.push(tokio::spawn(async move {
+            for i in 0..125 {
+                let r = client
+                    .post(&target)
+                    .body(format!("job {c}-{i}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202, "{:?}", r.text().await);
+                ids.lock().unwrap().push(call_id(&r));
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    let ids: Vec<String> = ids.lock().unwrap().clone();
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 500, "every 202 carries its own X-Call-Id");
+
+    env.gateway
+        .wait_for("500 calls", Duration::from_secs(30), |g| {
+            g.calls().len() >= 500
+        })
+        .await;
+    env.wait_drained(Duration::from_secs(10)).await;
+    let mut per_id: HashMap<String, usize> = HashMap::new();
+    for call in env.gateway.calls() {
+        *per_id.entry(call.call_id()).or_default() += 1;
+    }
+    assert_eq!(env.gateway.calls().len(), 500);
+    assert!(per_id.values().all(|n| *n == 1), "a call ran twice");
+    let called: HashSet<&String> = per_id.keys().collect();
+    assert_eq!(called, distinct, "the calls are the accepted requests");
+
+    let text = scrape_door(&door).await;
+    assert!(
+        text.contains(r#"queue_worker_frontdoor_accepted_total{function_name="sleep.openfaas-fn",queue_name="faas-request"} 500"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"queue_worker_frontdoor_publish_seconds_count{queue_name="faas-request"} 500"#
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains("queue_worker_pending_messages"),
+        "a front door must not export the worker's pending gauge"
+    );
+    door.shutdown();
+    door.wait().await.unwrap();
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn requests_are_queued_as_the_gateway_writes_them() {
+    let env = Env::start().await;
+    let door = env.frontdoor(&[]).await;
+    let callback = env.gateway.callback_url("echo");
+    let r = reqwest::Client::new()
+        .put(url(&door, "/async-function/echo.team-a/a/b%20c?x=1&y=two"))
+        .header("Content-Type", "text/plain")
+        .header("X-Foo", "bar")
+        .header("X-Callback-Url", &callback)
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = call_id(&r);
+    assert_eq!(id.len(), 36, "a generated UUID: {id}");
+
+    let js = env.js().await;
+    let msgs = stream_messages(&js, "OF_faas-request").await;
+    assert_eq!(msgs.len(), 1);
+    let m = &msgs[0];
+    assert_eq!(m.subject.as_str(), "faas-request.echo.team-a");
+    assert_eq!(
+        m.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+        Some(id.as_str())
+    );
+    let raw: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(raw["Method"], "PUT");
+    assert_eq!(raw["Function"], "echo.team-a");
+    assert_eq!(raw["Path"], "/a/b%20c");
+    assert_eq!(raw["QueryString"], "x=1&y=two");
+    assert_eq!(
+        raw["Body"],
+        base64::engine::general_purpose::STANDARD.encode("hello")
+    );
+    assert_eq!(raw["Header"]["X-Foo"], serde_json::json!(["bar"]));
+    assert_eq!(
+        raw["Header"]["Content-Type"],
+        serde_json::json!(["text/plain"])
+    );
+    assert_eq!(raw["Header"]["X-Call-Id"], serde_json::json!([id]));
+    assert!(raw["Header"]["X-Start-Time"][0].as_str().unwrap().len() >= 19);
+    assert_eq!(raw["CallbackUrl"]["Scheme"], "http");
+    assert_eq!(raw["CallbackUrl"]["Path"], "/callback/echo");
+    assert!(raw["Host"].as_str().unwrap().starts_with("127.0.0.1:"));
+    let decoded: QueueRequest = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(decoded.callback_url.as_deref(), Some(callback.as_str()));
+
+    // And the worker runs it as queued.
+    let worker = env.worker(&[]).await;
+    env.gateway.wait_callbacks(1).await;
+    let call = &env.gateway.calls()[0];
+    assert_eq!(call.method, "PUT");
+    assert_eq!(call.path, "/function/echo.team-a/a/b%20c");
+    assert_eq!(call.query.as_deref(), Some("x=1&y=two"));
+    assert_eq!(call.body, "hello");
+    assert_eq!(call.header("x-foo"), "bar");
+    assert_eq!(call.call_id(), id);
+    assert_eq!(env.gateway.callback_for("echo").header("x-call-id"), id);
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn the_same_call_id_twice_is_one_job() {
+    let env = Env::start().await;
+    let door = env.frontdoor(&[]).await;
+    let client = reqwest::Client::new();
+    for _ in 0..2 {
+        let r = client
+            .post(url(&door, "/async-function/once"))
+            .header("X-Call-Id", "retry-me-1")
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        assert_eq!(call_id(&r), "retry-me-1");
+    }
+    let js = env.js().await;
+    assert_eq!(stream_messages(&js, "OF_faas-request").await.len(), 1);
+    let text = scrape_door(&door).await;
+    assert!(
+        text.contains(r#"queue_worker_frontdoor_duplicates_total{queue_name="faas-request"} 1"#),
+        "{text}"
+    );
+    let worker = env.worker(&[]).await;
+    env.wait_drained(Duration::from_secs(10)).await;
+    assert_eq!(env.gateway.calls_to("once"), 1);
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_get_413() {
+    let env = Env::start().await;
+    let door = env.frontdoor(&[("frontdoor_max_body", "1KiB")]).await;
+    let client = reqwest::Client::new();
+    let post = |body: Vec<u8>| {
+        client
+            .post(url(&door, "/async-function/big"))
+            .body(body)
+            .send()
+    };
+    assert_eq!(post(vec![b'a'; 1024]).await.unwrap().status(), 202);
+    let r = post(vec![b'a'; 1025]).await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(r.text().await.unwrap().contains("1024 bytes"));
+    // Without Content-Length (chunked), the limit holds while reading.
+    assert_eq!(post_chunked(door.addr, 4, 400).await, 413);
+    assert_eq!(post_chunked(door.addr, 2, 400).await, 202);
+    let js = env.js().await;
+    assert_eq!(stream_messages(&js, "OF_faas-request").await.len(), 2);
+    let text = scrape_door(&door).await;
+    assert!(
+        text.contains(r#"queue_worker_frontdoor_rejected_total{reason="too_large"} 2"#),
+        "{text}"
+    );
+}
+
+/// POSTs `chunks` chunks of `size` bytes with `Transfer-Encoding: chunked` (no
+/// Content-Length) over a raw connection; returns the status code.
+async fn post_chunked(addr: std::net::SocketAddr, chunks: usize, size: usize) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "POST /async-function/big HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..chunks {
+        req.extend(format!("{size:x}\r\n").bytes());
+        req.extend(std::iter::repeat_n(b'b', size));
+        req.extend(b"\r\n");
+    }
+    req.extend(b"0\r\n\r\n");
+    // The server may answer 413 and close before reading everything.
+    let _ = s.write_all(&req).await;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    String::from_utf8_lossy(&head[9..12]).parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_limit_never_exceeds_the_servers_max_payload() {
+    crate::support::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 8192\n").unwrap();
+    let store = dir.path().join("js");
+    let args = vec!["-c".to_string(), conf.display().to_string()];
+    let nats = tokio::task::spawn_blocking(move || {
+        queue_worker::natsd::NatsServer::start_with(&store, 0, args)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let gateway = crate::support::FakeGateway::start().await;
+    let env = Env { nats, gateway };
+    // 1 MiB is allowed by the setting, but a message must fit 8 KiB once encoded.
+    let door = env.frontdoor(&[]).await;
+    let client = reqwest::Client::new();
+    let post = |n: usize| {
+        client
+            .post(url(&door, "/async-function/big"))
+            .body(vec![b'a'; n])
+            .send()
+    };
+    assert_eq!(post(3000).await.unwrap().status(), 202);
+    let r = post(6000).await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(r.text().await.unwrap().contains("max_payload"));
+    // Headers count too: a body that fits alone but not with 5 KiB of headers.
+    let r = client
+        .post(url(&door, "/async-function/big"))
+        .header("X-Padding", "p".repeat(5000))
+        .body(vec![b'a'; 3000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let js = env.js().await;
+    assert_eq!(stream_messages(&js, "OF_faas-request").await.len(), 1);
+}
+
+#[tokio::test]
+async fn bad_names_and_callback_urls_get_400() {
+    let env = Env::start().await;
+    let door = env.frontdoor(&[]).await;
+    let client = reqwest::Client::new();
+    for path in [
+        "/async-function/",
+        "/async-function",
+        "/async-function/a.b.c",
+        "/async-function/a%20b",
+        "/async-function/a..b",
+    ] {
+        let r = client.post(url(&door, path)).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+    }
+    let r = client
+        .post(url(&door, "/async-function/fine"))
+        .header("X-Callback-Url", "not a url")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("X-Callback-Url"));
+    let js = env.js().await;
+    assert!(stream_messages(&js, "OF_faas-request").await.is_empty());
+    let text = scrape_door(&door).await;
+    assert!(
+        text.contains(r#"queue_worker_frontdoor_rejected_total{reason="bad_request"} 6"#),
+        "{text}"
+    );
+}
+
+/// Four clients post without pause while NATS is killed and restarted: requests during the
+/// outage get 503, and every request that got 202 is run after the restart.
+#[tokio::test]
+async fn nats_down_gives_503_and_every_202_was_stored() {
+    let mut env = Env::start().await;
+    let door = env.frontdoor(&[]).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let accepted = Arc::new(Mutex::new(Vec::<String>::new()));
+    let refused = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (client, accepted, refused, stop) = (
+            client.clone(),
+            accepted.clone(),
+            refused.clone(),
+            stop.clone(),
+        );
+        let target = url(&door, "/async-function/steady");
+        clients.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                i += 1;
+                let Ok(r) = client
+                    .post(&target)
+                    .header("X-Call-Id", format!("c{c}-{i}"))
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                match r.status().as_u16() {
+                    202 => accepted.lock().unwrap().push(call_id(&r)),
+                    503 => {
+                        let id = call_id(&r);
+                        let why = r.text().await.unwrap_or_default();
+                        refused.lock().unwrap().push((id, why));
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    other => panic!("unexpected {other}"),
+                }
+            }
+        }));
+    }
+    let count = |v: &Arc<Mutex<Vec<String>>>| v.lock().unwrap().len();
+    while count(&accepted) < 200 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    env.nats.kill();
+    while refused.lock().unwrap().len() < 20 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before_restart = count(&accepted);
+    env.nats.restart().unwrap();
+    // Accepting again after the reconnect.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while count(&accepted) < before_restart + 100 {
+        assert!(std::time::Instant::now() < deadline, "no 202 after restart");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let accepted: Vec<String> = accepted.lock().unwrap().clone();
+    let refused = refused.lock().unwrap().clone();
+    assert!(
+        refused
+            .iter()
+            .all(|(id, why)| !id.is_empty() && !why.is_empty()),
+        "a 503 names its call id and why: {refused:?}"
+    );
+
+    let worker = env.worker(&[("max_inflight", "64")]).await;
+    env.gateway
+        .wait_for("every accepted call", Duration::from_secs(30), |g| {
+            let called: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
+            accepted.iter().all(|id| called.contains(id))
+        })
+        .await;
+    wait_ready(&worker).await;
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn unknown_functions_get_404_and_annotations_choose_the_queue() {
+    let env = Env::start().await;
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("basic-auth-user"), "admin\n").unwrap();
+    std::fs::write(secrets.path().join("basic-auth-password"), "s3cret\n").unwrap();
+    env.gateway.know(
+        "known",
+        &[
+            ("com.openfaas.queue", "slow-fns"),
+            ("com.openfaas.retry.attempts", "2"),
+            ("com.openfaas.scale.max", "5"),
+        ],
+    );
+    env.gateway.know("plain", &[]);
+    let door = env
+        .frontdoor(&[
+            ("frontdoor_check_function", "true"),
+            ("secret_mount_path", secrets.path().to_str().unwrap()),
+        ])
+        .await;
+    let client = reqwest::Client::new();
+    let r = client
+        .post(url(&door, "/async-function/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = client
+        .post(url(&door, "/async-function/known.openfaas-fn"))
+        .body("k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let r = client
+        .post(url(&door, "/async-function/plain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+
+    let lookups = env.gateway.lookups();
+    assert!(
+        lookups.iter().any(|l| l.path == "/system/function/known"
+            && l.query.as_deref() == Some("namespace=openfaas-fn")),
+        "{lookups:?}"
+    );
+    assert!(lookups
+        .iter()
+        .all(|l| l.header("authorization") == "Basic YWRtaW46czNjcmV0"));
+
+    let js = env.js().await;
+    let slow = stream_messages(&js, "OF_slow-fns").await;
+    assert_eq!(slow.len(), 1);
+    assert_eq!(slow[0].subject.as_str(), "slow-fns.known.openfaas-fn");
+    let req: QueueRequest = serde_json::from_slice(&slow[0].payload).unwrap();
+    assert_eq!(req.queue_name, "slow-fns");
+    assert_eq!(
+        req.annotations
+            .get("com.openfaas.retry.attempts")
+            .map(String::as_str),
+        Some("2")
+    );
+    assert!(!req.annotations.contains_key("com.openfaas.scale.max"));
+    let default = stream_messages(&js, "OF_faas-request").await;
+    assert_eq!(default.len(), 1);
+    assert_eq!(
+        default[0].subject.as_str(),
+        "faas-request.plain.openfaas-fn"
+    );
+
+    // A gateway that cannot answer: 503, not a silent 202 nor a false 404.
+    let dead_gateway = env
+        .frontdoor(&[
+            ("frontdoor_check_function", "true"),
+            ("gateway_url", "http://127.0.0.1:1"),
+        ])
+        .await;
+    let r = client
+        .post(url(&dead_gateway, "/async-function/plain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let text = scrape_door(&dead_gateway).await;
+    assert!(
+        text.contains(r#"queue_worker_frontdoor_rejected_total{reason="lookup_failed"} 1"#),
+        "{text}"
+    );
+    let text = scrape_door(&door).await;
+    assert!(
+        text.contains(r#"queue_worker_frontdoor_rejected_total{reason="unknown_function"} 1"#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn queues_are_chosen_per_function_from_configuration() {
+    let env = Env::start().await;
+    let door = env
+        .frontdoor(&[("frontdoor_queues", "sleep=slow, env.team=fast")])
+        .await;
+    let client = reqwest::Client::new();
+    for path in ["sleep", "sleep.openfaas-fn", "env.team", "env", "other"] {
+        let r = client
+            .post(url(&door, &format!("/async-function/{path}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{path}");
+    }
+    let js = env.js().await;
+    let subjects = |msgs: Vec<async_nats::jetstream::message::StreamMessage>| {
+        msgs.iter()
+            .map(|m| m.subject.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        subjects(stream_messages(&js, "OF_slow").await),
+        ["slow.sleep.openfaas-fn", "slow.sleep.openfaas-fn"]
+    );
+    assert_eq!(
+        subjects(stream_messages(&js, "OF_fast").await),
+        ["fast.env.team"]
+    );
+    assert_eq!(
+        subjects(stream_messages(&js, "OF_faas-request").await),
+        [
+            "faas-request.env.openfaas-fn",
+            "faas-request.other.openfaas-fn"
+        ]
+    );
+    // A worker of the slow queue runs its jobs.
+    let worker = env.worker(&[("queue_name", "slow")]).await;
+    env.gateway
+        .wait_for("the slow queue's calls", Duration::from_secs(10), |g| {
+            g.calls().len() == 2
+        })
+        .await;
+    let paths: HashSet<String> = env.gateway.calls().iter().map(|c| c.path.clone()).collect();
+    assert_eq!(
+        paths,
+        HashSet::from([
+            "/function/sleep".to_string(),
+            "/function/sleep.openfaas-fn".to_string()
+        ])
+    );
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn a_deleted_stream_is_set_up_again_on_the_next_request() {
+    let env = Env::start().await;
+    let door = env.frontdoor(&[]).await;
+    let js = env.js().await;
+    js.delete_stream("OF_faas-request").await.unwrap();
+    let r = reqwest::Client::new()
+        .post(url(&door, "/async-function/again"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(stream_messages(&js, "OF_faas-request").await.len(), 1);
+}

@@ -1,0 +1,154 @@
+//! `queue-worker queue status|purge` against a real server, through the binary.
+
+use std::time::Duration;
+
+use queue_worker::stream::{self, Layout};
+
+use crate::support::{cli, publish_raw, submit, Env, Step};
+
+async fn status_json(env: &Env) -> serde_json::Value {
+    let (code, out, err) = cli(&env.nats.url(), &["queue", "status", "--json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn depth(status: &serde_json::Value, subject: &str) -> u64 {
+    status["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["subject"] == subject)
+        .map(|f| f["messages"].as_u64().unwrap())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn status_numbers_match_what_was_published() {
+    let env = Env::start().await;
+    let config = env.config(&[]);
+    submit(&config, "a", 3).await;
+    submit(&config, "b.team-b", 2).await;
+    publish_raw(
+        &env.js().await,
+        "faas-request",
+        br#"{"Function":"legacy"}"#.to_vec(),
+    )
+    .await;
+    // The consumer a worker would make, with nothing delivered yet.
+    stream::ensure_consumer(&env.js().await, &Layout::of(&config))
+        .await
+        .unwrap();
+
+    let s = status_json(&env).await;
+    assert_eq!(s["stream"], "OF_faas-request");
+    assert_eq!(s["messages"], 6);
+    assert!(s["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(depth(&s, "faas-request.a.openfaas-fn"), 3);
+    assert_eq!(depth(&s, "faas-request.b.team-b"), 2);
+    assert_eq!(depth(&s, "faas-request"), 1);
+    let functions = s["functions"].as_array().unwrap();
+    assert_eq!(functions[0]["function"], "a.openfaas-fn", "deepest first");
+    assert!(functions
+        .iter()
+        .any(|f| f["subject"] == "faas-request" && f["function"].is_null()));
+    let consumers = s["consumers"].as_array().unwrap();
+    assert_eq!(consumers.len(), 1);
+    assert_eq!(consumers[0]["name"], "faas-workers");
+    assert_eq!(consumers[0]["pending"], 6);
+    assert_eq!(consumers[0]["ack_pending"], 0);
+    let age = s["oldest_age_seconds"].as_f64().unwrap();
+    assert!((0.0..60.0).contains(&age), "{age}");
+    assert!(s["dead_letters"].is_null(), "no worker made it yet");
+
+    let (code, out, err) = cli(&env.nats.url(), &["queue", "status"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("OF_faas-request: 6 messages"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("a.openfaas-fn"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(row.contains(" 3 "), "{row}");
+    let row = out.lines().find(|l| l.starts_with("faas-workers")).unwrap();
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1..3], ["6", "0"], "{row}");
+
+    // With a worker holding one call in flight, that call shows as ack-pending.
+    env.gateway
+        .script("a", vec![Step::status(200).delay(Duration::from_secs(3))]);
+    let worker = env.worker(&[("max_inflight", "1")]).await;
+    env.gateway
+        .wait_for("a call", Duration::from_secs(10), |g| g.running() == 1)
+        .await;
+    let s = status_json(&env).await;
+    assert_eq!(s["messages"], 6, "the running message stays until acked");
+    assert_eq!(s["consumers"][0]["ack_pending"], 1);
+    assert_eq!(s["consumers"][0]["pending"], 5);
+    assert!(!s["dead_letters"].is_null());
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn purge_empties_only_the_named_function_while_a_worker_runs() {
+    let env = Env::start().await;
+    let config = env.config(&[]);
+    env.gateway
+        .script("a", vec![Step::status(200).delay(Duration::from_secs(1))]);
+    submit(&config, "a", 5).await;
+    submit(&config, "b.team-b", 3).await;
+    let worker = env.worker(&[("max_inflight", "1")]).await;
+    env.gateway
+        .wait_for("the first call of a", Duration::from_secs(10), |g| {
+            g.calls_to("a") == 1
+        })
+        .await;
+
+    let (code, out, err) = cli(&env.nats.url(), &["queue", "purge", "--function", "a"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("purged 5 messages of a.openfaas-fn"), "{out}");
+
+    // b's jobs still run, a's are gone (the running call finishes), and nothing is left.
+    env.gateway
+        .wait_for("b's three calls", Duration::from_secs(15), |g| {
+            g.calls_to("b.team-b") == 3
+        })
+        .await;
+    env.wait_drained(Duration::from_secs(10)).await;
+    assert_eq!(env.gateway.calls_to("a"), 1);
+    let s = status_json(&env).await;
+    assert_eq!(s["messages"], 0);
+
+    // Everything needs --yes.
+    submit(&config, "c", 2).await;
+    let (code, _, err) = cli(&env.nats.url(), &["queue", "purge"]).await;
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--yes"), "{err}");
+    crate::support::stop(worker).await;
+    let (code, out, err) = cli(&env.nats.url(), &["queue", "purge", "--yes", "--json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let purged: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(purged["purged"].as_u64().unwrap() <= 2, "{out}");
+    assert_eq!(status_json(&env).await["messages"], 0);
+}
+
+#[tokio::test]
+async fn missing_streams_and_unreachable_nats_have_their_own_exit_codes() {
+    let env = Env::start().await;
+    let (code, _, err) = cli(&env.nats.url(), &["queue", "status"]).await;
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("OF_faas-request does not exist"), "{err}");
+
+    let port = queue_worker::natsd::free_port().unwrap();
+    let nowhere = format!("nats://127.0.0.1:{port}");
+    for args in [
+        &["queue", "status"][..],
+        &["queue", "purge", "--yes"],
+        &["dead", "list"],
+        &["publish", "sleep"],
+    ] {
+        let (code, _, err) = cli(&nowhere, args).await;
+        assert_eq!(code, Some(3), "{args:?}: {err}");
+        assert!(err.contains("cannot reach NATS"), "{args:?}: {err}");
+    }
+    let (code, _, err) = cli(&env.nats.url(), &["queue", "purge", "--function", "a.*"]).await;
+    assert_eq!(code, Some(2), "{err}");
+}
