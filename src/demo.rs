@@ -4,7 +4,7 @@
 //! the front door as `hey` would, live progress, a summary, and a clean stop (also on
 //! Ctrl-C).
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -42,12 +42,14 @@ struct Burst {
 
 /// Runs the demo.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
-    println!(
+    crate::outln!(
         "queue-worker demo: {} jobs, worker max_inflight {}, function max_inflight {}\n",
-        opts.jobs, opts.max_inflight, opts.function_inflight
+        opts.jobs,
+        opts.max_inflight,
+        opts.function_inflight
     );
     let nats = tokio::task::spawn_blocking(NatsServer::start).await??;
-    println!(
+    crate::outln!(
         "  nats-server   {} (JetStream store in a temp dir)",
         nats.url()
     );
@@ -65,7 +67,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         stop.clone(),
     )
     .await?;
-    println!(
+    crate::outln!(
         "  gateway       http://{gateway} (function sleep: 100-800ms; 429 above {} at once)",
         opts.function_inflight
     );
@@ -92,11 +94,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     ])?)?;
     let worker = crate::app::start(config.clone()).await?;
     let door = crate::frontdoor::start(config.clone()).await?;
-    println!(
+    crate::outln!(
         "  worker        metrics on http://127.0.0.1:{}/metrics",
         worker.metrics_addr.port()
     );
-    println!(
+    crate::outln!(
         "  front door    http://{}/async-function/<name> (metrics on http://127.0.0.1:{}/metrics)\n",
         door.addr,
         door.metrics_addr.port()
@@ -113,9 +115,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         opts.jobs,
         burst.clone(),
     ));
-    println!(
+    crate::outln!(
         "POSTing {} jobs to http://{}/async-function/sleep from {CLIENTS} clients\n",
-        opts.jobs, door.addr
+        opts.jobs,
+        door.addr
     );
 
     let ctrl_c = tokio::signal::ctrl_c();
@@ -133,11 +136,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         if tty || finished || last_line.elapsed() >= Duration::from_secs(1) {
             let line = progress_line(opts.jobs, accepted, done, &stats, retries.get() as u64);
             if tty {
-                print!("\r{line}");
+                crate::out!("\r{line}");
             } else {
-                println!("{line}");
+                crate::outln!("{line}");
             }
-            std::io::stdout().flush().ok();
+
             last_line = Instant::now();
         }
         if finished {
@@ -149,13 +152,13 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         }
     }
     if tty {
-        println!();
+        crate::outln!();
     }
     submit.abort();
     let elapsed = started.elapsed();
 
     let accepted = burst.accepted.load(Ordering::Relaxed);
-    println!(
+    crate::outln!(
         "\n{} after {:.1}s: {accepted} jobs accepted ({} refused), {} processed, {} calls to the function ({} answered 429 and were retried later), {} callbacks.",
         if interrupted { "Interrupted" } else { "Done" },
         elapsed.as_secs_f64(),
@@ -166,21 +169,21 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         stats.callbacks.load(Ordering::Relaxed),
     );
     if !interrupted && elapsed.as_secs_f64() > 0.0 {
-        println!(
+        crate::outln!(
             "Throughput: {:.0} jobs/s with the function limited to {} at once.",
             accepted as f64 / elapsed.as_secs_f64(),
             opts.function_inflight
         );
     }
-    println!("\nSome of the worker's metrics:");
+    crate::outln!("\nSome of the worker's metrics:");
     for line in worker.metrics.render().lines() {
         if line.starts_with("queue_worker_") && !line.contains("_bucket") {
-            println!("  {line}");
+            crate::outln!("  {line}");
         }
     }
 
     if opts.stay && !interrupted {
-        println!(
+        crate::outln!(
             "\nStill running. Try:\n  hey -m POST -n 500 -c 4 http://{}/async-function/sleep\n  curl -i -X POST -d hi http://{}/async-function/sleep\n  queue-worker --nats-url {} queue status\nCtrl-C stops everything.",
             door.addr,
             door.addr,
@@ -189,7 +192,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
     }
 
-    println!("\nStopping: front door, worker (drain), sample gateway, nats-server.");
+    crate::outln!("\nStopping: front door, worker (drain), sample gateway, nats-server.");
     door.shutdown();
     worker.shutdown();
     let (d, w) = tokio::join!(door.wait(), worker.wait());

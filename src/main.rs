@@ -380,7 +380,7 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
                 ..Default::default()
             };
             let ids = queue_worker::publish::publish(&config, &sub, args.count).await?;
-            println!(
+            queue_worker::outln!(
                 "published {} message(s) for {} to {}{}",
                 ids.len(),
                 args.function,
@@ -407,7 +407,7 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
                 stop.clone(),
             )
             .await?;
-            println!("sample gateway on http://{addr} (functions at /function/<name>)");
+            queue_worker::outln!("sample gateway on http://{addr} (functions at /function/<name>)");
             shutdown_signal().await;
             stop.cancel();
             Ok(())
@@ -423,7 +423,7 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
             .await
         }
         Command::CheckConfig => {
-            println!("{config:#?}");
+            queue_worker::outln!("{config:#?}");
             Ok(())
         }
         Command::Dead(cmd) => Ok(dead(cmd, &config).await?),
@@ -456,7 +456,7 @@ async fn dead(cmd: DeadCommand, config: &Config) -> Result<(), CliError> {
             json,
         } => {
             if !json {
-                println!(
+                queue_worker::outln!(
                     "{}: {} ({bytes} bytes)",
                     dl.stream(),
                     if total == 1 {
@@ -489,7 +489,7 @@ async fn queue(cmd: QueueCommand, config: &Config) -> Result<(), CliError> {
         QueueCommand::Status { json } => {
             let status = cli::queue::status(&js, config).await?;
             if json {
-                println!(
+                queue_worker::outln!(
                     "{}",
                     serde_json::to_string_pretty(&status).unwrap_or_default()
                 );
@@ -517,7 +517,7 @@ async fn queue(cmd: QueueCommand, config: &Config) -> Result<(), CliError> {
             }
             let purged = cli::queue::purge(&js, config, function.as_deref()).await?;
             if json {
-                println!("{}", serde_json::to_string(&purged).unwrap_or_default());
+                queue_worker::outln!("{}", serde_json::to_string(&purged).unwrap_or_default());
             } else {
                 cli::queue::print_purged(&purged);
             }

@@ -44,7 +44,7 @@ pub async fn list(dl: &DeadLetters, filter: &Filter, json: bool) -> Result<(), C
             .zip(WIDTHS)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        crate::outln!("{}", parts.join("  ").trim_end());
     };
     let dash = |s: &str| {
         if s.is_empty() {
@@ -56,7 +56,7 @@ pub async fn list(dl: &DeadLetters, filter: &Filter, json: bool) -> Result<(), C
     let mut first = true;
     dl.for_each(filter, async |r| {
         if json {
-            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            crate::outln!("{}", serde_json::to_string(&r).unwrap_or_default());
             return Ok(());
         }
         if std::mem::take(&mut first) {
@@ -83,13 +83,13 @@ pub async fn list(dl: &DeadLetters, filter: &Filter, json: bool) -> Result<(), C
 /// Publishes the entries that pass `filter` back to the work queue and removes them.
 pub async fn replay(dl: &DeadLetters, filter: &Filter, work_stream: &str) -> Result<(), CliError> {
     let report = dl.replay(filter).await;
-    println!(
+    crate::outln!(
         "replayed {} from {} to {work_stream}",
         plural(report.replayed as u64, "message", "messages"),
         dl.stream(),
     );
     if !report.skipped.is_empty() {
-        println!(
+        crate::outln!(
             "skipped {} stored without their payload (sequences {:?}); nothing to replay",
             plural(report.skipped.len() as u64, "entry", "entries"),
             report.skipped
@@ -125,7 +125,7 @@ pub async fn purge(
         )));
     }
     let purged = dl.purge(function).await?;
-    println!(
+    crate::outln!(
         "purged {} from {}",
         plural(purged, "message", "messages"),
         dl.stream()

@@ -13,6 +13,42 @@
 pub mod dead;
 pub mod queue;
 
+/// `println!` for command output that may go to a pipe: when the reader has gone
+/// (`queue status | head -3`), the command ends quietly with exit code 0 instead of
+/// panicking the way `println!` does on a broken pipe.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::cli::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` counterpart of [`outln!`], flushed at once (progress lines).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
+#[doc(hidden)]
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let result = stdout.write_fmt(args).and_then(|()| stdout.flush());
+    match result {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("queue-worker: cannot write output: {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -120,7 +156,7 @@ pub(crate) fn print_table(rows: &[Vec<String>]) {
             .zip(&widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        crate::outln!("{}", line.join("  ").trim_end());
     }
 }
 

@@ -130,16 +130,16 @@ pub fn print_status(s: &Status) {
             )
         })
         .unwrap_or_default();
-    println!(
+    crate::outln!(
         "{}: {} ({}){age}",
         s.stream,
         plural(s.messages, "message", "messages"),
         human_bytes(s.bytes)
     );
-    println!("subjects: {}", s.subjects.join(", "));
-    println!();
+    crate::outln!("subjects: {}", s.subjects.join(", "));
+    crate::outln!();
     if s.functions.is_empty() {
-        println!("No queued messages.");
+        crate::outln!("No queued messages.");
     } else {
         let mut rows = vec![vec![
             "FUNCTION".to_string(),
@@ -157,9 +157,9 @@ pub fn print_status(s: &Status) {
         }
         print_table(&rows);
     }
-    println!();
+    crate::outln!();
     if s.consumers.is_empty() {
-        println!("No consumers: no worker has started on this queue yet.");
+        crate::outln!("No consumers: no worker has started on this queue yet.");
     } else {
         let mut rows = vec![vec![
             "CONSUMER".to_string(),
@@ -180,8 +180,8 @@ pub fn print_status(s: &Status) {
         print_table(&rows);
     }
     if let Some(d) = &s.dead_letters {
-        println!();
-        println!(
+        crate::outln!();
+        crate::outln!(
             "{}: {} ({}); see `queue-worker dead list`",
             d.stream,
             plural(d.messages, "entry", "entries"),
@@ -285,19 +285,19 @@ const PURGE_BATCH: usize = 128;
 /// Prints what a purge did.
 pub fn print_purged(p: &Purged) {
     match &p.function {
-        Some(f) => println!(
+        Some(f) => crate::outln!(
             "purged {} of {f} from {}",
             plural(p.purged, "message", "messages"),
             p.stream
         ),
-        None => println!(
+        None => crate::outln!(
             "purged {} from {}",
             plural(p.purged, "message", "messages"),
             p.stream
         ),
     }
     if p.shared_subject_left > 0 {
-        println!(
+        crate::outln!(
             "note: {} on the shared subject (from older gateways) were left alone; they may include this function",
             plural(p.shared_subject_left, "message", "messages")
         );

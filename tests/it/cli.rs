@@ -163,3 +163,22 @@ fn the_frontdoor_binary_queues_and_stops_on_sigterm() {
     let err = terminate(child);
     assert!(err.contains("Stopped"), "{err}");
 }
+
+#[test]
+fn output_to_a_closed_pipe_ends_quietly() {
+    // The reader (`true`) is gone before the command writes: every write gets EPIPE.
+    let script = format!(
+        "{{ sleep 0.3; exec {} check-config; }} | true; echo \"status=${{PIPESTATUS[0]}}\"",
+        env!("CARGO_BIN_EXE_queue-worker")
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("status=0"), "{stdout}{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
