@@ -42,6 +42,15 @@ struct Burst {
 
 /// Runs the demo.
 pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
+    // Ctrl-C is ours from the first moment: without a handler it would kill the process
+    // and leave the nats-server child and its temporary store behind.
+    let interrupt = CancellationToken::new();
+    let on_signal = interrupt.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_signal.cancel();
+        }
+    });
     crate::outln!(
         "queue-worker demo: {} jobs, worker max_inflight {}, function max_inflight {}\n",
         opts.jobs,
@@ -103,8 +112,24 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         door.addr,
         door.metrics_addr.port()
     );
-    while door.health.readiness().is_err() || worker.health.readiness().is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let ready = async {
+        while door.health.readiness().is_err() || worker.health.readiness().is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(30), ready) => {
+            if r.is_err() {
+                door.shutdown();
+                worker.shutdown();
+                anyhow::bail!(
+                    "the worker or the front door did not become ready within 30s: {:?} / {:?}",
+                    worker.health.readiness(),
+                    door.health.readiness()
+                );
+            }
+        }
+        _ = interrupt.cancelled() => {}
     }
 
     let started = Instant::now();
@@ -121,9 +146,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         door.addr
     );
 
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    let mut interrupted = false;
+    let mut interrupted = interrupt.is_cancelled();
     let tty = std::io::stdout().is_terminal();
     let retries = worker.metrics.function("sleep.openfaas-fn").retries.clone();
     let mut last_line = Instant::now() - Duration::from_secs(10);
@@ -143,12 +166,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
             last_line = Instant::now();
         }
-        if finished {
+        if finished || interrupted {
             break;
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = &mut ctrl_c => { interrupted = true; break; }
+            _ = interrupt.cancelled() => { interrupted = true; break; }
         }
     }
     if tty {
@@ -189,7 +212,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
             door.addr,
             nats.url()
         );
-        let _ = tokio::signal::ctrl_c().await;
+        interrupt.cancelled().await;
     }
 
     crate::outln!("\nStopping: front door, worker (drain), sample gateway, nats-server.");

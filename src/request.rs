@@ -250,10 +250,22 @@ impl GoUrl {
             (Some(h), None) => h.to_string(),
             _ => String::new(),
         };
+        // Go keeps `Path` decoded and the encoded form in `RawPath` when they differ; a Go
+        // reader rebuilding the URL from `Path` alone would encode `%20` again as `%2520`.
+        let encoded = u.path();
+        let decoded = percent_encoding::percent_decode_str(encoded)
+            .decode_utf8_lossy()
+            .into_owned();
+        let raw_path = if decoded == encoded {
+            String::new()
+        } else {
+            encoded.to_string()
+        };
         GoUrl {
             scheme: u.scheme().to_string(),
             host,
-            path: u.path().to_string(),
+            path: decoded,
+            raw_path,
             raw_query: u.query().unwrap_or_default().to_string(),
             fragment: u.fragment().unwrap_or_default().to_string(),
             ..GoUrl::default()
@@ -297,6 +309,29 @@ mod tests {
 
     /// A message byte for byte as the Go gateway marshals it.
     const GATEWAY_JSON: &str = r#"{"Header":{"Accept-Encoding":["gzip"],"Content-Type":["text/plain"],"User-Agent":["curl/8.5.0"],"X-Call-Id":["7f1c2c2b-1e1a-4b8f-a2d6-4e0f1b0e9c11"],"X-Callback-Url":["http://receiver.example:8080/done?x=1"],"X-Start-Time":["1741610445838000000"]},"Host":"gateway.openfaas:8080","Body":"aGVsbG8gd29ybGQ=","Method":"POST","Path":"/sub/path","QueryString":"a=1&b=two","Function":"sleep","QueueName":"","Annotations":{"com.openfaas.retry.attempts":"5"},"CallbackUrl":{"Scheme":"http","Opaque":"","User":null,"Host":"receiver.example:8080","Path":"/done","RawPath":"","OmitHost":false,"ForceQuery":false,"RawQuery":"x=1","Fragment":"","RawFragment":""}}"#;
+
+    #[test]
+    fn callback_paths_are_written_as_go_keeps_them() {
+        let r = QueueRequest {
+            callback_url: Some("http://cb:8080/a%20b/c?x=%20".into()),
+            ..QueueRequest::default()
+        };
+        let json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["CallbackUrl"]["Path"], "/a b/c");
+        assert_eq!(json["CallbackUrl"]["RawPath"], "/a%20b/c");
+        assert_eq!(json["CallbackUrl"]["RawQuery"], "x=%20");
+        let back: QueueRequest = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            back.callback_url.as_deref(),
+            Some("http://cb:8080/a%20b/c?x=%20")
+        );
+        let plain = QueueRequest {
+            callback_url: Some("http://cb/plain".into()),
+            ..QueueRequest::default()
+        };
+        let json: serde_json::Value = serde_json::to_value(&plain).unwrap();
+        assert_eq!(json["CallbackUrl"]["RawPath"], "");
+    }
 
     #[test]
     fn decodes_the_gateway_format() {

@@ -229,37 +229,58 @@ pub async fn purge(
     let subject = crate::publish::subject_for(&config.queue, function, &config.default_namespace);
     let state = stream.info().await.map_err(|e| failed(&e))?.state.clone();
     let mut purged = 0;
+    let mut failures = Vec::new();
     let mut seq = state.first_sequence.max(1);
     let mut batch = Vec::with_capacity(PURGE_BATCH);
-    while seq <= state.last_sequence {
-        let next = stream
-            .raw_message_builder()
-            .sequence(seq)
-            .next_by_subject(subject.clone())
-            .send()
-            .await;
-        let found = match next {
-            Ok(m) if m.sequence <= state.last_sequence => Some(m.sequence),
-            Ok(_) => None,
-            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => None,
-            Err(e) => return Err(failed(&e)),
+    loop {
+        let found = if seq <= state.last_sequence {
+            let next = stream
+                .raw_message_builder()
+                .sequence(seq)
+                .next_by_subject(subject.clone())
+                .send()
+                .await;
+            match next {
+                Ok(m) if m.sequence <= state.last_sequence => Some(m.sequence),
+                Ok(_) => None,
+                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                    None
+                }
+                Err(e) => return Err(failed(&e)),
+            }
+        } else {
+            None
         };
         if let Some(s) = found {
             batch.push(s);
             seq = s + 1;
         }
         if batch.len() >= PURGE_BATCH || (found.is_none() && !batch.is_empty()) {
-            let deletes = batch.drain(..).map(|s| stream.delete_message(s));
-            // A message acked meanwhile is already gone: not an error, not counted.
-            purged += futures_util::future::join_all(deletes)
-                .await
-                .into_iter()
-                .filter(|r| matches!(r, Ok(true)))
-                .count() as u64;
+            let deletes = batch.drain(..).map(|s| {
+                let stream = &stream;
+                async move { (s, stream.delete_message(s).await) }
+            });
+            for (s, result) in futures_util::future::join_all(deletes).await {
+                match result {
+                    Ok(true) => purged += 1,
+                    Ok(false) => {}
+                    // A message acked meanwhile is already gone: not an error, not counted.
+                    Err(e) if matches!(e.kind(), jetstream::stream::DeleteMessageErrorKind::JetStream(j) if j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND) =>
+                        {}
+                    Err(e) => failures.push(format!("{s}: {e}")),
+                }
+            }
         }
         if found.is_none() {
             break;
         }
+    }
+    if !failures.is_empty() {
+        return Err(CliError::Failed(format!(
+            "purged {purged} message(s) of {subject} from {name}, but {} could not be deleted ({}); run the command again",
+            failures.len(),
+            failures.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        )));
     }
     let mut shared_subject_left = 0;
     let mut subjects = stream

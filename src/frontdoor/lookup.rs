@@ -3,7 +3,7 @@
 //! proxies), with basic auth, and cached briefly so a burst of calls costs one lookup.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -53,7 +53,13 @@ pub struct Lookup {
     base: String,
     auth: Option<(String, Secret)>,
     cache: Mutex<HashMap<String, (Instant, Found)>>,
+    /// Per name: one lookup at a time, so a burst of calls to a function not yet cached
+    /// waits for the first answer instead of asking the gateway once each.
+    in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// Most names cached; past it the expired and then the oldest half are evicted.
+const CACHE_LIMIT: usize = 10_000;
 
 impl Lookup {
     pub fn new(base: String, auth: Option<(String, Secret)>) -> anyhow::Result<Lookup> {
@@ -67,6 +73,7 @@ impl Lookup {
             base,
             auth,
             cache: Mutex::default(),
+            in_flight: Mutex::default(),
         })
     }
 
@@ -75,6 +82,30 @@ impl Lookup {
         if let Some(found) = self.cached(function) {
             return Ok(found);
         }
+        let lock = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(function.to_string())
+            .or_default()
+            .clone();
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            match self.cached(function) {
+                Some(found) => Ok(found),
+                None => self.ask(function).await,
+            }
+        };
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        // The map holds one entry per name being looked up now, not one per name ever seen.
+        if Arc::strong_count(&lock) <= 2 {
+            in_flight.remove(function);
+        }
+        result
+    }
+
+    /// Asks the gateway and caches the answer.
+    async fn ask(&self, function: &str) -> Result<Found, LookupError> {
         let (name, namespace) = match function.split_once('.') {
             Some((n, ns)) => (n, Some(ns)),
             None => (function, None),
@@ -115,12 +146,16 @@ impl Lookup {
             code => return Err(LookupError::Status(code)),
         };
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        // Names come from requests: keep the cache bounded whatever they send.
-        if cache.len() >= 10_000 {
+        // Names come from requests: keep the cache bounded whatever they send, dropping
+        // expired answers first and then the oldest, never the whole cache.
+        if cache.len() >= CACHE_LIMIT {
             let now = Instant::now();
             cache.retain(|_, (at, f)| now.duration_since(*at) < ttl(f));
-            if cache.len() >= 10_000 {
-                cache.clear();
+            if cache.len() >= CACHE_LIMIT {
+                let mut ages: Vec<Instant> = cache.values().map(|(at, _)| *at).collect();
+                ages.sort_unstable();
+                let cutoff = ages[ages.len() / 2];
+                cache.retain(|_, (at, _)| *at > cutoff);
             }
         }
         cache.insert(function.to_string(), (Instant::now(), found.clone()));

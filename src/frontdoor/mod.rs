@@ -8,16 +8,24 @@
 //! 2. optionally, the function looked up at the gateway (404 when unknown, 503 when the
 //!    gateway cannot say), which also gives its `com.openfaas.queue` and retry annotations;
 //! 3. the queue chosen: `frontdoor_queues`, then the annotation, then `queue_name`;
-//! 4. the `QueueRequest` published to `<queue>.<fn>.<ns>` with `Nats-Msg-Id` = call id;
+//! 4. the `QueueRequest` published to `<queue>.<fn>.<ns>` with `Nats-Msg-Id` =
+//!    `<call id>:<fingerprint of subject, method, path, query and body>`;
 //! 5. `202 Accepted` with `X-Call-Id` only once JetStream has stored it, else 503.
 //!
 //! A 503 may still have been stored (the acknowledgement can be lost after the write): a
-//! client that retries with the `X-Call-Id` it got back is deduplicated by JetStream within
-//! the stream's duplicate window (2m), so retrying is always safe.
+//! client that retries the same request with the `X-Call-Id` it got back is deduplicated by
+//! JetStream within the stream's duplicate window (2m), so retrying is always safe. The
+//! fingerprint in the id keeps that deduplication to the *same* request: JetStream
+//! deduplicates ids across the whole stream, and a function that forwards its own
+//! `X-Call-Id` to other async calls must not have them dropped behind a 202.
+//!
+//! The server is hyper's HTTP/1 with a header read timeout, a body read timeout and a budget
+//! of body bytes held at once, so slow or oversized clients cannot pin connections or
+//! memory.
 
 pub mod lookup;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -52,6 +60,16 @@ pub const MAX_CALL_ID: usize = 128;
 const ENVELOPE_RESERVE: u64 = 4096;
 /// Room for the NATS headers (`Nats-Msg-Id`) of a message.
 const NATS_HEADER_ROOM: u64 = 256;
+/// Longest a client may take to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client may take to send a request's body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Request bodies held at once, across all requests (each costs about 3x its size while it
+/// is encoded and published); over it, requests get 503 at once.
+pub const BODY_BUDGET: usize = 64 << 20;
+/// How long a failed stream set-up is reused for other requests of that queue, so they fail
+/// fast instead of queueing behind one slow JetStream request each.
+const ENSURE_FAILURE_TTL: Duration = Duration::from_secs(1);
 
 /// Why a request was refused: the HTTP status, the metric reason, and a message for the
 /// caller.
@@ -120,10 +138,18 @@ struct Door {
     config: Config,
     lookup: Option<Lookup>,
     metrics: Arc<FrontDoorMetrics>,
-    /// Queues whose stream is known to exist.
-    ensured: Mutex<HashSet<String>>,
-    /// Guards against several requests creating the same stream at once.
-    ensuring: tokio::sync::Mutex<()>,
+    /// Per queue: whether its stream is known to exist, or the last failure to set it up.
+    streams: Mutex<HashMap<String, StreamState>>,
+    /// Per queue: one set-up at a time.
+    ensuring: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Body bytes (in KiB permits) held by requests in progress.
+    body_budget: Arc<tokio::sync::Semaphore>,
+}
+
+#[derive(Clone)]
+enum StreamState {
+    Ready,
+    Failed(Instant, String),
 }
 
 /// Binds the front door and its metrics port, then connects to NATS and sets up the
@@ -168,8 +194,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         client: client.clone(),
         lookup,
         metrics: metrics.clone(),
-        ensured: Mutex::default(),
-        ensuring: tokio::sync::Mutex::new(()),
+        streams: Mutex::default(),
+        ensuring: Mutex::default(),
+        body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET >> 10)),
         config,
     });
     tracing::info!(
@@ -224,12 +251,7 @@ async fn run(
         .route("/async-function/", any(missing_name))
         .route("/async-function/{*rest}", any(handle))
         .with_state(door.clone());
-    let stop = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await
-    });
+    let server = tokio::spawn(serve_http(listener, app, shutdown.clone()));
     let setup = async {
         let streams = tokio::select! {
             r = door.prepare(&health) => r,
@@ -245,13 +267,12 @@ async fn run(
     health.draining.store(true, Ordering::Relaxed);
     tracing::info!("Front door stopping: no new requests; finishing those in progress");
     let mut server = server;
-    match tokio::time::timeout(drain_timeout, &mut server).await {
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "front door server failed"),
-        Ok(_) => {}
-        Err(_) => {
-            tracing::warn!("drain_timeout reached; dropping requests still open");
-            server.abort();
-        }
+    if tokio::time::timeout(drain_timeout, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain_timeout reached; dropping requests still open");
+        server.abort();
     }
     if let Err(e) = tokio::time::timeout(Duration::from_secs(5), door.client.flush()).await {
         tracing::warn!(error = %e, "could not flush NATS before exit");
@@ -261,6 +282,43 @@ async fn run(
     done.cancel();
     tracing::info!("Stopped");
     result
+}
+
+/// Serves `app` over HTTP/1 until `stop`, then lets the requests in progress finish (the
+/// caller bounds that with `drain_timeout`). Connections that take longer than
+/// [`HEADER_TIMEOUT`] to send a request's headers are closed.
+async fn serve_http(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, usually: wait rather than spin.
+                    tracing::warn!(error = %e, "front door cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "front door connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 impl Door {
@@ -310,32 +368,53 @@ impl Door {
     }
 
     /// Makes sure the stream of `queue` exists (once per queue and process, unless a
-    /// publish finds it gone).
+    /// publish finds it gone). One set-up per queue runs at a time; the requests waiting for
+    /// it share its failure for [`ENSURE_FAILURE_TTL`] instead of each trying again.
     async fn ensure(&self, queue: &str) -> Result<(), LayoutError> {
-        if self.is_ensured(queue) {
-            return Ok(());
+        if let Some(known) = self.stream_state(queue) {
+            return known;
         }
-        let _one_at_a_time = self.ensuring.lock().await;
-        if self.is_ensured(queue) {
-            return Ok(());
-        }
-        stream::ensure_stream(&self.js, &self.layout(queue)).await?;
-        self.ensured
+        let lock = self
+            .ensuring
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(queue.to_string());
-        Ok(())
+            .entry(queue.to_string())
+            .or_default()
+            .clone();
+        let _one_at_a_time = lock.lock().await;
+        if let Some(known) = self.stream_state(queue) {
+            return known;
+        }
+        let result = stream::ensure_stream(&self.js, &self.layout(queue)).await;
+        let state = match &result {
+            Ok(_) => StreamState::Ready,
+            Err(e) => StreamState::Failed(Instant::now(), e.to_string()),
+        };
+        self.streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(queue.to_string(), state);
+        result.map(|_| ())
     }
 
-    fn is_ensured(&self, queue: &str) -> bool {
-        self.ensured
+    /// `Some` when the stream is known to be there, or failed to be set up a moment ago.
+    fn stream_state(&self, queue: &str) -> Option<Result<(), LayoutError>> {
+        match self
+            .streams
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(queue)
+            .get(queue)?
+        {
+            StreamState::Ready => Some(Ok(())),
+            StreamState::Failed(at, e) if at.elapsed() < ENSURE_FAILURE_TTL => {
+                Some(Err(LayoutError::Unavailable(e.clone())))
+            }
+            StreamState::Failed(..) => None,
+        }
     }
 
     fn forget(&self, queue: &str) {
-        self.ensured
+        self.streams
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(queue);
@@ -359,9 +438,25 @@ impl Door {
         if declared.is_some_and(|n| n > limit) {
             return Err(too_large(limit, max_payload, &self.config));
         }
-        let body: Bytes = axum::body::to_bytes(body, limit as usize)
-            .await
-            .map_err(|_| too_large(limit, max_payload, &self.config))?;
+        // Reserve the body's share of the budget up front (the limit when the length is not
+        // declared), so the bytes held at once stay bounded whatever clients send.
+        let reserve = (declared.unwrap_or(limit) as usize >> 10) + 1;
+        let _budget = self
+            .body_budget
+            .clone()
+            .try_acquire_many_owned(reserve.min(BODY_BUDGET >> 10) as u32)
+            .map_err(|_| {
+                Rejection::unavailable("too many request bodies in progress; retry shortly")
+            })?;
+        let body = read_body(body, limit as usize).await.map_err(|e| match e {
+            BodyError::TooLarge => too_large(limit, max_payload, &self.config),
+            BodyError::Timeout => Rejection::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "bad_request",
+                format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+            ),
+            BodyError::Read(e) => Rejection::bad(format!("cannot read the request body: {e}")),
+        })?;
         let callback_url = match header_str(headers, "x-callback-url")? {
             None => None,
             Some(raw) => Some(parse_callback(raw)?),
@@ -401,11 +496,11 @@ impl Door {
                 }
                 Err(e) => {
                     tracing::warn!(function, error = %e, "cannot check the function; answering 503");
-                    return Err(Rejection::new(
+                    return Err(with_id(Rejection::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "lookup_failed",
                         format!("cannot check that function {function} exists: {e}"),
-                    ));
+                    )));
                 }
             }
         }
@@ -422,14 +517,16 @@ impl Door {
                 .flatten()
                 .unwrap_or_default()
                 .to_string(),
-            body: body.to_vec(),
+            body,
             queue_name,
             annotations,
             callback_url,
             ..QueueRequest::default()
         };
         for (name, value) in headers {
-            if name == header::HOST {
+            // The call id is set once below: an empty or repeated X-Call-Id must not leave
+            // the message with an id other than the one answered and used for dedup.
+            if name == header::HOST || name.as_str() == "x-call-id" {
                 continue;
             }
             request.append_header(
@@ -453,9 +550,19 @@ impl Door {
             )));
         }
         let subject = crate::publish::subject_for(&queue, function, &self.config.default_namespace);
+        let msg_id = format!(
+            "{call_id}:{:016x}",
+            fingerprint(&[
+                subject.as_bytes(),
+                request.method.as_bytes(),
+                request.path.as_bytes(),
+                request.query_string.as_bytes(),
+                &request.body,
+            ])
+        );
         let started = Instant::now();
         let ack = self
-            .publish(&queue, &subject, &call_id, payload.into())
+            .publish(&queue, &subject, &msg_id, payload.into())
             .await
             .map_err(with_id)?;
         self.metrics.accepted(
@@ -496,7 +603,7 @@ impl Door {
         &self,
         queue: &str,
         subject: &str,
-        call_id: &str,
+        msg_id: &str,
         payload: Bytes,
     ) -> Result<jetstream::publish::PublishAck, Rejection> {
         let stream_unavailable = |e: LayoutError| {
@@ -508,7 +615,7 @@ impl Door {
         let mut retried = false;
         loop {
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", call_id);
+            headers.insert("Nats-Msg-Id", msg_id);
             let sent = self
                 .js
                 .publish_with_headers(subject.to_string(), headers, payload.clone())
@@ -534,7 +641,7 @@ impl Door {
                     )))
                 }
                 Err(e) => {
-                    tracing::warn!(queue, call_id, error = %e, "publish not acknowledged; answering 503");
+                    tracing::warn!(queue, msg_id, error = %e, "publish not acknowledged; answering 503");
                     return Err(Rejection::unavailable(format!(
                         "JetStream did not acknowledge the request ({e}); retry with the same X-Call-Id"
                     )));
@@ -616,6 +723,53 @@ pub fn body_limit(max_body: u64, max_payload: u64) -> u64 {
     }
     let fits = max_payload.saturating_sub(ENVELOPE_RESERVE) / 4 * 3;
     max_body.min(fits)
+}
+
+/// Why a body could not be read.
+enum BodyError {
+    TooLarge,
+    Timeout,
+    Read(String),
+}
+
+/// Reads a body of at most `limit` bytes within [`BODY_TIMEOUT`].
+async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, BodyError> {
+    use futures_util::StreamExt as _;
+    let mut stream = body.into_data_stream();
+    let mut out = Vec::new();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| BodyError::Read(e.to_string()))?;
+            if out.len() + chunk.len() > limit {
+                return Err(BodyError::TooLarge);
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    tokio::time::timeout(BODY_TIMEOUT, read)
+        .await
+        .map_err(|_| BodyError::Timeout)??;
+    Ok(out)
+}
+
+/// FNV-1a over the parts (with their lengths, so parts cannot run into each other): the
+/// same on every replica and version, which a deduplication id needs.
+pub fn fingerprint(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: u8| {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    for part in parts {
+        for b in (part.len() as u64).to_le_bytes() {
+            eat(b);
+        }
+        for &b in *part {
+            eat(b);
+        }
+    }
+    h
 }
 
 fn too_large(limit: u64, max_payload: u64, config: &Config) -> Rejection {

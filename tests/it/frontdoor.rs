@@ -124,10 +124,9 @@ async fn requests_are_queued_as_the_gateway_writes_them() {
     assert_eq!(msgs.len(), 1);
     let m = &msgs[0];
     assert_eq!(m.subject.as_str(), "faas-request.echo.team-a");
-    assert_eq!(
-        m.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
-        Some(id.as_str())
-    );
+    // The call id, plus a fingerprint of the request (deduplication is per request).
+    let msg_id = m.headers.get("Nats-Msg-Id").unwrap().as_str().to_string();
+    assert!(msg_id.starts_with(&format!("{id}:")), "{msg_id}");
     let raw: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
     assert_eq!(raw["Method"], "PUT");
     assert_eq!(raw["Function"], "echo.team-a");
@@ -191,6 +190,90 @@ async fn the_same_call_id_twice_is_one_job() {
     env.wait_drained(Duration::from_secs(10)).await;
     assert_eq!(env.gateway.calls_to("once"), 1);
     crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn a_call_id_reused_for_another_request_is_not_dropped() {
+    let env = Env::start().await;
+    let door = env.frontdoor(&[]).await;
+    let client = reqwest::Client::new();
+    let post = |path: &'static str, body: &'static str| {
+        client
+            .post(url(&door, path))
+            .header("X-Call-Id", "forwarded-1")
+            .body(body)
+            .send()
+    };
+    // A function forwarding its own call id to two other async calls, and a retry of one.
+    assert_eq!(post("/async-function/f1", "x").await.unwrap().status(), 202);
+    assert_eq!(post("/async-function/f2", "x").await.unwrap().status(), 202);
+    assert_eq!(post("/async-function/f1", "y").await.unwrap().status(), 202);
+    assert_eq!(post("/async-function/f1", "x").await.unwrap().status(), 202);
+    let js = env.js().await;
+    let msgs = stream_messages(&js, "OF_faas-request").await;
+    let stored: Vec<(String, String)> = msgs
+        .iter()
+        .map(|m| {
+            let r: QueueRequest = serde_json::from_slice(&m.payload).unwrap();
+            (r.function, String::from_utf8(r.body).unwrap())
+        })
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            ("f1".into(), "x".into()),
+            ("f2".into(), "x".into()),
+            ("f1".into(), "y".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_empty_call_id_is_replaced_everywhere() {
+    let env = Env::start().await;
+    let door = env.frontdoor(&[]).await;
+    let r = reqwest::Client::new()
+        .post(url(&door, "/async-function/blank"))
+        .header("X-Call-Id", "")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = call_id(&r);
+    assert_eq!(id.len(), 36, "{id}");
+    let js = env.js().await;
+    let msgs = stream_messages(&js, "OF_faas-request").await;
+    let req: QueueRequest = serde_json::from_slice(&msgs[0].payload).unwrap();
+    assert_eq!(req.header["X-Call-Id"], std::slice::from_ref(&id));
+    let worker = env.worker(&[]).await;
+    env.gateway
+        .wait_for("the call", Duration::from_secs(10), |g| {
+            g.calls().len() == 1
+        })
+        .await;
+    assert_eq!(env.gateway.calls()[0].call_id(), id);
+    crate::support::stop(worker).await;
+}
+
+#[tokio::test]
+async fn a_slow_client_does_not_hold_up_shutdown() {
+    let env = Env::start().await;
+    let door = env.frontdoor(&[("drain_timeout", "40s")]).await;
+    // Half a request's headers, then nothing.
+    let mut slow = tokio::net::TcpStream::connect(door.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, b"POST /async-function/x HTTP/1.1\r\nHost: a")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    door.shutdown();
+    door.wait().await.unwrap();
+    // Bounded by the header timeout (10s), well below drain_timeout.
+    assert!(
+        started.elapsed() <= queue_worker::frontdoor::HEADER_TIMEOUT + Duration::from_secs(2),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -348,6 +431,7 @@ async fn nats_down_gives_503_and_every_202_was_stored() {
                     .send()
                     .await
                 else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 };
                 match r.status().as_u16() {
@@ -364,11 +448,21 @@ async fn nats_down_gives_503_and_every_202_was_stored() {
         }));
     }
     let count = |v: &Arc<Mutex<Vec<String>>>| v.lock().unwrap().len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while count(&accepted) < 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "200 requests not accepted"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     env.nats.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while refused.lock().unwrap().len() < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 503 while NATS is down"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let before_restart = count(&accepted);
@@ -418,6 +512,7 @@ async fn unknown_functions_get_404_and_annotations_choose_the_queue() {
         ],
     );
     env.gateway.know("plain", &[]);
+    env.gateway.know("burst", &[]);
     let door = env
         .frontdoor(&[
             ("frontdoor_check_function", "true"),
@@ -445,7 +540,21 @@ async fn unknown_functions_get_404_and_annotations_choose_the_queue() {
         .unwrap();
     assert_eq!(r.status(), 202);
 
+    // A burst of calls to a function not cached yet costs one lookup.
+    let burst: Vec<_> = (0..20)
+        .map(|_| client.post(url(&door, "/async-function/burst")).send())
+        .collect();
+    for r in futures_util::future::join_all(burst).await {
+        assert_eq!(r.unwrap().status(), 202);
+    }
     let lookups = env.gateway.lookups();
+    assert_eq!(
+        lookups
+            .iter()
+            .filter(|l| l.path == "/system/function/burst")
+            .count(),
+        1
+    );
     assert!(
         lookups.iter().any(|l| l.path == "/system/function/known"
             && l.query.as_deref() == Some("namespace=openfaas-fn")),
@@ -469,7 +578,7 @@ async fn unknown_functions_get_404_and_annotations_choose_the_queue() {
     );
     assert!(!req.annotations.contains_key("com.openfaas.scale.max"));
     let default = stream_messages(&js, "OF_faas-request").await;
-    assert_eq!(default.len(), 1);
+    assert_eq!(default.len(), 21);
     assert_eq!(
         default[0].subject.as_str(),
         "faas-request.plain.openfaas-fn"
@@ -488,6 +597,10 @@ async fn unknown_functions_get_404_and_annotations_choose_the_queue() {
         .await
         .unwrap();
     assert_eq!(r.status(), 503);
+    assert!(
+        !call_id(&r).is_empty(),
+        "a 503 names the call id to retry with"
+    );
     let text = scrape_door(&dead_gateway).await;
     assert!(
         text.contains(r#"queue_worker_frontdoor_rejected_total{reason="lookup_failed"} 1"#),

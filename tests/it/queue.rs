@@ -91,11 +91,14 @@ async fn status_numbers_match_what_was_published() {
 async fn purge_empties_only_the_named_function_while_a_worker_runs() {
     let env = Env::start().await;
     let config = env.config(&[]);
+    // a's first call holds the only slot for far longer than the purge takes.
     env.gateway
-        .script("a", vec![Step::status(200).delay(Duration::from_secs(1))]);
+        .script("a", vec![Step::status(200).delay(Duration::from_secs(60))]);
     submit(&config, "a", 5).await;
     submit(&config, "b.team-b", 3).await;
-    let worker = env.worker(&[("max_inflight", "1")]).await;
+    let worker = env
+        .worker(&[("max_inflight", "1"), ("drain_timeout", "200ms")])
+        .await;
     env.gateway
         .wait_for("the first call of a", Duration::from_secs(10), |g| {
             g.calls_to("a") == 1
@@ -105,8 +108,14 @@ async fn purge_empties_only_the_named_function_while_a_worker_runs() {
     let (code, out, err) = cli(&env.nats.url(), &["queue", "purge", "--function", "a"]).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("purged 5 messages of a.openfaas-fn"), "{out}");
+    let s = status_json(&env).await;
+    assert_eq!(s["messages"], 3);
+    assert_eq!(depth(&s, "faas-request.b.team-b"), 3);
 
-    // b's jobs still run, a's are gone (the running call finishes), and nothing is left.
+    // The running call is abandoned at the drain deadline; its message is gone, so no other
+    // worker gets it. b's jobs run, and nothing is left: the consumer was not moved past them.
+    crate::support::stop(worker).await;
+    let worker = env.worker(&[]).await;
     env.gateway
         .wait_for("b's three calls", Duration::from_secs(15), |g| {
             g.calls_to("b.team-b") == 3
@@ -127,6 +136,25 @@ async fn purge_empties_only_the_named_function_while_a_worker_runs() {
     assert_eq!(code, Some(0), "{err}");
     let purged: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(purged["purged"].as_u64().unwrap() <= 2, "{out}");
+    assert_eq!(status_json(&env).await["messages"], 0);
+}
+
+#[tokio::test]
+async fn purge_removes_a_function_at_the_end_of_the_stream() {
+    let env = Env::start().await;
+    let config = env.config(&[]);
+    submit(&config, "b", 2).await;
+    submit(&config, "a", 3).await;
+    let (code, out, err) = cli(&env.nats.url(), &["queue", "purge", "--function", "a"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("purged 3 messages of a.openfaas-fn"), "{out}");
+    let s = status_json(&env).await;
+    assert_eq!(s["messages"], 2);
+    assert_eq!(depth(&s, "faas-request.a.openfaas-fn"), 0);
+    // A queue of one function: everything goes.
+    let (code, out, err) = cli(&env.nats.url(), &["queue", "purge", "--function", "b"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("purged 2 messages of b.openfaas-fn"), "{out}");
     assert_eq!(status_json(&env).await["messages"], 0);
 }
 
