@@ -271,9 +271,11 @@ struct SampleArgs {
     /// Answer 503 to the first try of one call in N (0: never).
     #[arg(long, default_value_t = 0)]
     fail_every: u64,
-    /// Answer 429 when more calls than this run at once, like the watchdog (0: no limit).
+    /// Answer 429 when more calls than this run at once, like the watchdog's max_inflight
+    /// (0: no limit).
+    /// (Named apart from the global --max-inflight, which is the worker's setting.)
     #[arg(long, default_value_t = 0)]
-    max_inflight: u64,
+    function_inflight: u64,
 }
 
 fn main() -> ExitCode {
@@ -401,7 +403,7 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
                     min_delay: std::time::Duration::from_millis(args.min_ms),
                     max_delay: std::time::Duration::from_millis(args.max_ms.max(args.min_ms)),
                     fail_every: args.fail_every,
-                    max_inflight: args.max_inflight,
+                    max_inflight: args.function_inflight,
                     functions: Vec::new(),
                 },
                 stop.clone(),
@@ -552,5 +554,44 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// clap's own consistency checks over every subcommand (duplicate names, a subcommand
+    /// argument shadowing a global flag, ...), which otherwise only fail when used.
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+
+    /// A subcommand argument with the id of a global flag compiles and passes clap's checks,
+    /// then panics when read (`sample-function --max-inflight` once did).
+    #[test]
+    fn no_subcommand_argument_shadows_a_global_flag() {
+        fn walk(cmd: &clap::Command, globals: &[String], path: &str) {
+            for sub in cmd.get_subcommands() {
+                let here = format!("{path} {}", sub.get_name());
+                for arg in sub.get_arguments() {
+                    assert!(
+                        !globals.contains(&arg.get_id().to_string()),
+                        "`{here}` has an argument `{}` that shadows the global flag",
+                        arg.get_id()
+                    );
+                }
+                walk(sub, globals, &here);
+            }
+        }
+        let cmd = super::Cli::command();
+        let globals: Vec<String> = cmd
+            .get_arguments()
+            .filter(|a| a.is_global_set())
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(globals.contains(&"max_inflight".to_string()));
+        walk(&cmd, &globals, "queue-worker");
     }
 }

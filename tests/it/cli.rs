@@ -182,3 +182,64 @@ fn output_to_a_closed_pipe_ends_quietly() {
     assert!(stdout.contains("status=0"), "{stdout}{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn the_sample_function_binary_limits_like_the_watchdog() {
+    let port = queue_worker::natsd::free_port().unwrap();
+    let mut child = worker()
+        .args([
+            "sample-function",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--min-ms",
+            "500",
+            "--max-ms",
+            "500",
+            "--function-inflight",
+            "1",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let request = move |path: &str| -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return String::new();
+        };
+        let _ =
+            s.write_all(format!("POST {path} HTTP/1.0\r\nContent-Length: 0\r\n\r\n").as_bytes());
+        let mut buf = String::new();
+        let _ = s.read_to_string(&mut buf);
+        buf
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !request("/callback").contains(" 200 ") {
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("sample-function exited with {status}: {err}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sample-function never answered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let busy = std::thread::spawn(move || request("/function/sleep"));
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let limited = request("/function/sleep");
+    assert!(limited.contains(" 429 "), "{limited}");
+    assert!(
+        limited.to_ascii_lowercase().contains("x-openfaas-internal"),
+        "{limited}"
+    );
+    assert!(busy.join().unwrap().contains(" 200 "));
+    let err = terminate(child);
+    assert!(!err.contains("panicked"), "{err}");
+}
