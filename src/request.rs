@@ -218,10 +218,17 @@ impl GoUrl {
                 out.push_str("//");
                 out.push_str(&self.host);
             }
-            let path = if self.raw_path.is_empty() {
-                &self.path
-            } else {
+            // As Go's `EscapedPath`: `RawPath` when it is a valid encoding of `Path`, else
+            // `Path` escaped (a decoded `/a?b` must not turn into a query).
+            let decodes_to_path = percent_encoding::percent_decode_str(&self.raw_path)
+                .decode_utf8()
+                .is_ok_and(|d| d == self.path);
+            let escaped;
+            let path = if !self.raw_path.is_empty() && decodes_to_path {
                 &self.raw_path
+            } else {
+                escaped = escape_path(&self.path);
+                &escaped
             };
             if !path.is_empty() && !path.starts_with('/') && !self.host.is_empty() {
                 out.push('/');
@@ -273,6 +280,20 @@ impl GoUrl {
     }
 }
 
+/// Go's `url` path escaping: unreserved characters and `$&+,/:;=@` stay, the rest
+/// (including `?`, `#`, `%` and spaces) become `%XX`.
+fn escape_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~$&+,/:;=@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn de_callback<'de, D>(d: D) -> Result<Option<String>, D::Error>
 where
     D: Deserializer<'de>,
@@ -309,6 +330,27 @@ mod tests {
 
     /// A message byte for byte as the Go gateway marshals it.
     const GATEWAY_JSON: &str = r#"{"Header":{"Accept-Encoding":["gzip"],"Content-Type":["text/plain"],"User-Agent":["curl/8.5.0"],"X-Call-Id":["7f1c2c2b-1e1a-4b8f-a2d6-4e0f1b0e9c11"],"X-Callback-Url":["http://receiver.example:8080/done?x=1"],"X-Start-Time":["1741610445838000000"]},"Host":"gateway.openfaas:8080","Body":"aGVsbG8gd29ybGQ=","Method":"POST","Path":"/sub/path","QueryString":"a=1&b=two","Function":"sleep","QueueName":"","Annotations":{"com.openfaas.retry.attempts":"5"},"CallbackUrl":{"Scheme":"http","Opaque":"","User":null,"Host":"receiver.example:8080","Path":"/done","RawPath":"","OmitHost":false,"ForceQuery":false,"RawQuery":"x=1","Fragment":"","RawFragment":""}}"#;
+
+    #[test]
+    fn go_paths_without_raw_path_are_escaped_as_go_does() {
+        let read = |path: &str, raw: &str| {
+            let json = format!(
+                r#"{{"Function":"f","CallbackUrl":{{"Scheme":"http","Host":"cb","Path":"{path}","RawPath":"{raw}","RawQuery":"q=1"}}}}"#
+            );
+            serde_json::from_str::<QueueRequest>(&json)
+                .unwrap()
+                .callback_url
+                .unwrap()
+        };
+        assert_eq!(read("/a?b", ""), "http://cb/a%3Fb?q=1");
+        assert_eq!(read("/a#b", ""), "http://cb/a%23b?q=1");
+        assert_eq!(read("/100%", ""), "http://cb/100%25?q=1");
+        assert_eq!(read("/a b", ""), "http://cb/a%20b?q=1");
+        assert_eq!(read("/plain/path", ""), "http://cb/plain/path?q=1");
+        // A valid RawPath wins (an encoded slash stays encoded); an invalid one is ignored.
+        assert_eq!(read("/a/b", "/a%2Fb"), "http://cb/a%2Fb?q=1");
+        assert_eq!(read("/a/b", "/other"), "http://cb/a/b?q=1");
+    }
 
     #[test]
     fn callback_paths_are_written_as_go_keeps_them() {

@@ -265,8 +265,7 @@ pub async fn purge(
                     Ok(true) => purged += 1,
                     Ok(false) => {}
                     // A message acked meanwhile is already gone: not an error, not counted.
-                    Err(e) if matches!(e.kind(), jetstream::stream::DeleteMessageErrorKind::JetStream(j) if j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND) =>
-                        {}
+                    Err(e) if already_gone(&e) => {}
                     Err(e) => failures.push(format!("{s}: {e}")),
                 }
             }
@@ -298,6 +297,23 @@ pub async fn purge(
         purged,
         shared_subject_left,
     })
+}
+
+/// A delete that failed because the message is no longer there: a worker acked it between
+/// finding and deleting it. nats-server answers 10043 (sequence not found) inside the
+/// stream, 10057 below its first sequence, 10037 on some versions.
+fn already_gone(e: &jetstream::stream::DeleteMessageError) -> bool {
+    use jetstream::ErrorCode;
+    matches!(
+        e.kind(),
+        jetstream::stream::DeleteMessageErrorKind::JetStream(j)
+            if [
+                ErrorCode::SEQUENCE_NOT_FOUND,
+                ErrorCode::STREAM_MESSAGE_DELETE_FAILED,
+                ErrorCode::NO_MESSAGE_FOUND,
+            ]
+            .contains(&j.error_code())
+    )
 }
 
 /// Deletes sent at once by a per-function purge.

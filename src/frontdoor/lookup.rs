@@ -16,8 +16,13 @@ pub const FOUND_TTL: Duration = Duration::from_secs(5);
 /// How long "no such function" is reused: long enough to absorb a flood of calls to a name
 /// that does not exist, short enough that a deploy that just finished is seen.
 pub const MISSING_TTL: Duration = Duration::from_secs(1);
+/// How long a failed lookup is reused: the requests waiting for it fail together rather
+/// than asking a gateway that is down one after another.
+pub const FAILURE_TTL: Duration = Duration::from_secs(1);
 /// Longest a lookup may take.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+type Answer = Result<Found, LookupError>;
 
 /// What the gateway said about a function.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,7 +57,7 @@ pub struct Lookup {
     /// Gateway base URL without a trailing `/`.
     base: String,
     auth: Option<(String, Secret)>,
-    cache: Mutex<HashMap<String, (Instant, Found)>>,
+    cache: Mutex<HashMap<String, (Instant, Answer)>>,
     /// Per name: one lookup at a time, so a burst of calls to a function not yet cached
     /// waits for the first answer instead of asking the gateway once each.
     in_flight: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -79,33 +84,21 @@ impl Lookup {
 
     /// Looks up `function` (`fn` or `fn.ns`, already validated).
     pub async fn get(&self, function: &str) -> Result<Found, LookupError> {
-        if let Some(found) = self.cached(function) {
-            return Ok(found);
+        if let Some(answer) = self.cached(function) {
+            return answer;
         }
-        let lock = self
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(function.to_string())
-            .or_default()
-            .clone();
-        let result = {
-            let _one_at_a_time = lock.lock().await;
-            match self.cached(function) {
-                Some(found) => Ok(found),
-                None => self.ask(function).await,
-            }
-        };
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        // The map holds one entry per name being looked up now, not one per name ever seen.
-        if Arc::strong_count(&lock) <= 2 {
-            in_flight.remove(function);
+        let turn = Turn::new(&self.in_flight, function);
+        let _one_at_a_time = turn.lock.lock().await;
+        if let Some(answer) = self.cached(function) {
+            return answer;
         }
-        result
+        let answer = self.ask(function).await;
+        self.remember(function, answer.clone());
+        answer
     }
 
-    /// Asks the gateway and caches the answer.
-    async fn ask(&self, function: &str) -> Result<Found, LookupError> {
+    /// Asks the gateway.
+    async fn ask(&self, function: &str) -> Answer {
         let (name, namespace) = match function.split_once('.') {
             Some((n, ns)) => (n, Some(ns)),
             None => (function, None),
@@ -145,12 +138,16 @@ impl Lookup {
             code @ (401 | 403) => return Err(LookupError::Unauthorized(code)),
             code => return Err(LookupError::Status(code)),
         };
+        Ok(found)
+    }
+
+    fn remember(&self, function: &str, answer: Answer) {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         // Names come from requests: keep the cache bounded whatever they send, dropping
         // expired answers first and then the oldest, never the whole cache.
         if cache.len() >= CACHE_LIMIT {
             let now = Instant::now();
-            cache.retain(|_, (at, f)| now.duration_since(*at) < ttl(f));
+            cache.retain(|_, (at, a)| now.duration_since(*at) < ttl(a));
             if cache.len() >= CACHE_LIMIT {
                 let mut ages: Vec<Instant> = cache.values().map(|(at, _)| *at).collect();
                 ages.sort_unstable();
@@ -158,20 +155,55 @@ impl Lookup {
                 cache.retain(|_, (at, _)| *at > cutoff);
             }
         }
-        cache.insert(function.to_string(), (Instant::now(), found.clone()));
-        Ok(found)
+        cache.insert(function.to_string(), (Instant::now(), answer));
     }
 
-    fn cached(&self, function: &str) -> Option<Found> {
+    fn cached(&self, function: &str) -> Option<Answer> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        let (at, found) = cache.get(function)?;
-        (at.elapsed() < ttl(found)).then(|| found.clone())
+        let (at, answer) = cache.get(function)?;
+        (at.elapsed() < ttl(answer)).then(|| answer.clone())
     }
 }
 
-fn ttl(found: &Found) -> Duration {
-    match found {
-        Found::Exists { .. } => FOUND_TTL,
-        Found::Missing => MISSING_TTL,
+/// A place in the queue of lookups for one name. The map holds an entry only while someone
+/// waits for that name; the last one out removes it, also when its request is dropped
+/// mid-lookup (a client that hung up), so hostile names cannot grow it.
+struct Turn<'a> {
+    map: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    name: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> Turn<'a> {
+    fn new(map: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>, name: &str) -> Self {
+        let lock = map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        Turn {
+            map,
+            name: name.to_string(),
+            lock,
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        // Ours and the map's: nobody else is waiting.
+        if Arc::strong_count(&self.lock) <= 2 {
+            map.remove(&self.name);
+        }
+    }
+}
+
+fn ttl(answer: &Answer) -> Duration {
+    match answer {
+        Ok(Found::Exists { .. }) => FOUND_TTL,
+        Ok(Found::Missing) => MISSING_TTL,
+        Err(_) => FAILURE_TTL,
     }
 }

@@ -142,7 +142,7 @@ struct Door {
     streams: Mutex<HashMap<String, StreamState>>,
     /// Per queue: one set-up at a time.
     ensuring: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Body bytes (in KiB permits) held by requests in progress.
+    /// Body bytes held by requests in progress (one permit a byte).
     body_budget: Arc<tokio::sync::Semaphore>,
 }
 
@@ -196,7 +196,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics: metrics.clone(),
         streams: Mutex::default(),
         ensuring: Mutex::default(),
-        body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET >> 10)),
+        body_budget: Arc::new(tokio::sync::Semaphore::new(BODY_BUDGET)),
         config,
     });
     tracing::info!(
@@ -294,8 +294,12 @@ async fn serve_http(listener: tokio::net::TcpListener, app: Router, stop: Cancel
         .header_read_timeout(HEADER_TIMEOUT)
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Connections live in this set, so aborting the server (at the drain deadline) ends
+    // them too instead of leaving them publishing after the process said it stopped.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, _) = tokio::select! {
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -311,7 +315,7 @@ async fn serve_http(listener: tokio::net::TcpListener, app: Router, stop: Cancel
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let connection = http.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "front door connection ended with an error");
             }
@@ -319,6 +323,7 @@ async fn serve_http(listener: tokio::net::TcpListener, app: Router, stop: Cancel
     }
     drop(listener);
     graceful.shutdown().await;
+    while connections.join_next().await.is_some() {}
 }
 
 impl Door {
@@ -438,25 +443,22 @@ impl Door {
         if declared.is_some_and(|n| n > limit) {
             return Err(too_large(limit, max_payload, &self.config));
         }
-        // Reserve the body's share of the budget up front (the limit when the length is not
-        // declared), so the bytes held at once stay bounded whatever clients send.
-        let reserve = (declared.unwrap_or(limit) as usize >> 10) + 1;
-        let _budget = self
-            .body_budget
-            .clone()
-            .try_acquire_many_owned(reserve.min(BODY_BUDGET >> 10) as u32)
-            .map_err(|_| {
-                Rejection::unavailable("too many request bodies in progress; retry shortly")
+        // Bytes count against the budget as they arrive (a declared length reserves
+        // nothing), and stay counted until the request is answered.
+        let (body, _budget) = read_body(body, limit as usize, &self.body_budget)
+            .await
+            .map_err(|e| match e {
+                BodyError::Busy => {
+                    Rejection::unavailable("too many request bodies in progress; retry shortly")
+                }
+                BodyError::TooLarge => too_large(limit, max_payload, &self.config),
+                BodyError::Timeout => Rejection::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "bad_request",
+                    format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
+                ),
+                BodyError::Read(e) => Rejection::bad(format!("cannot read the request body: {e}")),
             })?;
-        let body = read_body(body, limit as usize).await.map_err(|e| match e {
-            BodyError::TooLarge => too_large(limit, max_payload, &self.config),
-            BodyError::Timeout => Rejection::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "bad_request",
-                format!("the request body did not arrive within {BODY_TIMEOUT:?}"),
-            ),
-            BodyError::Read(e) => Rejection::bad(format!("cannot read the request body: {e}")),
-        })?;
         let callback_url = match header_str(headers, "x-callback-url")? {
             None => None,
             Some(raw) => Some(parse_callback(raw)?),
@@ -727,21 +729,39 @@ pub fn body_limit(max_body: u64, max_payload: u64) -> u64 {
 
 /// Why a body could not be read.
 enum BodyError {
+    /// The budget of bytes held at once is spent.
+    Busy,
     TooLarge,
     Timeout,
     Read(String),
 }
 
-/// Reads a body of at most `limit` bytes within [`BODY_TIMEOUT`].
-async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, BodyError> {
+/// Reads a body of at most `limit` bytes within [`BODY_TIMEOUT`], taking one permit of
+/// `budget` per byte as it arrives; the permits come back when the caller drops them.
+async fn read_body(
+    body: Body,
+    limit: usize,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> Result<(Vec<u8>, Option<tokio::sync::OwnedSemaphorePermit>), BodyError> {
     use futures_util::StreamExt as _;
     let mut stream = body.into_data_stream();
     let mut out = Vec::new();
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let read = async {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| BodyError::Read(e.to_string()))?;
             if out.len() + chunk.len() > limit {
                 return Err(BodyError::TooLarge);
+            }
+            if !chunk.is_empty() {
+                let permit = budget
+                    .clone()
+                    .try_acquire_many_owned(chunk.len() as u32)
+                    .map_err(|_| BodyError::Busy)?;
+                match held.as_mut() {
+                    Some(h) => h.merge(permit),
+                    None => held = Some(permit),
+                }
             }
             out.extend_from_slice(&chunk);
         }
@@ -750,7 +770,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, BodyError> {
     tokio::time::timeout(BODY_TIMEOUT, read)
         .await
         .map_err(|_| BodyError::Timeout)??;
-    Ok(out)
+    Ok((out, held))
 }
 
 /// FNV-1a over the parts (with their lengths, so parts cannot run into each other): the

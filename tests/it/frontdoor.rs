@@ -584,6 +584,22 @@ async fn unknown_functions_get_404_and_annotations_choose_the_queue() {
         "faas-request.plain.openfaas-fn"
     );
 
+    // A gateway failing for a name: the requests waiting for its lookup share the failure.
+    env.gateway.break_lookup("flaky");
+    let burst: Vec<_> = (0..20)
+        .map(|_| client.post(url(&door, "/async-function/flaky")).send())
+        .collect();
+    for r in futures_util::future::join_all(burst).await {
+        assert_eq!(r.unwrap().status(), 503);
+    }
+    let flaky = env
+        .gateway
+        .lookups()
+        .iter()
+        .filter(|l| l.path == "/system/function/flaky")
+        .count();
+    assert!(flaky <= 2, "{flaky} lookups for one burst");
+
     // A gateway that cannot answer: 503, not a silent 202 nor a false 404.
     let dead_gateway = env
         .frontdoor(&[

@@ -107,6 +107,8 @@ struct Inner {
     known: HashMap<String, Vec<(String, String)>>,
     /// Requests to `/system/function/...`.
     lookups: Vec<Recorded>,
+    /// Names `/system/function/<name>` answers 500 for.
+    broken: Vec<String>,
 }
 
 /// The fake gateway: `/function/<name>...` answers from the script of `<name>` (the last step
@@ -162,6 +164,11 @@ impl FakeGateway {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         );
+    }
+
+    /// Makes `/system/function/<name>` answer 500.
+    pub fn break_lookup(&self, name: &str) {
+        self.inner.lock().unwrap().broken.push(name.to_string());
     }
 
     /// Requests the gateway API received at `/system/function/...`.
@@ -314,6 +321,9 @@ async fn describe(
     inner
         .lookups
         .push(Recorded::new(method, &uri, headers, Bytes::new()));
+    if inner.broken.contains(&name) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "broken").into_response();
+    }
     match inner.known.get(&name) {
         Some(annotations) => {
             let annotations: serde_json::Map<String, serde_json::Value> = annotations
