@@ -93,6 +93,9 @@ impl Lookup {
             return answer;
         }
         let answer = self.ask(function).await;
+        if let Err(e) = &answer {
+            tracing::warn!(function, error = %e, "function lookup failed; its calls get 503 for a second");
+        }
         self.remember(function, answer.clone());
         answer
     }

@@ -497,7 +497,8 @@ impl Door {
                     );
                 }
                 Err(e) => {
-                    tracing::warn!(function, error = %e, "cannot check the function; answering 503");
+                    // Logged once per failed lookup (by `Lookup`), not once per request.
+                    tracing::debug!(function, error = %e, "cannot check the function; answering 503");
                     return Err(with_id(Rejection::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "lookup_failed",
