@@ -371,22 +371,9 @@ impl DeadLetters {
         subject: &str,
         seq: u64,
     ) -> Result<Option<jetstream::message::StreamMessage>, DeadLetterError> {
-        match stream
-            .raw_message_builder()
-            .sequence(seq)
-            .next_by_subject(subject.to_string())
-            .send()
+        crate::stream::next_on_subject(stream, subject, seq)
             .await
-        {
-            Ok(m) => Ok(Some(m)),
-            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-                Ok(None)
-            }
-            Err(e) => Err(DeadLetterError::Nats(format!(
-                "cannot read {}: {e}",
-                self.layout.stream
-            ))),
-        }
+            .map_err(|e| DeadLetterError::Nats(format!("cannot read {}: {e}", self.layout.stream)))
     }
 
     /// Calls `each` with the entries matching `filter`, oldest first, one at a time (the

@@ -505,19 +505,7 @@ async fn queue(cmd: QueueCommand, config: &Config) -> Result<(), CliError> {
             yes,
             json,
         } => {
-            if function.is_none() && !yes {
-                let status = cli::queue::status(&js, config).await?;
-                return Err(CliError::Usage(format!(
-                    "this removes all {} queued in {}; add --yes to confirm, or --function F",
-                    if status.messages == 1 {
-                        "1 message".to_string()
-                    } else {
-                        format!("{} messages", status.messages)
-                    },
-                    status.stream
-                )));
-            }
-            let purged = cli::queue::purge(&js, config, function.as_deref()).await?;
+            let purged = cli::queue::purge(&js, config, function.as_deref(), yes).await?;
             if json {
                 queue_worker::outln!("{}", serde_json::to_string(&purged).unwrap_or_default());
             } else {

@@ -280,6 +280,26 @@ async fn create_consumer(
     }
 }
 
+/// The first message at or after `seq` on `subject` (wildcards allowed), read without a
+/// consumer (`STREAM.MSG.GET` with `next_by_subj`); `None` when there is none.
+pub async fn next_on_subject(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    seq: u64,
+) -> Result<Option<jetstream::message::StreamMessage>, jetstream::stream::RawMessageError> {
+    match stream
+        .raw_message_builder()
+        .sequence(seq)
+        .next_by_subject(subject.to_string())
+        .send()
+        .await
+    {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Stream and consumer counters read for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueState {

@@ -209,14 +209,24 @@ pub struct Purged {
 /// nats-server 2.9 moves a consumer past *every* message on a filtered purge of a stream
 /// (measured: the other functions' messages stayed in the stream but were never delivered
 /// again), while 2.15 does not. Deleting by sequence leaves the consumer alone on both.
+///
+/// Emptying the whole queue needs `yes`; without it the answer is a usage error saying how
+/// many messages that would remove.
 pub async fn purge(
     js: &jetstream::Context,
     config: &Config,
     function: Option<&str>,
+    yes: bool,
 ) -> Result<Purged, CliError> {
     let name = config.stream_name();
     let mut stream = super::stream(js, &name).await?;
     let failed = |e: &dyn std::fmt::Display| CliError::Failed(format!("cannot purge {name}: {e}"));
+    if function.is_none() && !yes {
+        return Err(CliError::Usage(format!(
+            "this removes all {} queued in {name}; add --yes to confirm, or --function F",
+            plural(stream.cached_info().state.messages, "message", "messages")
+        )));
+    }
     let Some(function) = function else {
         let purged = stream.purge().await.map_err(|e| failed(&e))?.purged;
         return Ok(Purged {
@@ -234,20 +244,11 @@ pub async fn purge(
     let mut batch = Vec::with_capacity(PURGE_BATCH);
     loop {
         let found = if seq <= state.last_sequence {
-            let next = stream
-                .raw_message_builder()
-                .sequence(seq)
-                .next_by_subject(subject.clone())
-                .send()
-                .await;
-            match next {
-                Ok(m) if m.sequence <= state.last_sequence => Some(m.sequence),
-                Ok(_) => None,
-                Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-                    None
-                }
-                Err(e) => return Err(failed(&e)),
-            }
+            crate::stream::next_on_subject(&stream, &subject, seq)
+                .await
+                .map_err(|e| failed(&e))?
+                .map(|m| m.sequence)
+                .filter(|s| *s <= state.last_sequence)
         } else {
             None
         };
