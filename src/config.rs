@@ -52,7 +52,7 @@ keys! {
     "max_inflight" = "50": "Most invocations running at once in this replica.",
     "consumer_pull_max_messages" = "": "Most messages requested from NATS but not yet received (at most max_inflight); empty means max_inflight.",
     "scaling_mode" = "static": "static (one shared consumer) or function (not supported yet).",
-    "limiter_enabled" = "true": "Adaptive concurrency; applies only in function mode (not supported yet).",
+    "limiter_enabled" = "true": "Adaptive concurrency (also read as adaptive_concurrency); applies only in function mode (not supported yet).",
     "consumer_inactive_threshold" = "30s": "Function mode: idle time before a function's consumer is removed.",
     "queue_partitions" = "1": "Partitions of the queue (only 1 is supported yet).",
     "filter_partition" = "0": "Partition this worker consumes (only 0 is supported yet).",
@@ -100,6 +100,15 @@ pub const LEGACY_KEYS: &[(&str, &str)] = &[
         "inactive_threshold",
         "renamed to consumer_inactive_threshold",
     ),
+];
+
+/// Other names of current keys: the env var a chart renders under a different name than ours.
+/// An alias sets its key unless the key itself is set in the same layer, and the value is
+/// checked under the key's name.
+pub const ALIASES: &[(&str, &str)] = &[
+    // faas-netes' dedicated queue-worker chart renders `adaptiveConcurrency` under this name;
+    // its main chart and the docs say `limiter_enabled`.
+    ("adaptive_concurrency", "limiter_enabled"),
 ];
 
 /// Where a value came from, for error messages ("max_inflight=abc (from env)").
@@ -162,6 +171,8 @@ pub struct Sources {
     flags: BTreeMap<String, String>,
     /// Legacy keys that were set, to warn about once logging is up.
     legacy_seen: Vec<(String, Origin)>,
+    /// Keys whose value in a layer came from an alias, so the key's own name can replace it.
+    aliased: Vec<(Origin, &'static str)>,
 }
 
 impl Sources {
@@ -183,6 +194,11 @@ impl Sources {
         for key in KEYS {
             if let Ok(value) = std::env::var(key.name) {
                 sources.env.insert(key.name.to_string(), value);
+            }
+        }
+        for (alias, key) in ALIASES {
+            if let Ok(value) = std::env::var(alias) {
+                sources.env.entry(key.to_string()).or_insert(value);
             }
         }
         for (legacy, _) in LEGACY_KEYS {
@@ -257,6 +273,15 @@ impl Sources {
         };
         if KEYS.iter().any(|k| k.name == key) {
             layer.insert(key.to_string(), value);
+            self.aliased.retain(|(o, k)| *o != origin || *k != key);
+            return Ok(());
+        }
+        if let Some((_, canonical)) = ALIASES.iter().find(|(a, _)| *a == key) {
+            // The key's own name wins over its alias, whichever comes first.
+            if !layer.contains_key(*canonical) || self.aliased.contains(&(origin, canonical)) {
+                layer.insert(canonical.to_string(), value);
+                self.aliased.push((origin, canonical));
+            }
             return Ok(());
         }
         if LEGACY_KEYS.iter().any(|(k, _)| *k == key) {
@@ -591,11 +616,10 @@ impl Config {
             }),
             _ => return Err(r.invalid("scaling_mode", "static or function")),
         }
-        if r.boolean("limiter_enabled")? && r.sources.get("limiter_enabled").is_some() {
-            warnings.push(
-                "limiter_enabled (adaptive concurrency) is not supported yet; it applies only in function mode and is ignored".into(),
-            );
-        }
+        // Adaptive concurrency applies only in function mode, as in OpenFaaS; in static mode the
+        // value is checked and has no effect. No warning: both OpenFaaS charts render it (true
+        // by default) on every install.
+        r.boolean("limiter_enabled")?;
         r.duration("consumer_inactive_threshold", Duration::from_secs(1), None)?;
         if r.number("queue_partitions", 1, 1024)? != 1 {
             return Err(ConfigError::Unsupported {
@@ -1154,6 +1178,37 @@ mod tests {
             err.contains("scaling_mode") && err.contains("not supported yet"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn alias_sets_its_key_unless_the_key_is_set() {
+        let limiter = |pairs: &[(&str, &str)]| -> String {
+            let s = Sources::from_pairs(pairs.iter().copied()).unwrap();
+            s.get("limiter_enabled")
+                .map(|(v, _)| v.to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(limiter(&[("adaptive_concurrency", "false")]), "false");
+        assert_eq!(
+            limiter(&[
+                ("adaptive_concurrency", "false"),
+                ("limiter_enabled", "true")
+            ]),
+            "true"
+        );
+        assert_eq!(
+            limiter(&[
+                ("limiter_enabled", "true"),
+                ("adaptive_concurrency", "false")
+            ]),
+            "true"
+        );
+        let err = load(&[("adaptive_concurrency", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limiter_enabled"), "{err}");
+        let c = load(&[("adaptive_concurrency", "true")]).unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     }
 
     #[test]
