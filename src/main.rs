@@ -278,8 +278,42 @@ struct SampleArgs {
     function_inflight: u64,
 }
 
+/// Drops the flags OpenFaaS's charts pass to their `jetstream-queue-worker` binary
+/// (`-license-file=/var/secrets/license/license`, `-pprof=true`), so this image can stand in for
+/// it under OpenFaaS's main chart. Go accepts one or two dashes, and a separate value for
+/// `-license-file`. Returns the other arguments and the dropped flags, for a log line.
+fn strip_openfaas_flags(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> (Vec<std::ffi::OsString>, Vec<String>) {
+    let mut kept = Vec::new();
+    let mut dropped = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy().into_owned();
+        let name = text.trim_start_matches('-');
+        let dashes = text.len() - name.len();
+        let (flag, has_value) = match name.split_once('=') {
+            Some((flag, _)) => (flag, true),
+            None => (name, false),
+        };
+        if !(1..=2).contains(&dashes) || !matches!(flag, "license-file" | "pprof") {
+            kept.push(arg);
+            continue;
+        }
+        let takes_next = flag == "license-file" && !has_value;
+        dropped.push(text.clone());
+        if takes_next {
+            if let Some(value) = args.next() {
+                dropped.push(value.to_string_lossy().into_owned());
+            }
+        }
+    }
+    (kept, dropped)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let (args, openfaas_flags) = strip_openfaas_flags(std::env::args_os());
+    let cli = Cli::parse_from(args);
     let config = match load_config(&cli.settings) {
         Ok(c) => c,
         Err(msg) => {
@@ -296,6 +330,12 @@ fn main() -> ExitCode {
         Some(Command::Demo(_) | Command::Queue(_) | Command::Dead(_))
     );
     queue_worker::logging::init(encoding, debug, quiet);
+    if !openfaas_flags.is_empty() {
+        tracing::info!(
+            flags = %openfaas_flags.join(" "),
+            "ignoring OpenFaaS Pro flags: no licence is needed"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -548,6 +588,28 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory as _;
+
+    #[test]
+    fn openfaas_pro_flags_are_dropped() {
+        let args = |v: &[&str]| v.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let (kept, dropped) = super::strip_openfaas_flags(args(&[
+            "jetstream-queue-worker",
+            "-license-file=/var/secrets/license/license",
+            "--pprof=true",
+            "-license-file",
+            "/x",
+            "--max-inflight",
+            "5",
+            "---pprof",
+        ]));
+        assert_eq!(
+            kept,
+            args(&["jetstream-queue-worker", "--max-inflight", "5", "---pprof"])
+        );
+        assert_eq!(dropped.len(), 4, "{dropped:?}");
+        let cli = <super::Cli as clap::Parser>::try_parse_from(kept.iter().take(3)).unwrap();
+        assert!(cli.command.is_none(), "no subcommand runs the worker");
+    }
 
     /// clap's own consistency checks over every subcommand (duplicate names, a subcommand
     /// argument shadowing a global flag, ...), which otherwise only fail when used.
