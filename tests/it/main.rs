@@ -1,6 +1,7 @@
 //! The integration suite: one binary, real nats-server, real HTTP fake gateway.
 
 mod auth;
+mod chart;
 mod cli;
 mod cluster;
 mod deadletter;
