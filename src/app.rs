@@ -268,9 +268,7 @@ async fn poll_state(
     health: Arc<Health>,
     stop: CancellationToken,
 ) {
-    let pending = metrics
-        .pending
-        .with_label_values(&[layout.queue.as_str(), ALL_FUNCTIONS]);
+    let labels = [layout.queue.as_str(), ALL_FUNCTIONS];
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -280,11 +278,17 @@ async fn poll_state(
         }
         match stream::read_state(&js, &layout).await {
             Ok(state) => {
-                pending.set(state.pending as f64);
+                metrics
+                    .pending
+                    .with_label_values(&labels)
+                    .set(state.pending as f64);
                 metrics.submitted.set(state.submitted as f64);
                 health.stream_ok.store(true, Ordering::Relaxed);
             }
             Err(e) => {
+                // No count is better than a stale one: the autoscaler's avg() and KEDA's
+                // max() across replicas would keep acting on it.
+                let _ = metrics.pending.remove_label_values(&labels);
                 if health.stream_ok.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "cannot read stream state");
                 }

@@ -81,3 +81,52 @@ async fn a_deleted_consumer_is_recreated() {
     env.wait_drained(Duration::from_secs(5)).await;
     crate::support::stop(worker).await;
 }
+
+/// While the stream cannot be read, the pending gauge is withdrawn rather than left at its
+/// last value: OpenFaaS's autoscaler (avg) and KEDA (max) would keep scaling on a stale count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pending_count_is_withdrawn_while_nats_is_down() {
+    let mut env = Env::start().await;
+    let config = env.config(&[("stream_poll_interval", "100ms")]);
+    let worker = queue_worker::app::start(config).await.unwrap();
+    let pending_line = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("queue_worker_pending_messages{"))
+            .map(str::to_string)
+    };
+    let wait_for = |want: bool| {
+        let worker = &worker;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let text = scrape(worker).await;
+                if pending_line(&text).is_some() == want {
+                    return text;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "pending series present={} never became {want}:\n{text}",
+                    !want
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    // Ready: the stream and consumer are set up and the poller reads them.
+    let ready = format!("http://127.0.0.1:{}/readyz", worker.metrics_addr.port());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) {
+        assert!(tokio::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let up = wait_for(true).await;
+    assert!(pending_line(&up)
+        .unwrap()
+        .contains("function_name=\"all-functions\""));
+
+    tokio::task::block_in_place(|| env.nats.kill());
+    wait_for(false).await;
+    tokio::task::block_in_place(|| env.nats.restart().unwrap());
+    wait_for(true).await;
+    crate::support::stop(worker).await;
+}
