@@ -187,8 +187,8 @@ fn env(deployment: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Loads the worker's configuration from a container's env, as the binary does from its
-/// environment. Files under /var/secrets/ (the chart's mounts) are replaced by files in `dir`
+/// Loads the worker's configuration from a container's env, with the library and with the
+/// binary from its environment. Files under /var/secrets/ (the chart's mounts) are replaced by files in `dir`
 /// holding `<file name>-content`, after checking that a volume of the pod provides them.
 fn load(deployment: &Value, dir: &Path) -> Config {
     let pairs = env(deployment);
@@ -229,8 +229,27 @@ fn load(deployment: &Value, dir: &Path) -> Config {
         }
         (k, v)
     });
-    let sources = Sources::from_pairs(pairs).unwrap();
-    Config::load(&sources).unwrap_or_else(|e| panic!("the worker refuses the rendered env: {e}"))
+    let pairs: Vec<(String, String)> = pairs.collect();
+    let sources = Sources::from_pairs(pairs.clone()).unwrap();
+    let config = Config::load(&sources)
+        .unwrap_or_else(|e| panic!("the worker refuses the rendered env: {e}"));
+
+    // The binary reads the same env from its process environment (another code path: env
+    // layer, aliases): `check-config` must print the same configuration, with no warning.
+    let out = Command::new(env!("CARGO_BIN_EXE_queue-worker"))
+        .arg("check-config")
+        .env_clear()
+        .envs(pairs)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "check-config: {stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{config:#?}\n")
+    );
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    config
 }
 
 /// Every file path the pod's volumes put in the container: `<mountPath>/<item path>`.
@@ -421,7 +440,6 @@ fn every_option_renders_objects_that_fit_together() {
             "Deployment/qw-queue-worker-frontdoor",
             "PodDisruptionBudget/qw-queue-worker",
             "PodDisruptionBudget/qw-queue-worker-frontdoor",
-            "PodMonitor/qw-queue-worker",
             "ScaledObject/report-custom-request",
             "ScaledObject/sleep-custom-request",
             "Service/qw-queue-worker-frontdoor",
@@ -525,12 +543,6 @@ fn every_option_renders_objects_that_fit_together() {
         ),
         ("Service", "qw-queue-worker-metrics", "spec.selector", &both),
         (
-            "PodMonitor",
-            "qw-queue-worker",
-            "spec.selector.matchLabels",
-            &both,
-        ),
-        (
             "PodDisruptionBudget",
             "qw-queue-worker",
             "spec.selector.matchLabels",
@@ -602,6 +614,14 @@ fn every_option_renders_objects_that_fit_together() {
 fn bad_values_are_refused_naming_the_value() {
     let cases: &[(&[&str], &str)] = &[
         (&["--set", "mode=fast"], "/mode"),
+        (
+            &["--set", "mode=function"],
+            "mode: function (one consumer per function) is not supported",
+        ),
+        (
+            &["--set", "queuePartitions=4"],
+            "queuePartitions: 4 is not supported yet",
+        ),
         (&["--set", "maxInflight=0"], "/maxInflight"),
         (&["--set", "maxInflight=abc"], "/maxInflight"),
         (&["--set", "ackWait=30s"], "ackWait"),
@@ -611,9 +631,25 @@ fn bad_values_are_refused_naming_the_value() {
         (&["--set", "upstreamTimeout=15"], "/upstreamTimeout"),
         (&["--set", "logs.format=text"], "/logs/format"),
         (
-            &["--set", "terminationGracePeriodSeconds=20"],
-            "terminationGracePeriodSeconds: 20",
+            &["--set", "terminationGracePeriodSeconds=35"],
+            "terminationGracePeriodSeconds: 35 must be more than drainTimeout (25s) + 10s",
         ),
+        (
+            &[
+                "--set",
+                "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true",
+            ],
+            "enable serviceMonitor or podMonitor, not both",
+        ),
+        (
+            &["--set", "frontdoor.enabled=true,metrics.port=8080"],
+            "frontdoor.service.port: 8080 is also metrics.port",
+        ),
+        (
+            &["--set", "metrics.podMonitor.interval=1.5m"],
+            "/metrics/podMonitor/interval",
+        ),
+        (&["--set", "drainTimeout=100us"], "/drainTimeout"),
         (&["--set", "drainTimeout=soon"], "/drainTimeout"),
         (
             &["--set", "extraEnv[0].name=max_inflight,extraEnv[0].value=9"],
@@ -657,6 +693,58 @@ fn bad_values_are_refused_naming_the_value() {
     assert!(!names
         .iter()
         .any(|n| n == "max_waiting" || n == "max_reconnect"));
+}
+
+#[test]
+fn pod_monitor_selects_worker_and_front_door_pods() {
+    let Some(docs) = render_ok(&["-f", &values_file("podmonitor-values.yaml")]) else {
+        return;
+    };
+    let pm = find(&docs, "PodMonitor", "qw-queue-worker");
+    let selector = at(pm, "spec.selector.matchLabels");
+    for name in ["qw-queue-worker", "qw-queue-worker-frontdoor"] {
+        let pod = at(
+            find(&docs, "Deployment", name),
+            "spec.template.metadata.labels",
+        );
+        assert!(selector_matches(selector, pod), "{name}");
+    }
+    assert_eq!(s(at(pm, "spec.podMetricsEndpoints.0.port")), "metrics");
+    assert_eq!(
+        at(pm, "metadata.labels").get("release").map(s).as_deref(),
+        Some("prometheus")
+    );
+    assert!(!kinds(&docs)
+        .iter()
+        .any(|k| k.starts_with("ServiceMonitor/")));
+}
+
+/// `key: null` is how a values file unsets a value: it means the default, never "<nil>".
+#[test]
+fn null_values_mean_unset() {
+    let Some(docs) = render_ok(&[
+        "--set",
+        "queueName=null,backoff=null,consumer.pullMaxMessages=null,terminationGracePeriodSeconds=null",
+        "--set",
+        "podDisruptionBudget.enabled=true,podDisruptionBudget.maxUnavailable=null,podDisruptionBudget.minAvailable=1",
+    ]) else {
+        return;
+    };
+    let d = find(&docs, "Deployment", "qw-queue-worker");
+    assert!(
+        !env(d).iter().any(|(_, v)| v.contains("nil")),
+        "{:?}",
+        env(d)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let c = load(d, dir.path());
+    assert_eq!(c.queue, "custom-request");
+    assert_eq!(
+        s(at(d, "spec.template.spec.terminationGracePeriodSeconds")),
+        "40"
+    );
+    let pdb = find(&docs, "PodDisruptionBudget", "qw-queue-worker");
+    assert_eq!(s(at(pdb, "spec.minAvailable")), "1");
 }
 
 /// Metric names of the selectors in a PromQL expression; a histogram's `_bucket`, `_sum`

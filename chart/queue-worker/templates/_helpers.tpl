@@ -25,6 +25,11 @@ made with that chart keeps the same Deployment and its immutable selector.
 {{- printf "%s-frontdoor" (include "queue-worker.fullname" . | trunc 53 | trimSuffix "-") }}
 {{- end }}
 
+{{/* A value as text; an unset (null) value is "", where toString would give "<nil>". */}}
+{{- define "queue-worker.str" -}}
+{{- if not (kindIs "invalid" .) }}{{ toString . }}{{ end }}
+{{- end }}
+
 {{- define "queue-worker.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -92,12 +97,13 @@ Used to keep terminationGracePeriodSeconds above drainTimeout.
 
 {{- define "queue-worker.terminationGracePeriodSeconds" -}}
 {{- $drain := include "queue-worker.seconds" .Values.drainTimeout | int }}
-{{- if eq (toString .Values.terminationGracePeriodSeconds) "" }}
+{{- $set := include "queue-worker.str" .Values.terminationGracePeriodSeconds }}
+{{- if eq $set "" }}
 {{- add $drain 15 }}
 {{- else }}
-{{- $grace := .Values.terminationGracePeriodSeconds | int }}
-{{- if le $grace (add $drain 5) }}
-{{- fail (printf "terminationGracePeriodSeconds: %d must be more than drainTimeout (%s) + 5s, or Kubernetes kills the worker while it drains; leave it empty for drainTimeout + 15s" $grace .Values.drainTimeout) }}
+{{- $grace := $set | int }}
+{{- if le $grace (add $drain 10) }}
+{{- fail (printf "terminationGracePeriodSeconds: %d must be more than drainTimeout (%s) + 10s: after the drain the worker takes up to 10s to hand back unfinished messages and flush its acks, and Kubernetes would kill it first; leave it empty for drainTimeout + 15s" $grace .Values.drainTimeout) }}
 {{- end }}
 {{- $grace }}
 {{- end }}
@@ -109,84 +115,84 @@ worker and the front door, which read the same configuration.
 */}}
 {{- define "queue-worker.env" -}}
 - name: nats_host
-  value: {{ .Values.nats.host | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.nats.host | quote }}
 - name: nats_port
-  value: {{ .Values.nats.port | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.nats.port | quote }}
 - name: nats_stream
-  value: {{ .Values.nats.stream.name | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.nats.stream.name | quote }}
 - name: nats_durable
-  value: {{ .Values.nats.consumer.durableName | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.nats.consumer.durableName | quote }}
 - name: queue_name
-  value: {{ .Values.queueName | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.queueName | quote }}
 - name: queue_partitions
-  value: {{ .Values.queuePartitions | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.queuePartitions | quote }}
 - name: filter_partition
-  value: {{ .Values.partition | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.partition | quote }}
 - name: max_inflight
-  value: {{ .Values.maxInflight | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.maxInflight | quote }}
 - name: scaling_mode
-  value: {{ .Values.mode | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.mode | quote }}
 {{- if .Values.consumer.inactiveThreshold }}
 - name: consumer_inactive_threshold
-  value: {{ .Values.consumer.inactiveThreshold | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.consumer.inactiveThreshold | quote }}
 {{- end }}
 {{- if .Values.consumer.pullMaxMessages }}
 - name: consumer_pull_max_messages
-  value: {{ .Values.consumer.pullMaxMessages | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.consumer.pullMaxMessages | quote }}
 {{- end }}
 - name: gateway_url
-  value: {{ printf "%s:%s" (toString .Values.gateway.host) (toString .Values.gateway.port) | quote }}
+  value: {{ printf "%s:%s" (include "queue-worker.str" .Values.gateway.host) (include "queue-worker.str" .Values.gateway.port) | quote }}
 - name: tls_insecure
-  value: {{ .Values.insecureTLS | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.insecureTLS | quote }}
 - name: debug
-  value: {{ .Values.logs.debug | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.logs.debug | quote }}
 - name: log_encoding
-  value: {{ .Values.logs.format | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.logs.format | quote }}
 - name: nats_stream_replicas
-  value: {{ .Values.nats.stream.replicas | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.nats.stream.replicas | quote }}
 - name: ack_wait
-  value: {{ .Values.nats.consumer.ackWait | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.nats.consumer.ackWait | quote }}
 - name: adaptive_concurrency
-  value: {{ .Values.adaptiveConcurrency | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.adaptiveConcurrency | quote }}
 - name: upstream_timeout
-  value: {{ .Values.upstreamTimeout | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.upstreamTimeout | quote }}
 - name: max_retry_attempts
-  value: {{ .Values.maxRetryAttempts | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.maxRetryAttempts | quote }}
 - name: max_retry_wait
-  value: {{ .Values.maxRetryWait | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.maxRetryWait | quote }}
 - name: initial_retry_wait
-  value: {{ .Values.initialRetryWait | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.initialRetryWait | quote }}
 - name: retry_http_codes
-  value: {{ .Values.httpRetryCodes | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.httpRetryCodes | quote }}
 - name: backoff
-  value: {{ .Values.backoff | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.backoff | quote }}
 {{- /* Ours from here. */}}
 - name: default_function_name
-  value: {{ .Values.functionNamespace | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.functionNamespace | quote }}
 - name: metrics_port
-  value: {{ .Values.metrics.port | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.metrics.port | quote }}
 - name: drain_timeout
-  value: {{ .Values.drainTimeout | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.drainTimeout | quote }}
 - name: max_message_bytes
-  value: {{ .Values.maxMessageBytes | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.maxMessageBytes | quote }}
 - name: dead_letter_max_age
-  value: {{ .Values.deadLetter.maxAge | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.deadLetter.maxAge | quote }}
 - name: dead_letter_max_bytes
-  value: {{ .Values.deadLetter.maxBytes | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.deadLetter.maxBytes | quote }}
 - name: callback_max_attempts
-  value: {{ .Values.callback.maxAttempts | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.callback.maxAttempts | quote }}
 - name: callback_timeout
-  value: {{ .Values.callback.timeout | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.callback.timeout | quote }}
 - name: callback_retry_wait
-  value: {{ .Values.callback.retryWait | toString | quote }}
+  value: {{ include "queue-worker.str" .Values.callback.retryWait | quote }}
 {{- with .Values.nats.url }}
 - name: nats_url
-  value: {{ . | toString | quote }}
+  value: {{ include "queue-worker.str" . | quote }}
 {{- end }}
 {{- $auth := .Values.nats.auth }}
 {{- if $auth.user }}
 - name: nats_user
-  value: {{ $auth.user | toString | quote }}
+  value: {{ include "queue-worker.str" $auth.user | quote }}
 {{- end }}
 {{- if $auth.passwordSecret.name }}
 - name: nats_password_file
@@ -222,6 +228,7 @@ worker and the front door, which read the same configuration.
 {{- range (include "queue-worker.env" . | fromYamlArray) }}
 {{- $rendered = append $rendered .name }}
 {{- end }}
+{{- $rendered = concat $rendered (list "frontdoor_listen" "frontdoor_max_body" "frontdoor_queues" "frontdoor_check_function" "secret_mount_path") }}
 {{- range .Values.extraEnv }}
 {{- if has .name $rendered }}
 {{- fail (printf "extraEnv: %s is rendered by the chart; set its value instead (see the chart's README)" .name) }}
@@ -245,7 +252,7 @@ worker and the front door, which read the same configuration.
 {{- $t := .Values.nats.tls -}}
 - name: nats-secrets
   projected:
-    defaultMode: 0440
+    defaultMode: 0444
     sources:
     {{- if $a.passwordSecret.name }}
       - secret:
@@ -295,8 +302,8 @@ worker and the front door, which read the same configuration.
 
 {{/* A PodDisruptionBudget's limit: exactly one of minAvailable and maxUnavailable. */}}
 {{- define "queue-worker.pdbLimit" -}}
-{{- $min := toString .minAvailable }}
-{{- $max := toString .maxUnavailable }}
+{{- $min := include "queue-worker.str" .minAvailable }}
+{{- $max := include "queue-worker.str" .maxUnavailable }}
 {{- if and (ne $min "") (ne $max "") }}
 {{- fail (printf "%s: set one of minAvailable and maxUnavailable, not both" .path) }}
 {{- else if ne $min "" }}
@@ -358,4 +365,35 @@ readinessProbe:
 securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/*
+Values the worker would refuse at start-up (exit code 2, CrashLoopBackOff), refused here
+instead with the same reason.
+*/}}
+{{- define "queue-worker.validate" -}}
+{{- if eq (include "queue-worker.str" .Values.mode) "function" }}
+{{- fail "mode: function (one consumer per function) is not supported by this worker yet; use mode: static" }}
+{{- end }}
+{{- if not (has (include "queue-worker.str" .Values.queuePartitions) (list "" "1")) }}
+{{- fail (printf "queuePartitions: %v is not supported yet; only 1" .Values.queuePartitions) }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled }}
+{{- fail "metrics: enable serviceMonitor or podMonitor, not both: every series would be scraped twice and the dashboard's sums would double" }}
+{{- end }}
+{{- if and .Values.frontdoor.enabled (eq (include "queue-worker.str" .Values.metrics.port) (include "queue-worker.str" .Values.frontdoor.service.port)) }}
+{{- fail (printf "frontdoor.service.port: %v is also metrics.port; the front door needs both" .Values.metrics.port) }}
+{{- end }}
+{{- if not (has (include "queue-worker.str" .Values.partition) (list "" "0")) }}
+{{- fail (printf "partition: %v is not supported yet; only 0" .Values.partition) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod annotations: the Prometheus scrape pair OpenFaaS's chart sets, under podAnnotations
+(which may replace them, e.g. prometheus.io/scrape: "false" when a monitor scrapes instead).
+*/}}
+{{- define "queue-worker.podAnnotations" -}}
+{{- $scrape := dict "prometheus.io/scrape" "true" "prometheus.io/port" (include "queue-worker.str" .Values.metrics.port) }}
+{{- toYaml (merge (deepCopy (default dict .Values.podAnnotations)) $scrape) }}
 {{- end }}
