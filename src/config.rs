@@ -103,8 +103,8 @@ pub const LEGACY_KEYS: &[(&str, &str)] = &[
 ];
 
 /// Other names of current keys: the env var a chart renders under a different name than ours.
-/// An alias sets its key unless the key itself is set in the same layer, and the value is
-/// checked under the key's name.
+/// Within a layer the key's own name wins over its alias; the value is checked under the
+/// key's name.
 pub const ALIASES: &[(&str, &str)] = &[
     // faas-netes' dedicated queue-worker chart renders `adaptiveConcurrency` under this name;
     // its main chart and the docs say `limiter_enabled`.
@@ -171,8 +171,6 @@ pub struct Sources {
     flags: BTreeMap<String, String>,
     /// Legacy keys that were set, to warn about once logging is up.
     legacy_seen: Vec<(String, Origin)>,
-    /// Keys whose value in a layer came from an alias, so the key's own name can replace it.
-    aliased: Vec<(Origin, &'static str)>,
 }
 
 impl Sources {
@@ -196,9 +194,9 @@ impl Sources {
                 sources.env.insert(key.name.to_string(), value);
             }
         }
-        for (alias, key) in ALIASES {
+        for (alias, _) in ALIASES {
             if let Ok(value) = std::env::var(alias) {
-                sources.env.entry(key.to_string()).or_insert(value);
+                sources.env.insert(alias.to_string(), value);
             }
         }
         for (legacy, _) in LEGACY_KEYS {
@@ -271,17 +269,8 @@ impl Sources {
             Origin::Env => &mut self.env,
             _ => &mut self.flags,
         };
-        if KEYS.iter().any(|k| k.name == key) {
+        if KEYS.iter().any(|k| k.name == key) || ALIASES.iter().any(|(a, _)| *a == key) {
             layer.insert(key.to_string(), value);
-            self.aliased.retain(|(o, k)| *o != origin || *k != key);
-            return Ok(());
-        }
-        if let Some((_, canonical)) = ALIASES.iter().find(|(a, _)| *a == key) {
-            // The key's own name wins over its alias, whichever comes first.
-            if !layer.contains_key(*canonical) || self.aliased.contains(&(origin, canonical)) {
-                layer.insert(canonical.to_string(), value);
-                self.aliased.push((origin, canonical));
-            }
             return Ok(());
         }
         if LEGACY_KEYS.iter().any(|(k, _)| *k == key) {
@@ -305,11 +294,15 @@ impl Sources {
             (&self.env, Origin::Env),
             (&self.file, Origin::File),
         ];
+        let aliases = ALIASES.iter().filter(|(_, k)| *k == key).map(|(a, _)| *a);
+        let names: Vec<&str> = std::iter::once(key).chain(aliases).collect();
         layers.into_iter().find_map(|(layer, origin)| {
-            layer
-                .get(key)
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| (v.as_str(), origin))
+            names.iter().find_map(|name| {
+                layer
+                    .get(*name)
+                    .filter(|v| !v.trim().is_empty())
+                    .map(|v| (v.as_str(), origin))
+            })
         })
     }
 }
