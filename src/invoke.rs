@@ -116,6 +116,24 @@ pub fn split_gateway(url: &url::Url) -> (String, Option<(String, Option<String>)
     (base.as_str().trim_end_matches('/').to_string(), auth)
 }
 
+/// The HTTP client of function calls: a connection pool sized to the concurrency so that every
+/// in-flight call can reuse a kept-alive connection, no redirects (a gateway answers, it does
+/// not send us elsewhere), no client-side replays. The benchmark's raw-HTTP baseline uses it too, so both compare the
+/// same client settings.
+pub fn http_client(max_inflight: usize) -> reqwest::Result<reqwest::Client> {
+    crate::tls::install_provider();
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(max_inflight.max(1))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        // reqwest's default policy copies every request (headers, extensions, body) in case
+        // it must be replayed after an HTTP/2 or HTTP/3 refusal, which HTTP/1.1 never sends.
+        // Retries are the worker's own decision, made from the response.
+        .retry(reqwest::retry::never().max_retries_per_request(0))
+        .build()
+}
+
 impl Invoker {
     /// One client for all calls, with a connection pool sized to the concurrency so that every
     /// in-flight call can reuse a kept-alive connection.
@@ -124,15 +142,8 @@ impl Invoker {
         max_inflight: usize,
         basic_auth: Option<(String, Option<String>)>,
     ) -> anyhow::Result<Invoker> {
-        crate::tls::install_provider();
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(max_inflight.max(1))
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
         Ok(Invoker {
-            client,
+            client: http_client(max_inflight)?,
             timeout,
             basic_auth,
         })
@@ -168,7 +179,7 @@ impl Invoker {
                 }
             }
         }
-        let mut request = self.client.request(method, &inv.url);
+        let mut request = self.client.request(method, inv.url.clone());
         if let Some((user, password)) = &self.basic_auth {
             request = request.basic_auth(user, password.as_ref());
         }

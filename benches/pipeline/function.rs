@@ -1,0 +1,244 @@
+//! The fake function: a bare hyper HTTP/1 server on 127.0.0.1:0 that answers 200 with an empty
+//! body and counts what it saw. It is the gateway too: the worker calls
+//! `<gateway>/function/<name>`, and any path is served.
+//!
+//! It records when the first call started and the last one ended (the throughput window),
+//! how many run at once, and, for the latency scenario, how long each request took from the
+//! `X-Start-Time` its publisher stamped (Unix nanoseconds, as the gateway writes it) to its
+//! arrival here. In `hold` mode every call waits for [`FakeFunction::release`], so the bench
+//! can keep a known number of calls in flight while it reads the worker's memory.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::sync::{watch, Notify};
+
+/// What the fake function counts. Reset before each measurement.
+pub struct Stats {
+    epoch: Instant,
+    /// Calls answered.
+    count: AtomicU64,
+    /// `count` at which `done` fires.
+    target: AtomicU64,
+    done: Notify,
+    /// Nanoseconds since `epoch`: start of the first call and end of the last.
+    first_start: AtomicU64,
+    last_end: AtomicU64,
+    inflight: AtomicU64,
+    peak: AtomicU64,
+    /// `inflight` at which `reached` fires.
+    inflight_target: AtomicU64,
+    reached: Notify,
+    /// Record `X-Start-Time` → arrival for each call.
+    record_latency: AtomicBool,
+    latencies: Mutex<Vec<u64>>,
+    hold: AtomicBool,
+    gate: watch::Sender<bool>,
+}
+
+/// What one measurement saw.
+pub struct Window {
+    pub count: u64,
+    /// First call's start to last call's end.
+    pub elapsed: Duration,
+}
+
+impl Stats {
+    fn new() -> Stats {
+        Stats {
+            epoch: Instant::now(),
+            count: AtomicU64::new(0),
+            target: AtomicU64::new(u64::MAX),
+            done: Notify::new(),
+            first_start: AtomicU64::new(u64::MAX),
+            last_end: AtomicU64::new(0),
+            inflight: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
+            inflight_target: AtomicU64::new(u64::MAX),
+            reached: Notify::new(),
+            record_latency: AtomicBool::new(false),
+            latencies: Mutex::new(Vec::new()),
+            hold: AtomicBool::new(false),
+            gate: watch::channel(false).0,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+/// The running fake function.
+pub struct FakeFunction {
+    pub addr: SocketAddr,
+    stats: Arc<Stats>,
+}
+
+impl FakeFunction {
+    pub async fn start() -> anyhow::Result<FakeFunction> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(Stats::new());
+        let shared = stats.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let stats = shared.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| serve(req, stats.clone()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Ok(FakeFunction { addr, stats })
+    }
+
+    /// The base URL (the worker's `gateway_url`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts a new measurement: `done()` returns once `target` calls were answered.
+    pub fn reset(&self, target: u64) {
+        let s = &self.stats;
+        s.count.store(0, Ordering::SeqCst);
+        s.first_start.store(u64::MAX, Ordering::SeqCst);
+        s.last_end.store(0, Ordering::SeqCst);
+        s.peak.store(0, Ordering::SeqCst);
+        s.inflight_target.store(u64::MAX, Ordering::SeqCst);
+        s.record_latency.store(false, Ordering::SeqCst);
+        s.latencies.lock().unwrap().clear();
+        s.hold.store(false, Ordering::SeqCst);
+        s.gate.send_replace(false);
+        s.target.store(target, Ordering::SeqCst);
+    }
+
+    /// Records the enqueue → arrival latency of each call from now on.
+    pub fn record_latency(&self) {
+        self.stats.record_latency.store(true, Ordering::SeqCst);
+    }
+
+    /// Holds every call from now on until [`FakeFunction::release`]; `in_flight()` returns
+    /// once `n` calls are held at once.
+    pub fn hold(&self, n: u64) {
+        self.stats.inflight_target.store(n, Ordering::SeqCst);
+        self.stats.hold.store(true, Ordering::SeqCst);
+    }
+
+    pub fn release(&self) {
+        self.stats.hold.store(false, Ordering::SeqCst);
+        self.stats.gate.send_replace(true);
+    }
+
+    /// Waits until the target set by `reset` is reached, or `limit` passes.
+    pub async fn done(&self, limit: Duration) -> anyhow::Result<Window> {
+        let s = &self.stats;
+        let wait = async {
+            loop {
+                let notified = s.done.notified();
+                if s.count.load(Ordering::SeqCst) >= s.target.load(Ordering::SeqCst) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(limit, wait).await.is_err() {
+            anyhow::bail!(
+                "the function saw {} of {} calls within {limit:?}",
+                s.count.load(Ordering::SeqCst),
+                s.target.load(Ordering::SeqCst)
+            );
+        }
+        Ok(self.window())
+    }
+
+    /// Waits until the number set by `hold` is in flight at once.
+    pub async fn in_flight(&self, limit: Duration) -> anyhow::Result<()> {
+        let s = &self.stats;
+        let wait = async {
+            loop {
+                let notified = s.reached.notified();
+                if s.inflight.load(Ordering::SeqCst) >= s.inflight_target.load(Ordering::SeqCst) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.map_err(|_| {
+            anyhow::anyhow!(
+                "only {} calls in flight at once within {limit:?}",
+                s.peak.load(Ordering::SeqCst)
+            )
+        })
+    }
+
+    pub fn window(&self) -> Window {
+        let s = &self.stats;
+        let first = s.first_start.load(Ordering::SeqCst);
+        let last = s.last_end.load(Ordering::SeqCst);
+        Window {
+            count: s.count.load(Ordering::SeqCst),
+            elapsed: Duration::from_nanos(last.saturating_sub(first)),
+        }
+    }
+
+    /// The latencies recorded, in nanoseconds.
+    pub fn latencies(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.stats.latencies.lock().unwrap())
+    }
+}
+
+async fn serve(
+    req: Request<Incoming>,
+    s: Arc<Stats>,
+) -> Result<Response<Empty<Bytes>>, Infallible> {
+    let start = s.now();
+    s.first_start.fetch_min(start, Ordering::SeqCst);
+    let inflight = s.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+    s.peak.fetch_max(inflight, Ordering::SeqCst);
+    if inflight >= s.inflight_target.load(Ordering::SeqCst) {
+        s.reached.notify_waiters();
+    }
+    if s.record_latency.load(Ordering::Relaxed) {
+        let sent = req
+            .headers()
+            .get("x-start-time")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u128>().ok());
+        if let Some(sent) = sent {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            s.latencies
+                .lock()
+                .unwrap()
+                .push(now.saturating_sub(sent) as u64);
+        }
+    }
+    let _ = req.into_body().collect().await;
+    if s.hold.load(Ordering::SeqCst) {
+        let mut gate = s.gate.subscribe();
+        let _ = gate.wait_for(|open| *open).await;
+    }
+    s.inflight.fetch_sub(1, Ordering::SeqCst);
+    s.last_end.fetch_max(s.now(), Ordering::SeqCst);
+    let count = s.count.fetch_add(1, Ordering::SeqCst) + 1;
+    if count >= s.target.load(Ordering::SeqCst) {
+        s.done.notify_waiters();
+    }
+    Ok(Response::new(Empty::new()))
+}
