@@ -134,30 +134,77 @@ where
 }
 
 /// Go's `http.Header` is `map[string][]string`; a single string value is accepted too.
+/// `Header`: an object of name → list of values. A single string or `null` in place of the
+/// list is accepted too (other publishers write those). Hand-written visitors, because this
+/// runs for every message and serde's untagged enums buffer each value and try every variant.
 fn de_header<'de, D>(d: D) -> Result<BTreeMap<String, Vec<String>>, D::Error>
 where
     D: Deserializer<'de>,
 {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-        Null(()),
+    use serde::de::{MapAccess, SeqAccess, Visitor};
+    use std::fmt;
+
+    /// One header's values.
+    struct Values(Vec<String>);
+
+    impl<'de> Deserialize<'de> for Values {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Values, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Values;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a list of strings, a string or null")
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Values, E> {
+                    Ok(Values(vec![v.to_string()]))
+                }
+                fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Values, E> {
+                    Ok(Values(vec![v]))
+                }
+                fn visit_unit<E: serde::de::Error>(self) -> Result<Values, E> {
+                    Ok(Values(Vec::new()))
+                }
+                fn visit_none<E: serde::de::Error>(self) -> Result<Values, E> {
+                    Ok(Values(Vec::new()))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Values, A::Error> {
+                    let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(16));
+                    while let Some(v) = seq.next_element::<String>()? {
+                        out.push(v);
+                    }
+                    Ok(Values(out))
+                }
+            }
+            d.deserialize_any(V)
+        }
     }
-    let raw: Option<BTreeMap<String, OneOrMany>> = Option::deserialize(d)?;
-    Ok(raw
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| {
-            let values = match v {
-                OneOrMany::One(s) => vec![s],
-                OneOrMany::Many(v) => v,
-                OneOrMany::Null(()) => Vec::new(),
-            };
-            (k, values)
-        })
-        .collect())
+
+    struct Map;
+
+    impl<'de> Visitor<'de> for Map {
+        type Value = BTreeMap<String, Vec<String>>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object of header names to values, or null")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(BTreeMap::new())
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(Map)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some((name, Values(values))) = map.next_entry::<String, Values>()? {
+                out.insert(name, values);
+            }
+            Ok(out)
+        }
+    }
+
+    d.deserialize_option(Map)
 }
 
 fn de_body<'de, D>(d: D) -> Result<Vec<u8>, D::Error>
@@ -407,6 +454,21 @@ mod tests {
         .unwrap();
         assert_eq!(r.callback_url.as_deref(), Some("https://cb.example/x"));
         assert_eq!(r.header["X-One"], vec!["v".to_string()]);
+        let r: QueueRequest = serde_json::from_str(
+            r#"{"Function":"f","Header":{"A":["x","y"],"B":null,"C":[],"D":"one"}}"#,
+        )
+        .unwrap();
+        let h = |k: &str| r.header[k].clone();
+        assert_eq!(h("A"), ["x", "y"]);
+        assert!(h("B").is_empty() && h("C").is_empty());
+        assert_eq!(h("D"), ["one"]);
+        for bad in [
+            r#"{"Header":{"A":5}}"#,
+            r#"{"Header":{"A":[1]}}"#,
+            r#"{"Header":[]}"#,
+        ] {
+            assert!(serde_json::from_str::<QueueRequest>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
