@@ -185,11 +185,12 @@ async fn work(
         callbacks: Callbacks::new(config.callback.clone(), metrics.clone())?,
         metrics: metrics.clone(),
         retry: config.retry.clone(),
-        decoder: Decoder {
-            gateway,
-            default_namespace: config.default_namespace.clone(),
-            max_bytes: config.max_message_bytes,
-        },
+        decoder: Decoder::new(
+            &gateway,
+            &config.default_namespace,
+            config.max_message_bytes,
+        )
+        .with_context(|| format!("gateway_url {gateway:?} is not a base URL"))?,
         dead_letters: DeadLetters::new(
             js.clone(),
             dead_layout,

@@ -108,7 +108,7 @@ impl DecodeError {
 pub struct Invocation {
     pub request: QueueRequest,
     /// `<gateway>/function/<Function><Path>?<QueryString>`.
-    pub url: String,
+    pub url: url::Url,
     pub call_id: String,
     /// `<fn>.<ns>`, the `function_name` label OpenFaaS's autoscaler joins on.
     pub function_label: String,
@@ -123,16 +123,38 @@ pub const MAX_FUNCTION_NAME: usize = 253;
 /// Turns payloads into invocations for one gateway.
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    /// The gateway base URL without a trailing `/`.
-    pub gateway: String,
+    /// The gateway, parsed once: each function URL is a copy with its path and query set,
+    /// which costs a fraction of parsing the whole URL (scheme, host, IDNA) per message.
+    base: url::Url,
+    /// The gateway's own path prefix without a trailing `/` (usually empty).
+    base_path: String,
     /// Namespace of function names given without one.
-    pub default_namespace: String,
+    default_namespace: String,
     /// Larger payloads are refused before parsing, so one message cannot make the worker
     /// allocate without bound (a base64 body costs its size again once decoded).
-    pub max_bytes: usize,
+    max_bytes: usize,
 }
 
 impl Decoder {
+    /// A decoder for the gateway at `gateway` (a base URL, as [`crate::invoke::split_gateway`]
+    /// gives it).
+    pub fn new(
+        gateway: &str,
+        default_namespace: &str,
+        max_bytes: usize,
+    ) -> Result<Decoder, url::ParseError> {
+        let base = url::Url::parse(gateway)?;
+        if base.cannot_be_a_base() {
+            return Err(url::ParseError::RelativeUrlWithCannotBeABaseBase);
+        }
+        Ok(Decoder {
+            base_path: base.path().trim_end_matches('/').to_string(),
+            base,
+            default_namespace: default_namespace.to_string(),
+            max_bytes,
+        })
+    }
+
     /// Decodes and validates a payload. Never panics, whatever the bytes (a property test
     /// feeds it arbitrary input).
     pub fn decode(&self, payload: &[u8]) -> Result<Invocation, DecodeError> {
@@ -142,93 +164,94 @@ impl Decoder {
                 max: self.max_bytes,
             });
         }
-        decode(payload, &self.gateway, &self.default_namespace)
+        self.decode_json(payload)
     }
-}
 
-/// Decodes and validates a payload. `gateway` is the gateway base URL without a trailing `/`.
-fn decode(payload: &[u8], gateway: &str, default_ns: &str) -> Result<Invocation, DecodeError> {
-    let mut request: QueueRequest =
-        serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    let function = request.function.trim();
-    if function.is_empty() {
-        return Err(DecodeError::MissingFunction);
-    }
-    if function.len() > MAX_FUNCTION_NAME
-        || !function
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        || function.starts_with('.')
-        || function.ends_with('.')
-        || function.contains("..")
-    {
-        // Shown in logs and headers: keep it short whatever was sent.
-        let shown: String = request.function.chars().take(80).collect();
-        return Err(DecodeError::BadFunction(shown));
-    }
-    let path = request.path.as_str();
-    if !(path.is_empty() || path.starts_with('/'))
-        || path.contains(['?', '#'])
-        || path.chars().any(|c| c.is_control() || c == ' ')
-    {
-        return Err(DecodeError::BadUrl(format!("Path {path:?}")));
-    }
-    if request.query_string.contains('#') || request.query_string.chars().any(char::is_control) {
-        return Err(DecodeError::BadUrl(format!(
-            "QueryString {:?}",
-            request.query_string
-        )));
-    }
-    let mut url = String::with_capacity(
-        gateway.len() + 10 + function.len() + path.len() + request.query_string.len() + 1,
-    );
-    url.push_str(gateway);
-    url.push_str("/function/");
-    url.push_str(function);
-    url.push_str(path);
-    if !request.query_string.is_empty() {
-        url.push('?');
-        url.push_str(&request.query_string);
-    }
-    let function_label = if function.contains('.') {
-        function.to_string()
-    } else {
-        format!("{function}.{default_ns}")
-    };
-
-    let callback = match request
-        .callback_url
-        .clone()
-        .or_else(|| request.header_value("X-Callback-Url").map(str::to_string))
-    {
-        None => None,
-        Some(raw) => match url::Url::parse(&raw) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => Some(u),
-            _ => {
-                tracing::warn!(function = %request.function, callback = %raw, "ignoring callback URL that is not http(s)");
-                None
-            }
-        },
-    };
-
-    let call_id = match request.header_value("X-Call-Id") {
-        Some(id) if !id.is_empty() => id.to_string(),
-        _ => {
-            // The gateway always sets one; other publishers may not. Make one up so logs,
-            // the function and the callback all see the same id.
-            let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-            request.append_header("X-Call-Id", id.clone());
-            id
+    fn decode_json(&self, payload: &[u8]) -> Result<Invocation, DecodeError> {
+        let mut request: QueueRequest =
+            serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let function = request.function.trim();
+        if function.is_empty() {
+            return Err(DecodeError::MissingFunction);
         }
-    };
+        if function.len() > MAX_FUNCTION_NAME
+            || !function
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            || function.starts_with('.')
+            || function.ends_with('.')
+            || function.contains("..")
+        {
+            // Shown in logs and headers: keep it short whatever was sent.
+            let shown: String = request.function.chars().take(80).collect();
+            return Err(DecodeError::BadFunction(shown));
+        }
+        let path = request.path.as_str();
+        if !(path.is_empty() || path.starts_with('/'))
+            || path.contains(['?', '#'])
+            || path.chars().any(|c| c.is_control() || c == ' ')
+        {
+            return Err(DecodeError::BadUrl(format!("Path {path:?}")));
+        }
+        if request.query_string.contains('#') || request.query_string.chars().any(char::is_control)
+        {
+            return Err(DecodeError::BadUrl(format!(
+                "QueryString {:?}",
+                request.query_string
+            )));
+        }
+        // `<gateway>/function/<Function><Path>?<QueryString>`.
+        let mut full_path =
+            String::with_capacity(self.base_path.len() + 10 + function.len() + path.len());
+        full_path.push_str(&self.base_path);
+        full_path.push_str("/function/");
+        full_path.push_str(function);
+        full_path.push_str(path);
+        let mut url = self.base.clone();
+        url.set_path(&full_path);
+        url.set_query((!request.query_string.is_empty()).then_some(&*request.query_string));
+        url.set_fragment(None);
+        let default_ns = self.default_namespace.as_str();
+        let function_label = if function.contains('.') {
+            function.to_string()
+        } else {
+            format!("{function}.{default_ns}")
+        };
 
-    Ok(Invocation {
-        request,
-        url,
-        call_id,
-        function_label,
-        callback,
-    })
+        let callback = match request
+            .callback_url
+            .clone()
+            .or_else(|| request.header_value("X-Callback-Url").map(str::to_string))
+        {
+            None => None,
+            Some(raw) => match url::Url::parse(&raw) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => Some(u),
+                _ => {
+                    tracing::warn!(function = %request.function, callback = %raw, "ignoring callback URL that is not http(s)");
+                    None
+                }
+            },
+        };
+
+        let call_id = match request.header_value("X-Call-Id") {
+            Some(id) if !id.is_empty() => id.to_string(),
+            _ => {
+                // The gateway always sets one; other publishers may not. Make one up so logs,
+                // the function and the callback all see the same id.
+                let id = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+                request.append_header("X-Call-Id", id.clone());
+                id
+            }
+        };
+
+        Ok(Invocation {
+            request,
+            url,
+            call_id,
+            function_label,
+            callback,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -238,11 +261,7 @@ mod tests {
     const GW: &str = "http://gw:8080";
 
     fn decoder() -> Decoder {
-        Decoder {
-            gateway: GW.into(),
-            default_namespace: "openfaas-fn".into(),
-            max_bytes: 64 << 10,
-        }
+        Decoder::new(GW, "openfaas-fn", 64 << 10).unwrap()
     }
 
     fn msg(json: &str) -> Result<Invocation, DecodeError> {
@@ -252,7 +271,27 @@ mod tests {
     /// What every successful decode must give: a URL the HTTP client accepts, on the gateway,
     /// and labels fit for metrics and subjects.
     fn check_invariants(inv: &Invocation) {
-        let url = url::Url::parse(&inv.url).unwrap_or_else(|e| panic!("{}: {e}", inv.url));
+        // The URL is built from parts; it must be the URL its text parses to, which is what
+        // the client would have built from the whole string.
+        let text = inv.url.as_str();
+        let url = url::Url::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(url, inv.url);
+        let whole = format!(
+            "{GW}/function/{}{}{}{}",
+            inv.request.function.trim(),
+            inv.request.path,
+            if inv.request.query_string.is_empty() {
+                ""
+            } else {
+                "?"
+            },
+            inv.request.query_string
+        );
+        // Parsing a whole string trims trailing spaces, which dropped them from a query; the
+        // query is now kept as sent (percent-encoded).
+        if !inv.request.query_string.ends_with(' ') {
+            assert_eq!(url::Url::parse(&whole).as_ref(), Ok(&url), "{whole}");
+        }
         assert_eq!(url.host_str(), Some("gw"), "{}", inv.url);
         assert!(url.path().starts_with("/function/"), "{}", inv.url);
         assert!(!inv.function_label.is_empty());
@@ -397,6 +436,17 @@ mod tests {
             }
 
             #[test]
+            fn urls_built_from_parts_match_parsing_the_whole(
+                path in "(/[^?#\\s\\p{Cc}]{0,8}){0,4}",
+                query in "[^#\\p{Cc}]{0,24}[^ #\\p{Cc}]|",
+            ) {
+                let doc = serde_json::json!({"Function": "f", "Path": path, "QueryString": query});
+                let inv = decoder().decode(doc.to_string().as_bytes());
+                prop_assert!(inv.is_ok(), "{path:?} {query:?}: {:?}", inv.err());
+                check_invariants(&inv.unwrap());
+            }
+
+            #[test]
             fn arbitrary_strings_give_a_valid_url_or_a_reason(
                 function in ".{0,24}",
                 path in ".{0,24}",
@@ -428,11 +478,19 @@ mod tests {
     #[test]
     fn builds_the_function_url() {
         let inv = msg(r#"{"Function":"echo","Path":"/a/b","QueryString":"x=1&y=2","Header":{"X-Call-Id":["c1"]}}"#).unwrap();
-        assert_eq!(inv.url, "http://gw:8080/function/echo/a/b?x=1&y=2");
+        assert_eq!(inv.url.as_str(), "http://gw:8080/function/echo/a/b?x=1&y=2");
         assert_eq!(inv.call_id, "c1");
         assert_eq!(inv.function_label, "echo.openfaas-fn");
+        let prefixed = Decoder::new("https://gw.example/prefix/", "openfaas-fn", 1024).unwrap();
+        let inv = prefixed
+            .decode(br#"{"Function":"echo","Path":"/a","QueryString":"q=1"}"#)
+            .unwrap();
+        assert_eq!(
+            inv.url.as_str(),
+            "https://gw.example/prefix/function/echo/a?q=1"
+        );
         let inv = msg(r#"{"Function":"echo.team-a"}"#).unwrap();
-        assert_eq!(inv.url, "http://gw:8080/function/echo.team-a");
+        assert_eq!(inv.url.as_str(), "http://gw:8080/function/echo.team-a");
         assert_eq!(inv.function_label, "echo.team-a");
         assert_eq!(
             inv.request.header_value("X-Call-Id"),
