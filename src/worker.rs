@@ -127,8 +127,10 @@ impl Worker {
                     payload: job.payload_bytes(),
                 };
                 let retry_in = self.retry.base_delay(job.attempt);
-                self.dead_letter(&job, &entry, UNKNOWN_FUNCTION, retry_in)
-                    .await;
+                // Boxed: the dead-letter path is rare and its future large (a JetStream
+                // publish); inline it would make every job's task 11 KiB instead of 4, and
+                // each spawn copy that much.
+                Box::pin(self.dead_letter(&job, &entry, UNKNOWN_FUNCTION, retry_in)).await;
                 return;
             }
         };
@@ -225,8 +227,8 @@ impl Worker {
                 // If the entry cannot be stored, the message comes back later, each time
                 // later (the function's backoff, counted from the attempts allowed).
                 let extra = job.attempt.saturating_sub(policy.max_attempts) + 1;
-                self.dead_letter(&job, &entry, &f.label, policy.base_delay(extra))
-                    .await
+                // Boxed, as above: rare path, large future.
+                Box::pin(self.dead_letter(&job, &entry, &f.label, policy.base_delay(extra))).await
             }
         };
         drop(slot);
