@@ -50,6 +50,7 @@ keys! {
     "nats_durable" = "faas-workers": "Name of the shared durable consumer (static mode).",
     "ack_wait" = "60s": "Lease of a delivered message; renewed with in-progress acks while a call runs.",
     "max_inflight" = "50": "Most invocations running at once in this replica.",
+    "worker_threads" = "1": "Threads that run the process's tasks; 1 is the cheapest per call (no hand-offs between threads), 0 means one per CPU the process may use.",
     "consumer_pull_max_messages" = "": "Most messages requested from NATS but not yet received (at most max_inflight); empty means max_inflight.",
     "scaling_mode" = "static": "static (one shared consumer) or function (not supported yet).",
     "limiter_enabled" = "true": "Adaptive concurrency (also read as adaptive_concurrency); applies only in function mode (not supported yet).",
@@ -479,6 +480,8 @@ pub struct Config {
     pub durable: String,
     pub ack_wait: Duration,
     pub max_inflight: usize,
+    /// Runtime threads; 0 means one per CPU. See `main.rs` for why 1 is the default.
+    pub worker_threads: usize,
     pub pull_max_messages: usize,
     pub upstream_timeout: Duration,
     pub retry: RetryPolicy,
@@ -507,6 +510,7 @@ impl fmt::Debug for Config {
             .field("durable", &self.durable)
             .field("ack_wait", &self.ack_wait)
             .field("max_inflight", &self.max_inflight)
+            .field("worker_threads", &self.worker_threads)
             .field("pull_max_messages", &self.pull_max_messages)
             .field("upstream_timeout", &self.upstream_timeout)
             .field("retry", &self.retry)
@@ -591,6 +595,7 @@ impl Config {
         let stream_replicas = r.number("nats_stream_replicas", 1, 5)? as usize;
         let ack_wait = r.duration("ack_wait", Duration::from_millis(100), None)?;
         let max_inflight = r.number("max_inflight", 1, 100_000)? as usize;
+        let worker_threads = r.number("worker_threads", 0, 1024)? as usize;
         let pull_max_messages = match r.sources.get("consumer_pull_max_messages") {
             Some((v, _)) if !v.trim().is_empty() => {
                 r.number("consumer_pull_max_messages", 1, 100_000)? as usize
@@ -704,6 +709,7 @@ impl Config {
             durable,
             ack_wait,
             max_inflight,
+            worker_threads,
             pull_max_messages,
             upstream_timeout,
             retry,
