@@ -81,6 +81,7 @@ keys! {
     "secret_mount_path" = "": "Directory holding basic-auth-user and basic-auth-password for the gateway's /system API (OpenFaaS's basic-auth secret).",
     "debug" = "false": "Log at debug level (includes bodies).",
     "log_encoding" = "console": "console or json.",
+    "log_flush_interval" = "100ms": "Info lines are written in batches at most this late (warnings and errors at once); 0 writes every line at once, at a higher CPU cost per call.",
 }
 
 /// Env vars of older OpenFaaS queue-workers that are accepted and ignored with a warning, so a
@@ -496,6 +497,8 @@ pub struct Config {
     pub stream_poll_interval: Duration,
     pub debug: bool,
     pub log_encoding: LogEncoding,
+    /// Longest an info line waits in the log buffer; zero writes each line at once.
+    pub log_flush_interval: Duration,
     /// Notes about accepted-but-ignored settings, logged once logging is configured.
     pub warnings: Vec<String>,
 }
@@ -524,6 +527,7 @@ impl fmt::Debug for Config {
             .field("stream_poll_interval", &self.stream_poll_interval)
             .field("debug", &self.debug)
             .field("log_encoding", &self.log_encoding)
+            .field("log_flush_interval", &self.log_flush_interval)
             .field("warnings", &self.warnings)
             .finish()
     }
@@ -695,6 +699,11 @@ impl Config {
         let stream_poll_interval =
             r.duration("stream_poll_interval", Duration::from_millis(100), None)?;
         let debug = r.boolean("debug")?;
+        let log_flush_interval = r.duration(
+            "log_flush_interval",
+            Duration::ZERO,
+            Some(Duration::from_secs(10)),
+        )?;
         let log_encoding = match r.string("log_encoding").0.trim() {
             "console" | "" => LogEncoding::Console,
             "json" => LogEncoding::Json,
@@ -723,6 +732,7 @@ impl Config {
             stream_poll_interval,
             debug,
             log_encoding,
+            log_flush_interval,
             warnings,
         })
     }

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use queue_worker::cli::{self, CliError};
@@ -339,15 +340,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let (encoding, debug) = config
+    let (encoding, debug, flush_interval) = config
         .as_ref()
-        .map(|c| (c.log_encoding, c.debug))
-        .unwrap_or((LogEncoding::Console, false));
+        .map(|c| (c.log_encoding, c.debug, c.log_flush_interval))
+        .unwrap_or((LogEncoding::Console, false, Duration::ZERO));
     let quiet = matches!(
         cli.command,
         Some(Command::Demo(_) | Command::Queue(_) | Command::Dead(_))
     );
-    queue_worker::logging::init(encoding, debug, quiet);
+    queue_worker::logging::init(encoding, debug, quiet, flush_interval);
     if !openfaas_flags.is_empty() {
         tracing::info!(
             flags = %openfaas_flags.join(" "),
@@ -362,7 +363,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if !flush_interval.is_zero() {
+        runtime.spawn(queue_worker::logging::flush_periodically(flush_interval));
+    }
     let result = runtime.block_on(run(cli.command, config));
+    queue_worker::logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<CliError>() || e.is::<ConnectError>() => {

@@ -274,3 +274,80 @@ fn the_sample_function_binary_limits_like_the_watchdog() {
     let err = terminate(child);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Starts the worker binary on `env` with `log_flush_interval`, stderr to a file; publishes
+/// `n` jobs and waits until the gateway has answered them all.
+async fn run_jobs_logging_to_file(
+    env: &crate::support::Env,
+    flush_interval: &str,
+    n: usize,
+) -> (Spawned, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let child = Spawned::new(
+        worker()
+            .env("nats_url", env.nats.url())
+            .env("gateway_url", env.gateway.url())
+            .env("metrics_port", "0")
+            .env("log_flush_interval", flush_interval)
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    let sub = queue_worker::publish::Submission {
+        function: "echo".into(),
+        ..Default::default()
+    };
+    queue_worker::publish::publish(&env.config(&[]), &sub, n)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while env.gateway.calls_to("echo") < n {
+        assert!(std::time::Instant::now() < deadline, "jobs not run");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    (child, log, dir)
+}
+
+fn invoked_lines(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" Invoked "))
+        .count()
+}
+
+#[tokio::test]
+async fn batched_log_lines_appear_within_the_interval() {
+    let env = crate::support::Env::start().await;
+    let (child, log, _dir) = run_jobs_logging_to_file(&env, "100ms", 20).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while invoked_lines(&log) < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of 20 Invoked lines written while running",
+            invoked_lines(&log)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let err = tokio::task::spawn_blocking(move || terminate(child))
+        .await
+        .unwrap();
+    assert_eq!(err.matches(" Invoked ").count(), 0, "stderr was a file");
+    assert_eq!(invoked_lines(&log), 20);
+}
+
+#[tokio::test]
+async fn buffered_log_lines_are_written_at_exit_in_order() {
+    let env = crate::support::Env::start().await;
+    let (child, log, _dir) = run_jobs_logging_to_file(&env, "10s", 20).await;
+    // Batching is on: no info line yet, ten seconds before the flush.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(invoked_lines(&log), 0);
+    tokio::task::spawn_blocking(move || terminate(child))
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(invoked_lines(&log), 20, "{text}");
+    let last_invoked = text.rfind(" Invoked ").unwrap();
+    let stopped = text.find("Stopped").expect("shutdown logged");
+    assert!(last_invoked < stopped, "{text}");
+}
