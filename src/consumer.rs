@@ -165,6 +165,10 @@ impl Puller {
                 }
             };
             let mut last_activity = Instant::now();
+            // One timer for the watchdog, moved only when it fires early: making a new one
+            // per loop turn cost a timer-wheel insert and removal per message.
+            let watchdog = tokio::time::sleep_until(last_activity + HEARTBEAT_LOST);
+            tokio::pin!(watchdog);
 
             let reset = loop {
                 let outstanding = count(&slots.reserved);
@@ -199,7 +203,6 @@ impl Puller {
                 }
 
                 let want_permits = free + outstanding < self.max_outstanding;
-                let watchdog = last_activity + HEARTBEAT_LOST;
                 tokio::select! {
                     biased;
                     _ = stop.cancelled() => break Reset::Stop,
@@ -266,7 +269,12 @@ impl Puller {
                             }
                         }
                     }
-                    _ = tokio::time::sleep_until(watchdog), if count(&slots.reserved) > 0 => {
+                    _ = &mut watchdog, if count(&slots.reserved) > 0 => {
+                        let due = last_activity + HEARTBEAT_LOST;
+                        if Instant::now() < due {
+                            watchdog.as_mut().reset(due);
+                            continue;
+                        }
                         break Reset::Consumer("no heartbeat from the server".into());
                     }
                     // Waiting for a reconnect: look again now and then rather than rely on

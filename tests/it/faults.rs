@@ -130,3 +130,59 @@ async fn the_pending_count_is_withdrawn_while_nats_is_down() {
     wait_for(true).await;
     crate::support::stop(worker).await;
 }
+
+/// A pull request that gets neither messages nor heartbeats (here a plain subscriber
+/// swallows it in place of the consumer) is given up after the heartbeat watchdog, about
+/// five seconds, and the loop asks again on a new inbox; not earlier, and not never.
+#[tokio::test]
+async fn silent_pull_requests_are_replaced_after_the_heartbeat_watchdog() {
+    use futures_util::StreamExt;
+    let env = Env::start().await;
+    let config = env.config(&[]);
+    let layout = queue_worker::stream::Layout::of(&config);
+    let js = env.js().await;
+    queue_worker::stream::ensure_stream(&js, &layout)
+        .await
+        .unwrap();
+    let client = async_nats::connect(env.nats.url()).await.unwrap();
+    let mut requests = client
+        .subscribe(format!(
+            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+            layout.stream, layout.durable
+        ))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+
+    let (_tx, generation) = tokio::sync::watch::channel(0u64);
+    let puller = queue_worker::consumer::Puller {
+        client: client.clone(),
+        js: js.clone(),
+        layout: layout.clone(),
+        slots: std::sync::Arc::new(tokio::sync::Semaphore::new(4)),
+        max_outstanding: 4,
+        limits: Default::default(),
+        generation,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(puller.run(stop.clone(), |_, _| {}));
+
+    let limit = Duration::from_secs(20);
+    let first = tokio::time::timeout(limit, requests.next())
+        .await
+        .expect("a pull request")
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let second = tokio::time::timeout(limit, requests.next())
+        .await
+        .expect("a second pull request")
+        .unwrap();
+    let gap = started.elapsed();
+    assert_ne!(first.reply, second.reply, "a new inbox after the watchdog");
+    assert!(
+        gap >= Duration::from_millis(4500) && gap < Duration::from_secs(12),
+        "replaced after {gap:?}"
+    );
+    stop.cancel();
+    run.await.unwrap();
+}
