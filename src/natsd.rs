@@ -125,6 +125,22 @@ impl NatsServer {
         )
     }
 
+    /// The server's process id: from its ports file, which names the real server even when
+    /// `NATS_SERVER_BIN` is a wrapper script; else the child's.
+    pub fn pid(&self) -> Option<u32> {
+        let from_ports = std::fs::read_dir(self.store.with_extension("ports"))
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find_map(|e| {
+                let name = e.file_name();
+                let stem = name.to_str()?.strip_suffix(".ports")?;
+                stem.rsplit('_').next()?.parse().ok()
+            });
+        from_ports.or_else(|| self.child.as_ref().map(|c| c.id()))
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

@@ -129,6 +129,8 @@ struct Level {
     e2e: Samples,
     ratio: Samples,
     cpu_us: Samples,
+    server_raw_us: Samples,
+    server_e2e_us: Samples,
     extra_calls: u64,
 }
 
@@ -139,6 +141,8 @@ struct Results {
     many_e2e: Samples,
     many_vs_one: Samples,
     many_cpu_us: Samples,
+    many_server_raw_us: Samples,
+    many_server_e2e_us: Samples,
     many_extra: u64,
     p50_ms: Samples,
     p99_ms: Samples,
@@ -170,42 +174,51 @@ async fn run() -> anyhow::Result<()> {
         eprintln!("run {run}/{}", o.runs);
         let mut top_e2e = f64::NAN;
         for (level, res) in &mut r.levels {
-            let js = bench.raw_jetstream(o.n, *level, 1).await?;
+            let raw = bench.raw_jetstream(o.n, *level, 1).await?;
+            let js = raw.rate;
             let http = bench.raw_http(o.n, *level).await?;
             let e2e = bench.end_to_end(Mode::Static, o.n, *level, 1).await?;
             eprintln!(
-                "  max_inflight {level:>4}: raw JetStream {:>8}/s  raw HTTP {:>8}/s  end to end {:>8}/s  {:.1} µs CPU/call",
+                "  max_inflight {level:>4}: raw JetStream {:>8}/s  raw HTTP {:>8}/s  end to end {:>8}/s  {:.1} µs CPU/call (nats-server {:.1} raw, {:.1} end to end)",
                 count(js),
                 count(http),
                 count(e2e.rate),
-                e2e.cpu_per_call.as_secs_f64() * 1e6
+                micros_of(e2e.cpu_per_call),
+                micros_of(raw.server_per_msg),
+                micros_of(e2e.server_per_call),
             );
+            res.server_raw_us.push(micros_of(raw.server_per_msg));
+            res.server_e2e_us.push(micros_of(e2e.server_per_call));
             res.jetstream.push(js);
             res.http.push(http);
             res.e2e.push(e2e.rate);
             res.ratio.push(e2e.rate / js.min(http));
-            res.cpu_us.push(e2e.cpu_per_call.as_secs_f64() * 1e6);
+            res.cpu_us.push(micros_of(e2e.cpu_per_call));
             res.extra_calls += e2e.extra_calls;
             if *level == top {
                 top_e2e = e2e.rate;
             }
         }
         if o.functions > 1 {
-            let js = bench.raw_jetstream(o.n, top, o.functions).await?;
+            let raw = bench.raw_jetstream(o.n, top, o.functions).await?;
             let many = bench
                 .end_to_end(Mode::Static, o.n, top, o.functions)
                 .await?;
             eprintln!(
-                "  {} functions at {top}: raw JetStream {:>8}/s  end to end {}/s  {:.1} µs CPU/call",
+                "  {} functions at {top}: raw JetStream {:>8}/s  end to end {}/s  {:.1} µs CPU/call (nats-server {:.1} raw, {:.1} end to end)",
                 o.functions,
-                count(js),
+                count(raw.rate),
                 count(many.rate),
-                many.cpu_per_call.as_secs_f64() * 1e6
+                micros_of(many.cpu_per_call),
+                micros_of(raw.server_per_msg),
+                micros_of(many.server_per_call),
             );
-            r.many_jetstream.push(js);
+            r.many_server_raw_us.push(micros_of(raw.server_per_msg));
+            r.many_server_e2e_us.push(micros_of(many.server_per_call));
+            r.many_jetstream.push(raw.rate);
             r.many_e2e.push(many.rate);
             r.many_vs_one.push(many.rate / top_e2e);
-            r.many_cpu_us.push(many.cpu_per_call.as_secs_f64() * 1e6);
+            r.many_cpu_us.push(micros_of(many.cpu_per_call));
             r.many_extra += many.extra_calls;
         }
         let mut lat = bench.latency(o.rate, o.latency_secs).await?;
@@ -288,6 +301,7 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
         "end to end",
         "÷ lower baseline",
         "worker CPU µs/call",
+        "nats-server CPU µs/msg: (a) / end to end",
     ]);
     for (level, l) in &r.levels {
         t.row(vec![
@@ -297,6 +311,11 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
             l.e2e.show(count),
             l.ratio.show(ratio),
             l.cpu_us.show(micros),
+            format!(
+                "{} / {}",
+                micros(l.server_raw_us.median()),
+                micros(l.server_e2e_us.median())
+            ),
         ]);
     }
     out.push_str(&t.render());
@@ -316,12 +335,18 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
             "end to end (/s)",
             "÷ one function, same run",
             "worker CPU µs/call",
+            "nats-server CPU µs/msg: (a) / end to end",
         ]);
         t.row(vec![
             r.many_jetstream.show(count),
             r.many_e2e.show(count),
             r.many_vs_one.show(ratio),
             r.many_cpu_us.show(micros),
+            format!(
+                "{} / {}",
+                micros(r.many_server_raw_us.median()),
+                micros(r.many_server_e2e_us.median())
+            ),
         ]);
         out.push_str(&t.render());
         out.push('\n');
@@ -398,6 +423,10 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
     );
     out.push_str(&t.render());
     Ok(out)
+}
+
+fn micros_of(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
 
 /// The worker measured: `--worker`, or the release build of this checkout.

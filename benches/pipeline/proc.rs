@@ -71,17 +71,7 @@ impl WorkerProc {
 
     /// User + system CPU time of the whole process (all threads) so far.
     pub fn cpu(&self) -> anyhow::Result<Duration> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
-        // Fields after the command name, which is in parentheses and may hold spaces:
-        // state is field 3, utime 14, stime 15.
-        let rest = stat
-            .rsplit_once(") ")
-            .map(|(_, r)| r)
-            .context("odd /proc stat")?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: f64 = fields.get(11).context("no utime")?.parse()?;
-        let stime: f64 = fields.get(12).context("no stime")?.parse()?;
-        Ok(Duration::from_secs_f64((utime + stime) / self.ticks))
+        cpu_of(self.pid, self.ticks)
     }
 
     /// Resident set size and its high-water mark, in bytes.
@@ -134,6 +124,40 @@ impl WorkerProc {
     pub async fn kill(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
+    }
+}
+
+/// User + system CPU time of process `pid` (all threads) so far; `ticks` per second.
+pub fn cpu_of(pid: u32, ticks: f64) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // state is field 3, utime 14, stime 15.
+    let rest = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r)
+        .context("odd /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("no stime")?.parse()?;
+    Ok(Duration::from_secs_f64((utime + stime) / ticks))
+}
+
+/// A process's CPU time, read before and after a measurement.
+pub struct CpuMeter {
+    pid: u32,
+    ticks: f64,
+}
+
+impl CpuMeter {
+    pub fn new(pid: u32) -> CpuMeter {
+        CpuMeter {
+            pid,
+            ticks: clock_ticks(),
+        }
+    }
+
+    pub fn now(&self) -> anyhow::Result<Duration> {
+        cpu_of(self.pid, self.ticks)
     }
 }
 

@@ -18,7 +18,7 @@ use queue_worker::publish::{new_call_id, subject_for, Submission};
 use queue_worker::stream::{ensure_consumer, ensure_stream, Layout};
 
 use crate::function::FakeFunction;
-use crate::proc::{WorkerProc, WorkerSpec};
+use crate::proc::{CpuMeter, WorkerProc, WorkerSpec};
 
 /// The body of every job: small, as a no-op invocation's would be.
 const BODY: &[u8] = b"hello";
@@ -46,6 +46,8 @@ impl Mode {
 /// What the harness runs against: one nats-server, one fake function, the worker binary.
 pub struct Bench {
     pub nats: NatsServer,
+    /// nats-server's CPU time, for its cost per message.
+    server: CpuMeter,
     client: async_nats::Client,
     js: jetstream::Context,
     pub function: FakeFunction,
@@ -63,8 +65,17 @@ pub struct EndToEnd {
     pub rate: f64,
     /// Worker user+sys CPU ÷ invocations.
     pub cpu_per_call: Duration,
+    /// nats-server user+sys CPU ÷ jobs, from the worker's start until the queue is empty.
+    pub server_per_call: Duration,
     /// Invocations beyond one per job (redeliveries); expected 0.
     pub extra_calls: u64,
+}
+
+/// One raw JetStream baseline run.
+pub struct RawJetStream {
+    pub rate: f64,
+    /// nats-server user+sys CPU ÷ messages, pull to last ack.
+    pub server_per_msg: Duration,
 }
 
 /// Enqueue → invoke-start latencies.
@@ -81,6 +92,7 @@ pub struct Memory {
 impl Bench {
     pub async fn start(worker_bin: PathBuf, keep_logs: bool) -> anyhow::Result<Bench> {
         let nats = NatsServer::start()?;
+        let server = CpuMeter::new(nats.pid().context("no nats-server pid")?);
         let client = async_nats::connect(nats.url()).await?;
         let js = jetstream::new(client.clone());
         let function = FakeFunction::start().await?;
@@ -95,6 +107,7 @@ impl Bench {
         };
         Ok(Bench {
             nats,
+            server,
             client,
             js,
             function,
@@ -219,7 +232,7 @@ impl Bench {
         n: usize,
         window: usize,
         functions: usize,
-    ) -> anyhow::Result<f64> {
+    ) -> anyhow::Result<RawJetStream> {
         let layout = self.queue("js").await?;
         self.prefill(&layout, n, functions).await?;
         ensure_consumer(&self.js, &layout)
@@ -231,6 +244,7 @@ impl Bench {
         );
         let inbox = self.client.new_inbox();
         let mut sub = self.client.subscribe(inbox.clone()).await?;
+        let server_before = self.server.now()?;
         let started = Instant::now();
         let (mut asked, mut received) = (0usize, 0usize);
         while received < n {
@@ -261,8 +275,12 @@ impl Bench {
         let elapsed = started.elapsed();
         drop(sub);
         self.drained(&layout).await?;
+        let server = self.server.now()? - server_before;
         self.drop_queue(&layout).await;
-        Ok(n as f64 / elapsed.as_secs_f64())
+        Ok(RawJetStream {
+            rate: n as f64 / elapsed.as_secs_f64(),
+            server_per_msg: server / n as u32,
+        })
     }
 
     /// Baseline (b): `n` requests straight to the fake function with the worker's HTTP client
@@ -308,6 +326,7 @@ impl Bench {
         let layout = self.queue("e2e").await?;
         self.prefill(&layout, n, functions).await?;
         self.function.reset(n as u64);
+        let server_before = self.server.now()?;
         let mut worker = self.spawn_worker(&layout, mode, Some(max_inflight))?;
         let done = tokio::select! {
             w = self.function.done(LIMIT) => w,
@@ -316,6 +335,7 @@ impl Bench {
         let window = done?;
         let redelivered = self.drained(&layout).await?;
         let cpu = worker.cpu()?;
+        let server = self.server.now()? - server_before;
         let calls = self.function.window().count;
         worker.kill().await;
         self.drop_queue(&layout).await;
@@ -325,6 +345,7 @@ impl Bench {
         Ok(EndToEnd {
             rate: n as f64 / window.elapsed.as_secs_f64(),
             cpu_per_call: cpu / n as u32,
+            server_per_call: server / n as u32,
             extra_calls: calls.saturating_sub(n as u64),
         })
     }
