@@ -149,10 +149,11 @@ impl Invoker {
         })
     }
 
-    /// Calls the function. The response body is kept (up to [`MAX_KEPT_BODY`]) only when
+    /// Calls the function with `body` (the invocation's, taken out of it so it is not
+    /// copied). The response body is kept (up to [`MAX_KEPT_BODY`]) only when
     /// `keep_body`, that is when a callback will carry it; otherwise it is read and dropped,
     /// so the connection can be reused without holding the bytes.
-    pub async fn call(&self, inv: &Invocation, keep_body: bool) -> Response {
+    pub async fn call(&self, inv: &Invocation, body: Bytes, keep_body: bool) -> Response {
         let started = Instant::now();
         let req = &inv.request;
         let method = match req.method.trim() {
@@ -185,7 +186,7 @@ impl Invoker {
         }
         let result = request
             .headers(headers)
-            .body(req.body.clone())
+            .body(body)
             .timeout(self.timeout)
             .send()
             .await;

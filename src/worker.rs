@@ -109,7 +109,7 @@ impl Worker {
             }
         });
 
-        let inv = match self.decoder.decode(job.payload()) {
+        let mut inv = match self.decoder.decode(job.payload()) {
             Ok(inv) => inv,
             Err(e) => {
                 let reason = Reason::from(&e);
@@ -144,10 +144,12 @@ impl Worker {
         }
 
         f.inflight.inc();
+        // The body moves into the request (no copy); nothing after the call reads it.
+        let body = bytes::Bytes::from(std::mem::take(&mut inv.request.body));
         let resp = {
             let call = self
                 .invoker
-                .call(&inv, inv.callback.is_some() || self.debug);
+                .call(&inv, body, inv.callback.is_some() || self.debug);
             tokio::pin!(call);
             let mut renew = tokio::time::interval_at(
                 tokio::time::Instant::now() + self.progress_interval,
