@@ -146,16 +146,11 @@ impl FakeFunction {
     /// Waits until the target set by `reset` is reached, or `limit` passes.
     pub async fn done(&self, limit: Duration) -> anyhow::Result<Window> {
         let s = &self.stats;
-        let wait = async {
-            loop {
-                let notified = s.done.notified();
-                if s.count.load(Ordering::SeqCst) >= s.target.load(Ordering::SeqCst) {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        if tokio::time::timeout(limit, wait).await.is_err() {
+        let reached = || s.count.load(Ordering::SeqCst) >= s.target.load(Ordering::SeqCst);
+        if tokio::time::timeout(limit, until(&s.done, reached))
+            .await
+            .is_err()
+        {
             anyhow::bail!(
                 "the function saw {} of {} calls within {limit:?}",
                 s.count.load(Ordering::SeqCst),
@@ -168,21 +163,16 @@ impl FakeFunction {
     /// Waits until the number set by `hold` is in flight at once.
     pub async fn in_flight(&self, limit: Duration) -> anyhow::Result<()> {
         let s = &self.stats;
-        let wait = async {
-            loop {
-                let notified = s.reached.notified();
-                if s.inflight.load(Ordering::SeqCst) >= s.inflight_target.load(Ordering::SeqCst) {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(limit, wait).await.map_err(|_| {
-            anyhow::anyhow!(
-                "only {} calls in flight at once within {limit:?}",
-                s.peak.load(Ordering::SeqCst)
-            )
-        })
+        let reached =
+            || s.inflight.load(Ordering::SeqCst) >= s.inflight_target.load(Ordering::SeqCst);
+        tokio::time::timeout(limit, until(&s.reached, reached))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "only {} calls in flight at once within {limit:?}",
+                    s.peak.load(Ordering::SeqCst)
+                )
+            })
     }
 
     pub fn window(&self) -> Window {
@@ -198,6 +188,18 @@ impl FakeFunction {
     /// The latencies recorded, in nanoseconds.
     pub fn latencies(&self) -> Vec<u64> {
         std::mem::take(&mut *self.stats.latencies.lock().unwrap())
+    }
+}
+
+/// Returns once `cond` holds, re-checking whenever `notify` fires (a `Notified` created
+/// before the check sees any `notify_waiters` after it, so no wake-up is missed).
+async fn until(notify: &Notify, cond: impl Fn() -> bool) {
+    loop {
+        let notified = notify.notified();
+        if cond() {
+            return;
+        }
+        notified.await;
     }
 }
 

@@ -311,11 +311,7 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
             l.e2e.show(count),
             l.ratio.show(ratio),
             l.cpu_us.show(micros),
-            format!(
-                "{} / {}",
-                micros(l.server_raw_us.median()),
-                micros(l.server_e2e_us.median())
-            ),
+            medians(&l.server_raw_us, &l.server_e2e_us),
         ]);
     }
     out.push_str(&t.render());
@@ -342,11 +338,7 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
             r.many_e2e.show(count),
             r.many_vs_one.show(ratio),
             r.many_cpu_us.show(micros),
-            format!(
-                "{} / {}",
-                micros(r.many_server_raw_us.median()),
-                micros(r.many_server_e2e_us.median())
-            ),
+            medians(&r.many_server_raw_us, &r.many_server_e2e_us),
         ]);
         out.push_str(&t.render());
         out.push('\n');
@@ -423,6 +415,11 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
     );
     out.push_str(&t.render());
     Ok(out)
+}
+
+/// Two medians in µs: `a / b`.
+fn medians(a: &Samples, b: &Samples) -> String {
+    format!("{} / {}", micros(a.median()), micros(b.median()))
 }
 
 fn micros_of(d: Duration) -> f64 {

@@ -124,11 +124,9 @@ pub fn splice(existing: Option<&str>, generated: &str) -> String {
     match existing {
         Some(text) => match (text.find(BEGIN), text.find(END)) {
             (Some(b), Some(e)) if b < e => {
-                format!(
-                    "{}{section}{}",
-                    &text[..b],
-                    text[e + END.len()..].trim_start_matches('\n')
-                )
+                let rest = text[e + END.len()..].trim_start_matches('\n');
+                let gap = if rest.is_empty() { "" } else { "\n" };
+                format!("{}{section}{gap}{rest}", &text[..b])
             }
             _ => format!("{}\n{section}", text.trim_end()),
         },
