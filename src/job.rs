@@ -206,9 +206,19 @@ impl Decoder {
         full_path.push_str(&self.base_path);
         full_path.push_str("/function/");
         full_path.push_str(function);
+        let prefix_len = full_path.len();
         full_path.push_str(path);
         let mut url = self.base.clone();
         url.set_path(&full_path);
+        // Dot segments (`/..`, `/%2e%2e`, `\..`) are resolved by URL parsing: a Path could
+        // climb out of the function to the gateway's own API (`/system/...`), called with
+        // the gateway credentials. The resolved path must stay inside the function.
+        let inside = url.path().strip_prefix(&full_path[..prefix_len]);
+        if !matches!(inside, Some(rest) if rest.is_empty() || rest.starts_with('/')) {
+            return Err(DecodeError::BadUrl(format!(
+                "Path {path:?} leaves /function/{function}"
+            )));
+        }
         url.set_query((!request.query_string.is_empty()).then_some(&*request.query_string));
         url.set_fragment(None);
         let default_ns = self.default_namespace.as_str();
@@ -293,7 +303,12 @@ mod tests {
             assert_eq!(url::Url::parse(&whole).as_ref(), Ok(&url), "{whole}");
         }
         assert_eq!(url.host_str(), Some("gw"), "{}", inv.url);
-        assert!(url.path().starts_with("/function/"), "{}", inv.url);
+        let inside = format!("/function/{}", inv.request.function.trim());
+        assert!(
+            url.path() == inside || url.path().starts_with(&format!("{inside}/")),
+            "{}",
+            inv.url
+        );
         assert!(!inv.function_label.is_empty());
         assert!(
             inv.function_label
@@ -437,13 +452,22 @@ mod tests {
 
             #[test]
             fn urls_built_from_parts_match_parsing_the_whole(
-                path in "(/[^?#\\s\\p{Cc}]{0,8}){0,4}",
+                path in "(/([^?#\\s\\p{Cc}]{0,8}|\\.\\.|%2e%2e|\\.)){0,4}",
                 query in "[^#\\p{Cc}]{0,24}[^ #\\p{Cc}]|",
             ) {
                 let doc = serde_json::json!({"Function": "f", "Path": path, "QueryString": query});
-                let inv = decoder().decode(doc.to_string().as_bytes());
-                prop_assert!(inv.is_ok(), "{path:?} {query:?}: {:?}", inv.err());
-                check_invariants(&inv.unwrap());
+                match decoder().decode(doc.to_string().as_bytes()) {
+                    Ok(inv) => check_invariants(&inv),
+                    // Refused only when the path really climbs out of the function.
+                    Err(e) => {
+                        prop_assert_eq!(e.reason(), "bad_url", "{}", e);
+                        let whole = url::Url::parse(&format!("{GW}/function/f{path}")).unwrap();
+                        prop_assert!(
+                            whole.path() != "/function/f" && !whole.path().starts_with("/function/f/"),
+                            "{:?} refused, but it resolves to {}", path, whole
+                        );
+                    }
+                }
             }
 
             #[test]
@@ -481,6 +505,20 @@ mod tests {
         assert_eq!(inv.url.as_str(), "http://gw:8080/function/echo/a/b?x=1&y=2");
         assert_eq!(inv.call_id, "c1");
         assert_eq!(inv.function_label, "echo.openfaas-fn");
+        for escape in [
+            "/../../system/functions",
+            "/%2e%2e/%2E%2e/system/functions",
+            "/..\\..\\system",
+            "/./../other",
+            "/a/../../other/x",
+        ] {
+            let doc = serde_json::json!({"Function": "echo", "Path": escape});
+            let err = decoder().decode(doc.to_string().as_bytes()).unwrap_err();
+            assert_eq!(err.reason(), "bad_url", "{escape}: {err}");
+        }
+        // Dot segments that stay inside the function are fine.
+        let inv = msg(r#"{"Function":"echo","Path":"/a/../b/./c"}"#).unwrap();
+        assert_eq!(inv.url.as_str(), "http://gw:8080/function/echo/b/c");
         let prefixed = Decoder::new("https://gw.example/prefix/", "openfaas-fn", 1024).unwrap();
         let inv = prefixed
             .decode(br#"{"Function":"echo","Path":"/a","QueryString":"q=1"}"#)
