@@ -367,6 +367,8 @@ fn main() -> ExitCode {
         runtime.spawn(queue_worker::logging::flush_periodically(flush_interval));
     }
     let result = runtime.block_on(run(cli.command, config));
+    // Tasks still running are dropped with the runtime and may log: write after that.
+    drop(runtime);
     queue_worker::logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,

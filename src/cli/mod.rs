@@ -41,8 +41,12 @@ pub fn write_out(args: std::fmt::Arguments<'_>) {
     let result = stdout.write_fmt(args).and_then(|()| stdout.flush());
     match result {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            crate::logging::flush();
+            std::process::exit(0)
+        }
         Err(e) => {
+            crate::logging::flush();
             eprintln!("queue-worker: cannot write output: {e}");
             std::process::exit(1)
         }
