@@ -5,7 +5,14 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION};
+use hyper::Method;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls_platform_verifier::ConfigVerifierExt;
 
 use crate::job::Invocation;
 use crate::retry::CallResult;
@@ -69,7 +76,7 @@ impl Response {
                 internal: self.headers.contains_key("x-openfaas-internal"),
                 retry_after: if code == 429 || code == 503 {
                     self.headers
-                        .get(reqwest::header::RETRY_AFTER)
+                        .get(hyper::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| parse_retry_after(v, SystemTime::now()))
                 } else {
@@ -90,13 +97,64 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// The HTTP client of function calls (hyper's pooled client; TLS for `https` gateways).
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Why the HTTP client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot load the system's trusted certificates for https gateways: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The HTTP client of function calls: a connection pool sized to the concurrency so that every
+/// in-flight call can reuse a kept-alive connection, Nagle off, no redirects (a gateway
+/// answers, it does not send us elsewhere), no replays (retries are the worker's decision,
+/// made from the response). `https` gateways are verified against the system's trust store,
+/// as reqwest does (`SSL_CERT_FILE`/`SSL_CERT_DIR` override it).
+///
+/// hyper's client directly rather than reqwest: at tens of thousands of calls a second the
+/// worker's one thread is busy, and reqwest's layers (redirect and retry policies, URL to URI
+/// conversion, a boxed timer per request) cost a share of its CPU per call (BENCHMARKS.md).
+/// The benchmark's raw-HTTP baseline uses this client too, so both compare the same settings.
+pub fn http_client(max_inflight: usize) -> Result<HttpClient, ClientError> {
+    crate::tls::install_provider();
+    let tls = rustls::ClientConfig::with_platform_verifier()?;
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    // The TLS connector decides by scheme; the TCP connector under it must not refuse https.
+    http.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_max_idle_per_host(max_inflight.max(1))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector))
+}
+
 /// Calls functions through the gateway.
 #[derive(Clone)]
 pub struct Invoker {
-    client: reqwest::Client,
+    client: HttpClient,
     timeout: Duration,
-    /// Basic auth taken out of `gateway_url`, so the URLs that are logged carry no secret.
-    basic_auth: Option<(String, Option<String>)>,
+    /// Basic auth taken out of `gateway_url` (so the URLs that are logged carry no secret),
+    /// as the `Authorization` value sent with every call, encoded once.
+    authorization: Option<HeaderValue>,
+}
+
+/// An `Authorization: Basic` value, marked sensitive so it is never logged.
+fn basic_authorization(user: &str, password: Option<&str>) -> HeaderValue {
+    use base64::Engine as _;
+    let pair = format!("{user}:{}", password.unwrap_or(""));
+    let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+    let mut value = HeaderValue::try_from(format!("Basic {encoded}"))
+        .expect("base64 is always a valid header value");
+    value.set_sensitive(true);
+    value
 }
 
 /// Splits credentials off a gateway URL: the base URL to build function URLs from (no
@@ -116,24 +174,6 @@ pub fn split_gateway(url: &url::Url) -> (String, Option<(String, Option<String>)
     (base.as_str().trim_end_matches('/').to_string(), auth)
 }
 
-/// The HTTP client of function calls: a connection pool sized to the concurrency so that every
-/// in-flight call can reuse a kept-alive connection, no redirects (a gateway answers, it does
-/// not send us elsewhere), no client-side replays. The benchmark's raw-HTTP baseline uses it too, so both compare the
-/// same client settings.
-pub fn http_client(max_inflight: usize) -> reqwest::Result<reqwest::Client> {
-    crate::tls::install_provider();
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(max_inflight.max(1))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .redirect(reqwest::redirect::Policy::none())
-        // reqwest's default policy copies every request (headers, extensions, body) in case
-        // it must be replayed after an HTTP/2 or HTTP/3 refusal, which HTTP/1.1 never sends.
-        // Retries are the worker's own decision, made from the response.
-        .retry(reqwest::retry::never().max_retries_per_request(0))
-        .build()
-}
-
 impl Invoker {
     /// One client for all calls, with a connection pool sized to the concurrency so that every
     /// in-flight call can reuse a kept-alive connection.
@@ -141,26 +181,89 @@ impl Invoker {
         timeout: Duration,
         max_inflight: usize,
         basic_auth: Option<(String, Option<String>)>,
-    ) -> anyhow::Result<Invoker> {
+    ) -> Result<Invoker, ClientError> {
         Ok(Invoker {
             client: http_client(max_inflight)?,
             timeout,
-            basic_auth,
+            authorization: basic_auth.map(|(u, p)| basic_authorization(&u, p.as_deref())),
         })
     }
 
     /// Calls the function with `body` (the invocation's, taken out of it so it is not
     /// copied). The response body is kept (up to [`MAX_KEPT_BODY`]) only when
     /// `keep_body`, that is when a callback will carry it; otherwise it is read and dropped,
-    /// so the connection can be reused without holding the bytes.
+    /// so the connection can be reused without holding the bytes. The timeout covers the
+    /// whole exchange, body included.
     pub async fn call(&self, inv: &Invocation, body: Bytes, keep_body: bool) -> Response {
         let started = Instant::now();
+        let request = self.request(inv, body);
+        let exchange = async {
+            let resp = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| error_chain(&e))?;
+            let (parts, mut incoming) = resp.into_parts();
+            let mut body = Vec::new();
+            let mut truncated = false;
+            while let Some(frame) = incoming.frame().await {
+                // The answer did not arrive whole (reset mid-body): treat it as no answer,
+                // so it is retried rather than acknowledged with a partial result.
+                let frame = frame.map_err(|e| error_chain(&e))?;
+                let Ok(chunk) = frame.into_data() else {
+                    continue;
+                };
+                if !keep_body {
+                    continue;
+                }
+                if body.len() + chunk.len() <= MAX_KEPT_BODY {
+                    body.extend_from_slice(&chunk);
+                } else {
+                    truncated = true;
+                }
+            }
+            if truncated {
+                tracing::warn!(callId = %inv.call_id, limit = MAX_KEPT_BODY, "response body too large for the callback; truncated");
+            }
+            Ok::<_, String>((parts.status.as_u16(), parts.headers, Bytes::from(body)))
+        };
+        let (status, headers, body, error) =
+            match tokio::time::timeout(self.timeout, exchange).await {
+                Ok(Ok((status, headers, body))) => (Ok(status), headers, body, None),
+                Ok(Err(error)) => (
+                    Err(Failure::Error),
+                    HeaderMap::new(),
+                    Bytes::new(),
+                    Some(error),
+                ),
+                Err(_) => (
+                    Err(Failure::Timeout),
+                    HeaderMap::new(),
+                    Bytes::new(),
+                    Some(format!(
+                        "no whole answer within upstream_timeout ({:?})",
+                        self.timeout
+                    )),
+                ),
+            };
+        Response {
+            status,
+            headers,
+            body,
+            error,
+            duration: started.elapsed(),
+        }
+    }
+
+    /// The queued method, headers and body, to the invocation's URL. Hop-by-hop headers are
+    /// dropped (the client sets its own); invalid names or values are skipped, not fatal.
+    fn request(&self, inv: &Invocation, body: Bytes) -> hyper::Request<Full<Bytes>> {
         let req = &inv.request;
         let method = match req.method.trim() {
-            "" => reqwest::Method::POST,
-            m => reqwest::Method::from_bytes(m.as_bytes()).unwrap_or(reqwest::Method::POST),
+            "" => Method::POST,
+            m => Method::from_bytes(m.as_bytes()).unwrap_or(Method::POST),
         };
-        let mut headers = HeaderMap::with_capacity(req.header.len());
+        let mut headers = HeaderMap::with_capacity(req.header.len() + 2);
         for (name, values) in &req.header {
             if is_hop_by_hop(name) {
                 continue;
@@ -180,76 +283,24 @@ impl Invoker {
                 }
             }
         }
-        let mut request = self.client.request(method, inv.url.clone());
-        if let Some((user, password)) = &self.basic_auth {
-            request = request.basic_auth(user, password.as_ref());
+        // What reqwest, and so earlier versions of the worker, sent by default.
+        if !headers.contains_key(ACCEPT) {
+            headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
         }
-        let result = request
-            .headers(headers)
-            .body(body)
-            .timeout(self.timeout)
-            .send()
-            .await;
-        let (status, headers, body, error) = match result {
-            Ok(mut resp) => {
-                let status = resp.status().as_u16();
-                let headers = std::mem::take(resp.headers_mut());
-                let mut body = Vec::new();
-                let mut truncated = false;
-                let read = loop {
-                    match resp.chunk().await {
-                        Ok(Some(chunk)) if keep_body => {
-                            if body.len() + chunk.len() <= MAX_KEPT_BODY {
-                                body.extend_from_slice(&chunk);
-                            } else {
-                                truncated = true;
-                            }
-                        }
-                        Ok(Some(_)) => {}
-                        Ok(None) => break Ok(()),
-                        Err(e) => break Err(e),
-                    }
-                };
-                if truncated {
-                    tracing::warn!(callId = %inv.call_id, limit = MAX_KEPT_BODY, "response body too large for the callback; truncated");
-                }
-                match read {
-                    Ok(()) => (Ok(status), headers, Bytes::from(body), None),
-                    // The answer did not arrive whole (reset, timeout mid-body): treat it
-                    // as no answer, so it is retried rather than acknowledged with a
-                    // partial result.
-                    Err(e) => no_answer(&e),
-                }
-            }
-            Err(e) => no_answer(&e),
-        };
-        Response {
-            status,
-            headers,
-            body,
-            error,
-            duration: started.elapsed(),
+        // The gateway's credentials replace any the publisher queued.
+        if let Some(auth) = &self.authorization {
+            headers.insert(AUTHORIZATION, auth.clone());
         }
+        let mut request = hyper::Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = inv.uri.clone();
+        *request.headers_mut() = headers;
+        request
     }
 }
 
-/// The parts of a [`Response`] when the call produced no (whole) answer.
-fn no_answer(e: &reqwest::Error) -> (Result<u16, Failure>, HeaderMap, Bytes, Option<String>) {
-    let failure = if e.is_timeout() {
-        Failure::Timeout
-    } else {
-        Failure::Error
-    };
-    (
-        Err(failure),
-        HeaderMap::new(),
-        Bytes::new(),
-        Some(error_chain(e)),
-    )
-}
-
-/// The error and its causes in one line: reqwest's own message alone ("error sending request")
-/// hides whether the connection was refused or reset.
+/// The error and its causes in one line: a client's own message alone ("client error
+/// (Connect)", "error sending request") hides whether the connection was refused or reset.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();

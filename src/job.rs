@@ -109,6 +109,9 @@ pub struct Invocation {
     pub request: QueueRequest,
     /// `<gateway>/function/<Function><Path>?<QueryString>`.
     pub url: url::Url,
+    /// The same URL in the HTTP client's form, converted once at decode: a URL the client
+    /// would refuse is a bad message (dead-lettered), not a call that fails on every attempt.
+    pub uri: hyper::Uri,
     pub call_id: String,
     /// `<fn>.<ns>`, the `function_name` label OpenFaaS's autoscaler joins on.
     pub function_label: String,
@@ -221,6 +224,8 @@ impl Decoder {
         }
         url.set_query((!request.query_string.is_empty()).then_some(&*request.query_string));
         url.set_fragment(None);
+        let uri = hyper::Uri::try_from(url.as_str())
+            .map_err(|e| DecodeError::BadUrl(format!("{url}: {e}")))?;
         let default_ns = self.default_namespace.as_str();
         let function_label = if function.contains('.') {
             function.to_string()
@@ -257,6 +262,7 @@ impl Decoder {
         Ok(Invocation {
             request,
             url,
+            uri,
             call_id,
             function_label,
             callback,
@@ -286,6 +292,8 @@ mod tests {
         let text = inv.url.as_str();
         let url = url::Url::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
         assert_eq!(url, inv.url);
+        // The client's form is the same URL, byte for byte.
+        assert_eq!(inv.uri.to_string(), text);
         let whole = format!(
             "{GW}/function/{}{}{}{}",
             inv.request.function.trim(),

@@ -34,7 +34,7 @@ pub fn init(encoding: LogEncoding, debug: bool, quiet: bool, flush_interval: Dur
     let default = if quiet {
         "warn"
     } else if debug {
-        "debug,hyper=info,reqwest=info,h2=info,rustls=info"
+        "debug,hyper=info,hyper_util=info,reqwest=info,h2=info,rustls=info"
     } else {
         "info,async_nats=warn"
     };

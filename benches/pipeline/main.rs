@@ -137,6 +137,15 @@ struct Level {
     cpu_us: Samples,
     server_raw_us: Samples,
     server_e2e_us: Samples,
+    /// Whole-machine CPU per message (all processes) and the share of both cores in use.
+    machine_js_us: Samples,
+    machine_http_us: Samples,
+    machine_e2e_us: Samples,
+    busy_js: Samples,
+    busy_http: Samples,
+    busy_e2e: Samples,
+    /// End to end ÷ the rate of doing both baselines' work one after the other.
+    vs_combined: Samples,
     extra_calls: u64,
 }
 
@@ -185,7 +194,8 @@ async fn run() -> anyhow::Result<()> {
         for (level, res) in &mut r.levels {
             let raw = bench.raw_jetstream(o.n, *level, 1).await?;
             let js = raw.rate;
-            let http = bench.raw_http(o.n, *level).await?;
+            let raw_http = bench.raw_http(o.n, *level).await?;
+            let http = raw_http.rate;
             let e2e = bench.end_to_end(Mode::Static, o.n, *level, 1).await?;
             eprintln!(
                 "  max_inflight {level:>4}: raw JetStream {:>8}/s  raw HTTP {:>8}/s  end to end {:>8}/s  {:.1} µs CPU/call (nats-server {:.1} raw, {:.1} end to end)",
@@ -202,6 +212,14 @@ async fn run() -> anyhow::Result<()> {
             res.http.push(http);
             res.e2e.push(e2e.rate);
             res.ratio.push(e2e.rate / js.min(http));
+            let per_msg = |busy: Duration| micros_of(busy / o.n as u32);
+            res.machine_js_us.push(per_msg(raw.machine.busy));
+            res.machine_http_us.push(per_msg(raw_http.machine.busy));
+            res.machine_e2e_us.push(per_msg(e2e.machine.busy));
+            res.busy_js.push(raw.machine.utilization);
+            res.busy_http.push(raw_http.machine.utilization);
+            res.busy_e2e.push(e2e.machine.utilization);
+            res.vs_combined.push(e2e.rate * (1.0 / js + 1.0 / http));
             res.cpu_us.push(micros_of(e2e.cpu_per_call));
             res.extra_calls += e2e.extra_calls;
             if *level == top {
@@ -329,6 +347,44 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
         "\nEvery job was acknowledged and the stream left empty after each run; calls beyond one per job: {extra}.\n\n"
     ));
 
+    out.push_str("### Whole-machine CPU per message (µs, all processes on both cores)\n\n");
+    out.push_str(
+        "End to end does the work of both baselines for every job, on the same two cores. \
+         When the baselines keep the machine busy, the rate of doing both one after the other, \
+         1 ÷ (1/(a) + 1/(b)), is a ceiling for end to end however little the worker adds; the \
+         last column is end to end against it. \"added\" is the CPU end to end spends beyond \
+         the two baselines' together: the worker's own work.\n\n",
+    );
+    let mut t = Table::new(&[
+        "max_inflight",
+        "(a) raw JetStream",
+        "(b) raw HTTP",
+        "end to end",
+        "added",
+        "machine busy: (a) / (b) / end to end",
+        "end to end ÷ 1/(1/(a)+1/(b))",
+    ]);
+    for (level, l) in &r.levels {
+        let added =
+            l.machine_e2e_us.median() - (l.machine_js_us.median() + l.machine_http_us.median());
+        t.row(vec![
+            level.to_string(),
+            l.machine_js_us.show(micros),
+            l.machine_http_us.show(micros),
+            l.machine_e2e_us.show(micros),
+            micros(added),
+            format!(
+                "{} / {} / {}",
+                percent(l.busy_js.median()),
+                percent(l.busy_http.median()),
+                percent(l.busy_e2e.median())
+            ),
+            l.vs_combined.show(ratio),
+        ]);
+    }
+    out.push_str(&t.render());
+    out.push('\n');
+
     if !r.many_e2e.0.is_empty() {
         let top = r.levels.iter().map(|(l, _)| *l).max().unwrap_or(0);
         out.push_str(&format!(
@@ -429,6 +485,10 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
 /// Two medians in µs: `a / b`.
 fn medians(a: &Samples, b: &Samples) -> String {
     format!("{} / {}", micros(a.median()), micros(b.median()))
+}
+
+fn percent(v: f64) -> String {
+    format!("{:.0}%", v * 100.0)
 }
 
 fn micros_of(d: Duration) -> f64 {

@@ -161,6 +161,57 @@ impl CpuMeter {
     }
 }
 
+/// The whole machine's CPU use over a window: every process, every core, user + system +
+/// interrupts (the first line of `/proc/stat`, less idle and iowait). Per message, it is what
+/// a pipeline costs in total, which is what bounds it when every process shares two cores.
+pub struct MachineCpu {
+    busy: Duration,
+    at: std::time::Instant,
+}
+
+/// What the machine spent over a window.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineUse {
+    /// Busy CPU time, all cores.
+    pub busy: Duration,
+    /// `busy` ÷ (cores × wall time): 1.0 is every core busy all the time.
+    pub utilization: f64,
+}
+
+impl MachineCpu {
+    pub fn start() -> anyhow::Result<MachineCpu> {
+        Ok(MachineCpu {
+            busy: machine_busy()?,
+            at: std::time::Instant::now(),
+        })
+    }
+
+    pub fn stop(&self) -> anyhow::Result<MachineUse> {
+        let busy = machine_busy()?.saturating_sub(self.busy);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let wall = self.at.elapsed().as_secs_f64();
+        Ok(MachineUse {
+            busy,
+            utilization: busy.as_secs_f64() / (cores * wall),
+        })
+    }
+}
+
+fn machine_busy() -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse())
+        .collect::<Result<_, _>>()
+        .context("odd /proc/stat")?;
+    anyhow::ensure!(fields.len() >= 5, "odd /proc/stat: {line}");
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy: u64 = fields.iter().take(8).sum::<u64>() - fields[3] - fields[4];
+    Ok(Duration::from_secs_f64(busy as f64 / clock_ticks()))
+}
+
 /// The last lines of a log, for error messages.
 pub fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

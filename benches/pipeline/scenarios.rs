@@ -12,13 +12,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream;
+use bytes::Bytes;
 use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
 use queue_worker::natsd::NatsServer;
 use queue_worker::publish::{new_call_id, subject_for, Submission};
 use queue_worker::stream::{ensure_consumer, ensure_stream, Layout};
 
 use crate::function::FakeFunction;
-use crate::proc::{CpuMeter, WorkerProc, WorkerSpec};
+use crate::proc::{CpuMeter, MachineCpu, MachineUse, WorkerProc, WorkerSpec};
 
 /// The body of every job: small, as a no-op invocation's would be.
 const BODY: &[u8] = b"hello";
@@ -71,6 +73,8 @@ pub struct EndToEnd {
     pub server_per_call: Duration,
     /// Invocations beyond one per job (redeliveries); expected 0.
     pub extra_calls: u64,
+    /// The whole machine, from the worker's start until the last call.
+    pub machine: MachineUse,
 }
 
 /// One raw JetStream baseline run.
@@ -78,6 +82,15 @@ pub struct RawJetStream {
     pub rate: f64,
     /// nats-server user+sys CPU ÷ messages, pull to last ack.
     pub server_per_msg: Duration,
+    /// The whole machine, first pull to last ack.
+    pub machine: MachineUse,
+}
+
+/// Baseline (b).
+pub struct RawHttp {
+    pub rate: f64,
+    /// The whole machine, first request to last answer.
+    pub machine: MachineUse,
 }
 
 /// Enqueue → invoke-start latencies.
@@ -257,6 +270,7 @@ impl Bench {
         let inbox = self.client.new_inbox();
         let mut sub = self.client.subscribe(inbox.clone()).await?;
         let server_before = self.server.now()?;
+        let machine = MachineCpu::start()?;
         let started = Instant::now();
         let (mut asked, mut received) = (0usize, 0usize);
         while received < n {
@@ -285,6 +299,7 @@ impl Bench {
         }
         self.client.flush().await?;
         let elapsed = started.elapsed();
+        let machine = machine.stop()?;
         drop(sub);
         self.drained(&layout).await?;
         let server = self.server.now()? - server_before;
@@ -292,39 +307,49 @@ impl Bench {
         Ok(RawJetStream {
             rate: n as f64 / elapsed.as_secs_f64(),
             server_per_msg: server / n as u32,
+            machine,
         })
     }
 
     /// Baseline (b): `n` requests straight to the fake function with the worker's HTTP client
     /// settings, `concurrency` at a time, each with the headers a queued call carries.
-    pub async fn raw_http(&self, n: usize, concurrency: usize) -> anyhow::Result<f64> {
+    pub async fn raw_http(&self, n: usize, concurrency: usize) -> anyhow::Result<RawHttp> {
         let client = queue_worker::invoke::http_client(concurrency)?;
-        let url: Arc<str> = format!("{}/function/noop", self.function.url()).into();
+        let uri: hyper::Uri = format!("{}/function/noop", self.function.url()).parse()?;
         let next = Arc::new(AtomicUsize::new(0));
         self.function.reset(n as u64);
+        let machine = MachineCpu::start()?;
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..concurrency {
-            let (client, url, next) = (client.clone(), url.clone(), next.clone());
+            let (client, uri, next) = (client.clone(), uri.clone(), next.clone());
             tasks.spawn(async move {
                 while next.fetch_add(1, Ordering::Relaxed) < n {
-                    let resp = client
-                        .post(&*url)
-                        .header("X-Call-Id", new_call_id())
-                        .header("X-Start-Time", unix_nanos().to_string())
-                        .body(BODY)
-                        .timeout(Duration::from_secs(60))
-                        .send()
-                        .await?;
-                    resp.bytes().await?;
+                    // As the worker sends it: a timeout over the whole exchange, the body
+                    // read to its end so the connection goes back to the pool.
+                    let request = hyper::Request::post(uri.clone())
+                        .header("accept", "*/*")
+                        .header("x-call-id", new_call_id())
+                        .header("x-start-time", unix_nanos().to_string())
+                        .body(Full::new(Bytes::from_static(BODY)))?;
+                    tokio::time::timeout(Duration::from_secs(60), async {
+                        let resp = client.request(request).await?;
+                        resp.into_body().collect().await?;
+                        anyhow::Ok(())
+                    })
+                    .await??;
                 }
-                Ok::<_, reqwest::Error>(())
+                anyhow::Ok(())
             });
         }
         while let Some(r) = tasks.join_next().await {
             r?.context("raw HTTP")?;
         }
+        let machine = machine.stop()?;
         let window = self.function.done(LIMIT).await?;
-        Ok(window.count as f64 / window.elapsed.as_secs_f64())
+        Ok(RawHttp {
+            rate: window.count as f64 / window.elapsed.as_secs_f64(),
+            machine,
+        })
     }
 
     /// `n` pre-queued jobs spread over `functions` names, through a worker at `max_inflight`.
@@ -339,12 +364,14 @@ impl Bench {
         self.prefill(&layout, n, functions).await?;
         self.function.reset(n as u64);
         let server_before = self.server.now()?;
+        let machine = MachineCpu::start()?;
         let mut worker = self.spawn_worker(&layout, mode, Some(max_inflight))?;
         let done = tokio::select! {
             w = self.function.done(LIMIT) => w,
             e = watch_alive(&mut worker) => Err(e),
         };
         let window = done?;
+        let machine = machine.stop()?;
         let redelivered = self.drained(&layout).await?;
         let cpu = worker.cpu()?;
         let server = self.server.now()? - server_before;
@@ -359,6 +386,7 @@ impl Bench {
             cpu_per_call: cpu / n as u32,
             server_per_call: server / n as u32,
             extra_calls: calls.saturating_sub(n as u64),
+            machine,
         })
     }
 

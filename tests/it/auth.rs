@@ -100,7 +100,7 @@ async fn a_wrong_token_is_never_ready() {
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files.
-fn pki(dir: &std::path::Path) -> [std::path::PathBuf; 5] {
+pub(crate) fn pki(dir: &std::path::Path) -> [std::path::PathBuf; 5] {
     use rcgen::{
         BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose,
     };

@@ -351,3 +351,116 @@ async fn buffered_log_lines_are_written_at_exit_in_order() {
     let stopped = text.find("Stopped").expect("shutdown logged");
     assert!(last_invoked < stopped, "{text}");
 }
+
+/// A TLS front for `backend` (a plain-HTTP address) on a free loopback port, serving
+/// `cert`/`key`: each connection is decrypted and piped through.
+async fn tls_front(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    backend: std::net::SocketAddr,
+) -> std::net::SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends the handshake: nothing to pipe.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut plain = tokio::net::TcpStream::connect(backend).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    addr
+}
+
+/// An `https` gateway is called over TLS and verified against the system's trust store,
+/// which `SSL_CERT_FILE` replaces: a gateway whose certificate the store does not vouch
+/// for is never sent the call (nor its credentials), and the failure is logged.
+#[tokio::test]
+async fn an_https_gateway_is_verified_against_the_trust_store() {
+    let env = crate::support::Env::start().await;
+    let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let [ca, cert, key, ..] = crate::auth::pki(dir.path());
+    let [unrelated_ca, ..] = crate::auth::pki(other.path());
+    let backend = env
+        .gateway
+        .url()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let front = tls_front(&cert, &key, backend).await;
+    let gateway = format!("https://admin:s3cret@localhost:{}", front.port());
+    let run = |trust: &std::path::Path, log: &std::path::Path| {
+        Spawned::new(
+            worker()
+                .env("nats_url", env.nats.url())
+                .env("gateway_url", &gateway)
+                .env("metrics_port", "0")
+                .env("log_flush_interval", "0")
+                .env("initial_retry_wait", "100ms")
+                .env("SSL_CERT_FILE", trust)
+                .stderr(std::fs::File::create(log).unwrap()),
+        )
+    };
+    let sub = queue_worker::publish::Submission {
+        function: "echo".into(),
+        ..Default::default()
+    };
+    queue_worker::publish::publish(&env.config(&[]), &sub, 1)
+        .await
+        .unwrap();
+
+    // Not trusted: the call fails in the handshake and is retried later.
+    let log = dir.path().join("untrusted.log");
+    let untrusted = run(&unrelated_ca, &log);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains(" Invoked ") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "no call: {text}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(text.contains("status=error"), "{text}");
+    assert!(text.contains("certificate"), "{text}");
+    drop(untrusted);
+    assert_eq!(env.gateway.calls_to("echo"), 0);
+
+    // Trusted: the job is redelivered and runs, with the gateway's credentials.
+    let log = dir.path().join("trusted.log");
+    let trusted = run(&ca, &log);
+    env.gateway
+        .wait_for(
+            "the call over TLS",
+            std::time::Duration::from_secs(30),
+            |g| g.calls_to("echo") == 1,
+        )
+        .await;
+    let call = env.gateway.calls().pop().unwrap();
+    assert_eq!(call.header("authorization"), "Basic YWRtaW46czNjcmV0");
+    let err = tokio::task::spawn_blocking(move || terminate(trusted))
+        .await
+        .unwrap();
+    assert!(!err.contains("panicked"), "{err}");
+}
