@@ -181,7 +181,13 @@ async fn work(
     let deadline = CancellationToken::new();
     let (gateway, gateway_auth) = crate::invoke::split_gateway(&config.gateway_url);
     let worker = Arc::new(Worker {
-        invoker: Invoker::new(config.upstream_timeout, config.max_inflight, gateway_auth)?,
+        invoker: Invoker::new(
+            &hyper::Uri::try_from(gateway.as_str())
+                .with_context(|| format!("gateway_url {gateway:?}"))?,
+            config.upstream_timeout,
+            config.max_inflight,
+            gateway_auth,
+        )?,
         callbacks: Callbacks::new(config.callback.clone(), metrics.clone())?,
         metrics: metrics.clone(),
         retry: config.retry.clone(),

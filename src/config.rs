@@ -824,7 +824,15 @@ impl Reader<'_> {
     fn url(&self, key: &'static str) -> Result<url::Url, ConfigError> {
         let raw = self.string(key).0.trim();
         match url::Url::parse(raw) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(u),
+            // The HTTP client is stricter than URL parsing about hosts (`gw{x}` parses):
+            // refuse here what would otherwise fail every call.
+            Ok(u)
+                if matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && hyper::Uri::try_from(u.as_str()).is_ok() =>
+            {
+                Ok(u)
+            }
             _ => Err(self.invalid(
                 key,
                 "an http:// or https:// URL such as http://gateway.openfaas:8080",
@@ -1157,6 +1165,11 @@ mod tests {
                 "comma-separated list of HTTP status codes",
             ),
             ("gateway_url", "gateway:8080", "http:// or https:// URL"),
+            (
+                "gateway_url",
+                "http://gw{x}:8080",
+                "http:// or https:// URL",
+            ),
             ("log_encoding", "xml", "console or json"),
             ("debug", "maybe", "true or false"),
             ("nats_url", "http://x", "NATS URLs"),

@@ -6,13 +6,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION};
-use hyper::Method;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT, AUTHORIZATION, PROXY_AUTHORIZATION,
+};
+use hyper::{Method, Uri};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use rustls_platform_verifier::ConfigVerifierExt;
+
+use crate::connector::{Connector, ConnectorError};
 
 use crate::job::Invocation;
 use crate::retry::CallResult;
@@ -97,49 +99,48 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// The HTTP client of function calls (hyper's pooled client; TLS for `https` gateways).
-pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// The HTTP client of function calls: hyper's pooled client over [`Connector`].
+pub type HttpClient = Client<Connector, Full<Bytes>>;
 
-/// Why the HTTP client could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("cannot load the system's trusted certificates for https gateways: {0}")]
-    Tls(#[from] rustls::Error),
+/// A client for calls to one gateway, and what every request must carry for its route.
+#[derive(Clone)]
+pub struct Transport {
+    pub client: HttpClient,
+    /// `Proxy-Authorization` when calls go through a forward proxy with credentials.
+    pub proxy_authorization: Option<HeaderValue>,
+    /// The proxy in use, if any, without credentials.
+    pub proxy: Option<String>,
 }
 
-/// The HTTP client of function calls: a connection pool sized to the concurrency so that every
-/// in-flight call can reuse a kept-alive connection, Nagle off, no redirects (a gateway
-/// answers, it does not send us elsewhere), no replays (retries are the worker's decision,
-/// made from the response). `https` gateways are verified against the system's trust store,
-/// as reqwest does (`SSL_CERT_FILE`/`SSL_CERT_DIR` override it).
+/// The HTTP client of function calls to `gateway`: a connection pool sized to the
+/// concurrency so that every in-flight call can reuse a kept-alive connection, Nagle off,
+/// TCP keepalive on, no redirects (a gateway answers, it does not send us elsewhere), no
+/// replays (retries are the worker's decision, made from the response). `https` gateways are
+/// verified against the system's trust store, as reqwest does (`SSL_CERT_FILE`/`SSL_CERT_DIR`
+/// override it); the environment's proxy settings apply ([`crate::connector`]).
 ///
 /// hyper's client directly rather than reqwest: at tens of thousands of calls a second the
 /// worker's one thread is busy, and reqwest's layers (redirect and retry policies, URL to URI
 /// conversion, a boxed timer per request) cost a share of its CPU per call (BENCHMARKS.md).
 /// The benchmark's raw-HTTP baseline uses this client too, so both compare the same settings.
-pub fn http_client(max_inflight: usize) -> Result<HttpClient, ClientError> {
-    crate::tls::install_provider();
-    let tls = rustls::ClientConfig::with_platform_verifier()?;
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    // The TLS connector decides by scheme; the TCP connector under it must not refuse https.
-    http.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+pub fn http_client(max_inflight: usize, gateway: &Uri) -> Result<Transport, ConnectorError> {
+    let built = crate::connector::build(gateway, &Matcher::from_env())?;
+    let client = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_max_idle_per_host(max_inflight.max(1))
         .pool_idle_timeout(Duration::from_secs(90))
-        .build(connector))
+        .build(built.connector);
+    Ok(Transport {
+        client,
+        proxy_authorization: built.proxy_authorization,
+        proxy: built.proxy,
+    })
 }
 
 /// Calls functions through the gateway.
 #[derive(Clone)]
 pub struct Invoker {
-    client: HttpClient,
+    transport: Transport,
     timeout: Duration,
     /// Basic auth taken out of `gateway_url` (so the URLs that are logged carry no secret),
     /// as the `Authorization` value sent with every call, encoded once.
@@ -175,15 +176,20 @@ pub fn split_gateway(url: &url::Url) -> (String, Option<(String, Option<String>)
 }
 
 impl Invoker {
-    /// One client for all calls, with a connection pool sized to the concurrency so that every
-    /// in-flight call can reuse a kept-alive connection.
+    /// One client for all calls to `gateway`, with a connection pool sized to the concurrency
+    /// so that every in-flight call can reuse a kept-alive connection.
     pub fn new(
+        gateway: &Uri,
         timeout: Duration,
         max_inflight: usize,
         basic_auth: Option<(String, Option<String>)>,
-    ) -> Result<Invoker, ClientError> {
+    ) -> Result<Invoker, ConnectorError> {
+        let transport = http_client(max_inflight, gateway)?;
+        if let Some(proxy) = &transport.proxy {
+            tracing::info!(proxy = %proxy, "Function calls go through a proxy (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY; NO_PROXY exempts hosts)");
+        }
         Ok(Invoker {
-            client: http_client(max_inflight)?,
+            transport,
             timeout,
             authorization: basic_auth.map(|(u, p)| basic_authorization(&u, p.as_deref())),
         })
@@ -199,6 +205,7 @@ impl Invoker {
         let request = self.request(inv, body);
         let exchange = async {
             let resp = self
+                .transport
                 .client
                 .request(request)
                 .await
@@ -287,9 +294,15 @@ impl Invoker {
         if !headers.contains_key(ACCEPT) {
             headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
         }
-        // The gateway's credentials replace any the publisher queued.
+        // The gateway's credentials, unless the publisher queued its own: those are the
+        // caller's, for the function to check, and win (as they did with earlier versions).
         if let Some(auth) = &self.authorization {
-            headers.insert(AUTHORIZATION, auth.clone());
+            if !headers.contains_key(AUTHORIZATION) {
+                headers.insert(AUTHORIZATION, auth.clone());
+            }
+        }
+        if let Some(auth) = &self.transport.proxy_authorization {
+            headers.insert(PROXY_AUTHORIZATION, auth.clone());
         }
         let mut request = hyper::Request::new(Full::new(body));
         *request.method_mut() = method;

@@ -14,7 +14,8 @@
 //! - [`app`]: wiring and the graceful drain.
 //! - [`nats`], [`stream`]: the connection; the stream and consumer layout.
 //! - [`consumer`]: the pull loop. [`job`]: a delivered message and its settle.
-//! - [`worker`]: one message's straight line. [`invoke`], [`retry`], [`callback`].
+//! - [`worker`]: one message's straight line. [`invoke`] (over [`connector`]), [`retry`],
+//!   [`callback`].
 //! - [`deadletter`]: the dead-letter stream `OF_<queue>-dead` and its operator commands.
 //! - [`metrics`], [`server`]: Prometheus metrics and health endpoints.
 //! - [`request`]: the `QueueRequest` wire format. [`publish`]: writing it.
@@ -26,6 +27,7 @@ pub mod app;
 pub mod callback;
 pub mod cli;
 pub mod config;
+pub mod connector;
 pub mod consumer;
 pub mod deadletter;
 pub mod demo;

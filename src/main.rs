@@ -340,6 +340,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The proxy variables decide how function calls reach the gateway: one the worker
+    // cannot use is a configuration error, found before anything connects.
+    if matches!(
+        cli.command,
+        None | Some(Command::Run | Command::CheckConfig)
+    ) {
+        if let Some(Err(e)) = config
+            .as_ref()
+            .map(|c| queue_worker::connector::check(&c.gateway_url))
+        {
+            eprintln!("queue-worker: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let (encoding, debug, flush_interval) = config
         .as_ref()
         .map(|c| (c.log_encoding, c.debug, c.log_flush_interval))

@@ -221,7 +221,7 @@ async fn run() -> anyhow::Result<()> {
             res.busy_http.push(raw_http.machine.utilization);
             res.busy_e2e.push(e2e.machine.utilization);
             let both = (raw.machine.busy + raw_http.machine.busy).as_secs_f64() / o.n as f64;
-            res.ceiling.push(cores() / both / js.min(http));
+            res.ceiling.push(proc::cores()? / both / js.min(http));
             res.cpu_us.push(micros_of(e2e.cpu_per_call));
             res.extra_calls += e2e.extra_calls;
             if *level == top {
@@ -493,10 +493,6 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
 /// Two medians in µs: `a / b`.
 fn medians(a: &Samples, b: &Samples) -> String {
     format!("{} / {}", micros(a.median()), micros(b.median()))
-}
-
-fn cores() -> f64 {
-    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
 }
 
 fn percent(v: f64) -> String {

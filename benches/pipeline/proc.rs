@@ -162,8 +162,8 @@ impl CpuMeter {
 }
 
 /// The whole machine's CPU use over a window: every process, every core, user + system +
-/// interrupts (the first line of `/proc/stat`, less idle and iowait). Per message, it is what
-/// a pipeline costs in total, which is what bounds it when every process shares two cores.
+/// interrupts (the first line of `/proc/stat`). Per message, it is what a pipeline costs in
+/// total, which is what bounds it when every process shares the same cores.
 pub struct MachineCpu {
     busy: Duration,
     at: std::time::Instant,
@@ -188,13 +188,24 @@ impl MachineCpu {
 
     pub fn stop(&self) -> anyhow::Result<MachineUse> {
         let busy = machine_busy()?.saturating_sub(self.busy);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         let wall = self.at.elapsed().as_secs_f64();
         Ok(MachineUse {
             busy,
-            utilization: busy.as_secs_f64() / (cores * wall),
+            utilization: busy.as_secs_f64() / (cores()? * wall),
         })
     }
+}
+
+/// The CPUs `/proc/stat` counts (its `cpuN` lines): the same set as its totals, which
+/// `available_parallelism` (cgroup quotas, affinity) need not be.
+pub fn cores() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let n = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l[3..].starts_with(|c: char| c.is_ascii_digit()))
+        .count();
+    anyhow::ensure!(n > 0, "no cpuN lines in /proc/stat");
+    Ok(n as f64)
 }
 
 fn machine_busy() -> anyhow::Result<Duration> {
@@ -206,9 +217,10 @@ fn machine_busy() -> anyhow::Result<Duration> {
         .map(|f| f.parse())
         .collect::<Result<_, _>>()
         .context("odd /proc/stat")?;
-    anyhow::ensure!(fields.len() >= 5, "odd /proc/stat: {line}");
-    // user nice system idle iowait irq softirq steal (guest time is already in user).
-    let busy: u64 = fields.iter().take(8).sum::<u64>() - fields[3] - fields[4];
+    anyhow::ensure!(fields.len() >= 7, "odd /proc/stat: {line}");
+    // user nice system [idle iowait] irq softirq. Not steal: time the hypervisor gave to
+    // another guest is nobody's work here. Guest time is already inside user.
+    let busy: u64 = fields[0] + fields[1] + fields[2] + fields[5] + fields[6];
     Ok(Duration::from_secs_f64(busy as f64 / clock_ticks()))
 }
 

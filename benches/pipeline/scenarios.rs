@@ -314,8 +314,8 @@ impl Bench {
     /// Baseline (b): `n` requests straight to the fake function with the worker's HTTP client
     /// settings, `concurrency` at a time, each with the headers a queued call carries.
     pub async fn raw_http(&self, n: usize, concurrency: usize) -> anyhow::Result<RawHttp> {
-        let client = queue_worker::invoke::http_client(concurrency)?;
         let uri: hyper::Uri = format!("{}/function/noop", self.function.url()).parse()?;
+        let client = queue_worker::invoke::http_client(concurrency, &uri)?.client;
         let next = Arc::new(AtomicUsize::new(0));
         self.function.reset(n as u64);
         let machine = MachineCpu::start()?;

@@ -66,6 +66,29 @@ fn flags_win_over_env_and_the_example_file_loads() {
 }
 
 #[test]
+fn a_proxy_calls_cannot_use_exits_2_before_connecting() {
+    let gw = ("gateway_url", "http://gw.example:8080");
+    let (code, _, err) = check_config(&[], &[gw, ("ALL_PROXY", "socks5://u:secret@p:1080")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("socks5://p:1080") && err.contains("NO_PROXY") && !err.contains("secret"),
+        "{err}"
+    );
+    // Exempt the gateway, or name an http:// proxy: fine.
+    let (code, _, err) = check_config(
+        &[],
+        &[
+            gw,
+            ("ALL_PROXY", "socks5://p:1080"),
+            ("NO_PROXY", "gw.example"),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = check_config(&[], &[gw, ("http_proxy", "http://p:3128")]);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
 fn function_mode_is_refused_as_not_supported_yet() {
     let (code, _, err) = check_config(&[], &[("scaling_mode", "function")]);
     assert_eq!(code, Some(2));
@@ -463,4 +486,186 @@ async fn an_https_gateway_is_verified_against_the_trust_store() {
         .await
         .unwrap();
     assert!(!err.contains("panicked"), "{err}");
+
+    // Through a proxy: a CONNECT tunnel (with the proxy's credentials), TLS inside it.
+    let (proxy, asked) = fake_proxy().await;
+    let log = dir.path().join("tunnelled.log");
+    let tunnelled = Spawned::new(
+        worker()
+            .env("nats_url", env.nats.url())
+            .env("gateway_url", &gateway)
+            .env("metrics_port", "0")
+            .env("SSL_CERT_FILE", &ca)
+            .env("HTTPS_PROXY", format!("http://puser:ppass@{proxy}"))
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
+    queue_worker::publish::publish(&env.config(&[]), &sub, 1)
+        .await
+        .unwrap();
+    env.gateway
+        .wait_for(
+            "the tunnelled call",
+            std::time::Duration::from_secs(30),
+            |g| g.calls_to("echo") == 2,
+        )
+        .await;
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    let (line, headers) = &asked[0];
+    assert_eq!(
+        line,
+        &format!("CONNECT localhost:{} HTTP/1.1", front.port())
+    );
+    assert_eq!(
+        header_of(headers, "proxy-authorization"),
+        Some("Basic cHVzZXI6cHBhc3M=")
+    );
+    tokio::task::spawn_blocking(move || terminate(tunnelled))
+        .await
+        .unwrap();
+}
+
+/// What a fake proxy was asked: each request's first line and its headers (lower-case
+/// names).
+type Asked = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<(String, String)>)>>>;
+
+/// A fake HTTP proxy on a free loopback port. `CONNECT host:port` is answered 200 and piped
+/// to that port on 127.0.0.1; any other request (absolute form, as to a forward proxy) is
+/// recorded and answered 200 by the proxy itself.
+async fn fake_proxy() -> (std::net::SocketAddr, Asked) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let asked: Asked = Default::default();
+    let record = asked.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut conn = tokio::io::BufReader::new(tcp);
+                loop {
+                    let mut first = String::new();
+                    if conn.read_line(&mut first).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut headers = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        conn.read_line(&mut line).await.unwrap();
+                        let line = line.trim_end();
+                        if line.is_empty() {
+                            break;
+                        }
+                        let (k, v) = line.split_once(':').unwrap();
+                        headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
+                    }
+                    let first = first.trim_end().to_string();
+                    record
+                        .lock()
+                        .unwrap()
+                        .push((first.clone(), headers.clone()));
+                    if let Some(target) = first.strip_prefix("CONNECT ") {
+                        let port = target.split([':', ' ']).nth(1).unwrap();
+                        let mut upstream =
+                            tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+                                .await
+                                .unwrap();
+                        conn.get_mut()
+                            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                            .await
+                            .unwrap();
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+                        return;
+                    }
+                    let length: usize = headers
+                        .iter()
+                        .find(|(k, _)| k == "content-length")
+                        .map_or(0, |(_, v)| v.parse().unwrap());
+                    let mut body = vec![0; length];
+                    conn.read_exact(&mut body).await.unwrap();
+                    conn.get_mut()
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await
+                        .unwrap();
+                }
+            });
+        }
+    });
+    (addr, asked)
+}
+
+fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// As Go's net/http and reqwest do, function calls honour `HTTP_PROXY` (absolute-form
+/// requests with the proxy's credentials, the gateway's own still in `Authorization`) and
+/// `NO_PROXY` (straight to the gateway).
+#[tokio::test]
+async fn function_calls_go_through_the_environments_proxy() {
+    let env = crate::support::Env::start().await;
+    let (proxy, asked) = fake_proxy().await;
+    let sub = queue_worker::publish::Submission {
+        function: "echo".into(),
+        ..Default::default()
+    };
+    let spawn = |gateway: &str, no_proxy: &str| {
+        Spawned::new(
+            worker()
+                .env("nats_url", env.nats.url())
+                .env("gateway_url", gateway)
+                .env("metrics_port", "0")
+                .env("HTTP_PROXY", format!("http://puser:ppass@{proxy}"))
+                .env("NO_PROXY", no_proxy)
+                .stderr(std::process::Stdio::piped()),
+        )
+    };
+
+    // gateway.test does not resolve: only the proxy can take the call.
+    let child = spawn("http://admin:s3cret@gateway.test:8080", "");
+    queue_worker::publish::publish(&env.config(&[]), &sub, 1)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while asked.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy got no call"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (line, headers) = asked.lock().unwrap()[0].clone();
+    assert_eq!(line, "POST http://gateway.test:8080/function/echo HTTP/1.1");
+    // base64("puser:ppass") and base64("admin:s3cret")
+    assert_eq!(
+        header_of(&headers, "proxy-authorization"),
+        Some("Basic cHVzZXI6cHBhc3M=")
+    );
+    assert_eq!(
+        header_of(&headers, "authorization"),
+        Some("Basic YWRtaW46czNjcmV0")
+    );
+    let err = tokio::task::spawn_blocking(move || terminate(child))
+        .await
+        .unwrap();
+    assert!(err.contains("Function calls go through a proxy"), "{err}");
+    assert!(!err.contains("ppass"), "{err}");
+
+    // NO_PROXY names the gateway's host: straight there.
+    let child = spawn(&env.gateway.url(), "127.0.0.1");
+    queue_worker::publish::publish(&env.config(&[]), &sub, 1)
+        .await
+        .unwrap();
+    env.gateway
+        .wait_for("the direct call", std::time::Duration::from_secs(20), |g| {
+            g.calls_to("echo") == 1
+        })
+        .await;
+    assert_eq!(asked.lock().unwrap().len(), 1);
+    tokio::task::spawn_blocking(move || terminate(child))
+        .await
+        .unwrap();
 }

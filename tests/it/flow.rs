@@ -246,7 +246,7 @@ async fn metrics_and_health_endpoints() {
 }
 
 #[tokio::test]
-async fn gateway_credentials_become_basic_auth() {
+async fn gateway_credentials_become_basic_auth_unless_the_caller_sent_its_own() {
     let env = Env::start().await;
     let gateway = env.gateway.url().replace("http://", "http://admin:s3cret@");
     let worker = env.worker(&[("gateway_url", &gateway)]).await;
@@ -260,5 +260,24 @@ async fn gateway_credentials_become_basic_auth() {
     // base64("admin:s3cret")
     assert_eq!(call.header("authorization"), "Basic YWRtaW46czNjcmV0");
     assert_eq!(call.path, "/function/private");
+
+    // A caller's own Authorization is the function's to check: it is passed on, and the
+    // gateway's credentials are not.
+    let sub = queue_worker::publish::Submission {
+        function: "private".into(),
+        headers: vec![("Authorization".into(), "Bearer caller-token".into())],
+        ..Default::default()
+    };
+    queue_worker::publish::publish(&env.config(&[]), &sub, 1)
+        .await
+        .unwrap();
+    env.gateway
+        .wait_for("the second call", Duration::from_secs(10), |g| {
+            g.calls().len() == 2
+        })
+        .await;
+    let call = &env.gateway.calls()[1];
+    let sent: Vec<_> = call.headers.get_all("authorization").iter().collect();
+    assert_eq!(sent, ["Bearer caller-token"]);
     crate::support::stop(worker).await;
 }
