@@ -176,7 +176,10 @@ async fn work(
         poller_stop.clone(),
     ));
 
-    let slots = Arc::new(Semaphore::new(config.max_inflight));
+    // Pull slots: one per call, plus the prefetch (messages that may wait for a call slot).
+    let slots = Arc::new(Semaphore::new(config.max_inflight + config.prefetch));
+    let calls = (config.prefetch > 0).then(|| Arc::new(Semaphore::new(config.max_inflight)));
+    let intake = CancellationToken::new();
     let tracker = TaskTracker::new();
     let deadline = CancellationToken::new();
     let (gateway, gateway_auth) = crate::invoke::split_gateway(&config.gateway_url);
@@ -206,19 +209,20 @@ async fn work(
         ),
         progress_interval: config.progress_interval(),
         slots: slots.clone(),
+        calls,
+        stopping: intake.clone(),
         tracker: tracker.clone(),
         deadline: deadline.clone(),
         debug: config.debug,
         warned: Default::default(),
     });
 
-    let intake = CancellationToken::new();
     let puller = Puller {
         client: client.clone(),
         js: js.clone(),
         layout: layout.clone(),
         slots,
-        max_outstanding: config.pull_max_messages.min(config.max_inflight),
+        max_outstanding: config.pull_max_messages.min(config.max_inflight) + config.prefetch,
         limits: PullLimits::of(&consumer_info),
         generation: conn.generation,
     };

@@ -39,6 +39,12 @@ pub struct Worker {
     pub dead_letters: DeadLetters,
     pub progress_interval: Duration,
     pub slots: Arc<Semaphore>,
+    /// With `consumer_prefetch`, the pull loop's `slots` exceed `max_inflight`, and this
+    /// (`max_inflight` permits) is what bounds the calls; `None` without prefetch.
+    pub calls: Option<Arc<Semaphore>>,
+    /// Cancelled when the drain starts: a prefetched message still waiting for a call slot
+    /// is handed back at once, since it has not started.
+    pub stopping: CancellationToken,
     /// Every job and callback task, so shutdown can wait for them.
     pub tracker: TaskTracker,
     /// Cancelled when the drain deadline passes: running calls are abandoned and their
@@ -138,6 +144,21 @@ impl Worker {
         let f = self.metrics.function(&inv.function_label);
         let policy = self.policy_for(&inv, &f);
 
+        let call_slot = match &self.calls {
+            None => None,
+            Some(calls) => match calls.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => match self.wait_for_call(&job, calls).await {
+                    Some(permit) => Some(permit),
+                    None => {
+                        tracing::debug!(callId = %inv.call_id, function = %inv.request.function, "Prefetched message handed back (draining)");
+                        job.settle(Settle::Nak(None)).await;
+                        return;
+                    }
+                },
+            },
+        };
+
         tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, bytes = inv.request.body.len(), url = %inv.url, "Invoke");
         if self.debug {
             tracing::debug!(callId = %inv.call_id, body = %String::from_utf8_lossy(&inv.request.body), "Request body");
@@ -165,6 +186,9 @@ impl Worker {
             }
         };
         f.inflight.dec();
+        // The next prefetched message may start now; this one's pull slot is kept until
+        // it is settled.
+        drop(call_slot);
         let Some(resp) = resp else {
             tracing::warn!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, "Drain deadline reached; call abandoned and message handed back");
             job.settle(Settle::Nak(None)).await;
@@ -248,6 +272,29 @@ impl Worker {
             };
             let max_attempts = policy.max_attempts;
             self.send_callback(inv, &job, outcome, max_attempts);
+        }
+    }
+
+    /// Waits for a call slot for a prefetched message, keeping its lease; `None` when the
+    /// drain starts first (or the worker is shutting down), and the message should go back.
+    async fn wait_for_call(
+        &self,
+        job: &Job,
+        calls: &Arc<Semaphore>,
+    ) -> Option<OwnedSemaphorePermit> {
+        let acquire = calls.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let mut renew = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.progress_interval,
+            self.progress_interval,
+        );
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                permit = &mut acquire => return permit.ok(),
+                _ = renew.tick() => job.progress().await,
+                _ = self.stopping.cancelled() => return None,
+            }
         }
     }
 

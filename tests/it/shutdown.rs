@@ -91,3 +91,102 @@ async fn at_the_drain_deadline_unfinished_messages_are_handed_back_at_once() {
     env.wait_drained(Duration::from_secs(5)).await;
     crate::support::stop(worker).await;
 }
+
+/// `consumer_prefetch`: one message beyond `max_inflight` is pulled and waits in the worker
+/// with its lease renewed: no redelivery although it waits 2.5 × `ack_wait`, and calls never
+/// exceed `max_inflight`.
+#[tokio::test]
+async fn a_prefetched_message_keeps_its_lease_while_it_waits() {
+    let env = Env::start().await;
+    env.gateway.script(
+        "slow",
+        vec![Step::status(200).delay(Duration::from_millis(2500))],
+    );
+    let config = env.config(&[
+        ("max_inflight", "1"),
+        ("consumer_prefetch", "1"),
+        ("ack_wait", "1s"),
+    ]);
+    crate::support::submit(&config, "slow", 2).await;
+    let worker = queue_worker::app::start(config).await.unwrap();
+    env.gateway
+        .wait_for("the first call", Duration::from_secs(10), |g| {
+            g.running() == 1
+        })
+        .await;
+    wait_ack_pending(&env, 2).await;
+    env.gateway
+        .wait_for("both calls", Duration::from_secs(15), |g| {
+            g.calls().iter().filter(|c| c.finished.is_some()).count() == 2
+        })
+        .await;
+    env.wait_drained(Duration::from_secs(5)).await;
+    let c = env.consumer().await;
+    assert_eq!(c.num_redelivered, 0, "a waiting message's lease ran out");
+    assert_eq!(env.gateway.calls().len(), 2);
+    assert_eq!(env.gateway.max_running(), 1, "calls beyond max_inflight");
+    crate::support::stop(worker).await;
+}
+
+/// At a drain, a prefetched message that has not started goes back at once (another
+/// replica runs it while this one's call is still running); the running call finishes.
+#[tokio::test]
+async fn a_prefetched_message_is_handed_back_at_a_drain() {
+    let env = Env::start().await;
+    env.gateway.script(
+        "slow",
+        vec![
+            Step::status(200).delay(Duration::from_secs(3)),
+            Step::status(200),
+        ],
+    );
+    let config = env.config(&[("max_inflight", "1"), ("ack_wait", "30s")]);
+    crate::support::submit(&config, "slow", 2).await;
+    let prefetching = queue_worker::config::Config {
+        prefetch: 1,
+        ..config.clone()
+    };
+    let first = queue_worker::app::start(prefetching).await.unwrap();
+    env.gateway
+        .wait_for("the first call", Duration::from_secs(10), |g| {
+            g.running() == 1
+        })
+        .await;
+    wait_ack_pending(&env, 2).await;
+
+    first.shutdown();
+    let second = queue_worker::app::start(config).await.unwrap();
+    env.gateway
+        .wait_for("the handed-back message", Duration::from_secs(10), |g| {
+            g.calls().len() == 2
+        })
+        .await;
+    let calls = env.gateway.calls();
+    assert!(
+        calls[0].finished.is_none_or(|end| end > calls[1].started),
+        "the waiting message went back only after the running call ended"
+    );
+    first.wait().await.unwrap();
+    env.wait_drained(Duration::from_secs(5)).await;
+    let calls = env.gateway.calls();
+    assert_eq!(calls.len(), 2);
+    assert!(calls.iter().all(|c| c.finished.is_some()));
+    crate::support::stop(second).await;
+}
+
+/// Waits until `n` messages are delivered and unacknowledged.
+async fn wait_ack_pending(env: &Env, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let c = env.consumer().await;
+        if c.num_ack_pending as u64 == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} messages unacknowledged, not {n}",
+            c.num_ack_pending
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
