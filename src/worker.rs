@@ -172,11 +172,7 @@ impl Worker {
                 .invoker
                 .call(&inv, body, inv.callback.is_some() || self.debug);
             tokio::pin!(call);
-            let mut renew = tokio::time::interval_at(
-                tokio::time::Instant::now() + self.progress_interval,
-                self.progress_interval,
-            );
-            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut renew = self.lease_renewal();
             loop {
                 tokio::select! {
                     resp = &mut call => break Some(resp),
@@ -275,6 +271,17 @@ impl Worker {
         }
     }
 
+    /// Ticks every `progress_interval`, the first one interval from now: when a message's
+    /// lease is renewed while it waits or its call runs.
+    fn lease_renewal(&self) -> tokio::time::Interval {
+        let mut renew = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.progress_interval,
+            self.progress_interval,
+        );
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        renew
+    }
+
     /// Waits for a call slot for a prefetched message, keeping its lease; `None` when the
     /// drain starts first (or the worker is shutting down), and the message should go back.
     async fn wait_for_call(
@@ -284,11 +291,7 @@ impl Worker {
     ) -> Option<OwnedSemaphorePermit> {
         let acquire = calls.clone().acquire_owned();
         tokio::pin!(acquire);
-        let mut renew = tokio::time::interval_at(
-            tokio::time::Instant::now() + self.progress_interval,
-            self.progress_interval,
-        );
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renew = self.lease_renewal();
         loop {
             tokio::select! {
                 permit = &mut acquire => return permit.ok(),
