@@ -143,7 +143,8 @@ pub struct Invoker {
     transport: Transport,
     timeout: Duration,
     /// Basic auth taken out of `gateway_url` (so the URLs that are logged carry no secret),
-    /// as the `Authorization` value sent with every call, encoded once.
+    /// as the `Authorization` value, encoded once: sent with every call that does not carry
+    /// the caller's own.
     authorization: Option<HeaderValue>,
 }
 
