@@ -433,17 +433,19 @@ async fn an_https_gateway_is_verified_against_the_trust_store() {
         .unwrap();
     let front = tls_front(&cert, &key, backend).await;
     let gateway = format!("https://admin:s3cret@localhost:{}", front.port());
-    let run = |trust: &std::path::Path, log: &std::path::Path| {
-        Spawned::new(
-            worker()
-                .env("nats_url", env.nats.url())
-                .env("gateway_url", &gateway)
-                .env("metrics_port", "0")
-                .env("log_flush_interval", "0")
-                .env("initial_retry_wait", "100ms")
-                .env("SSL_CERT_FILE", trust)
-                .stderr(std::fs::File::create(log).unwrap()),
-        )
+    let run = |trust: &std::path::Path, log: &std::path::Path, proxy: Option<String>| {
+        let mut cmd = worker();
+        cmd.env("nats_url", env.nats.url())
+            .env("gateway_url", &gateway)
+            .env("metrics_port", "0")
+            .env("log_flush_interval", "0")
+            .env("initial_retry_wait", "100ms")
+            .env("SSL_CERT_FILE", trust)
+            .stderr(std::fs::File::create(log).unwrap());
+        if let Some(proxy) = proxy {
+            cmd.env("HTTPS_PROXY", proxy);
+        }
+        Spawned::new(&mut cmd)
     };
     let sub = queue_worker::publish::Submission {
         function: "echo".into(),
@@ -455,7 +457,7 @@ async fn an_https_gateway_is_verified_against_the_trust_store() {
 
     // Not trusted: the call fails in the handshake and is retried later.
     let log = dir.path().join("untrusted.log");
-    let untrusted = run(&unrelated_ca, &log);
+    let untrusted = run(&unrelated_ca, &log, None);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let text = loop {
         let text = std::fs::read_to_string(&log).unwrap();
@@ -472,7 +474,7 @@ async fn an_https_gateway_is_verified_against_the_trust_store() {
 
     // Trusted: the job is redelivered and runs, with the gateway's credentials.
     let log = dir.path().join("trusted.log");
-    let trusted = run(&ca, &log);
+    let trusted = run(&ca, &log, None);
     env.gateway
         .wait_for(
             "the call over TLS",
@@ -490,15 +492,7 @@ async fn an_https_gateway_is_verified_against_the_trust_store() {
     // Through a proxy: a CONNECT tunnel (with the proxy's credentials), TLS inside it.
     let (proxy, asked) = fake_proxy().await;
     let log = dir.path().join("tunnelled.log");
-    let tunnelled = Spawned::new(
-        worker()
-            .env("nats_url", env.nats.url())
-            .env("gateway_url", &gateway)
-            .env("metrics_port", "0")
-            .env("SSL_CERT_FILE", &ca)
-            .env("HTTPS_PROXY", format!("http://puser:ppass@{proxy}"))
-            .stderr(std::fs::File::create(&log).unwrap()),
-    );
+    let tunnelled = run(&ca, &log, Some(format!("http://puser:ppass@{proxy}")));
     queue_worker::publish::publish(&env.config(&[]), &sub, 1)
         .await
         .unwrap();
