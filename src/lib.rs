@@ -1,49 +1,37 @@
 //! queue-worker: runs OpenFaaS asynchronous invocations out of NATS JetStream.
 //!
-//! A message's path through the crate (the numbers match the module docs):
+//! A message's path through the crate, one folder per stage:
 //!
 //! ```text
-//! OF_<queue> ──① consumer (pull only what can start) ──② job (decode QueueRequest)
-//!     ──⑤ invoke (HTTP to <gateway>/function/<name>, lease renewed while it runs)
-//!     ──⑥ retry::decide (pure) ──> job.settle (ack / nak+delay / dead-letter, then term)
-//!     ──⑦ callback (after settling, bounded retries) ──⑧ metrics
+//! producers: message/ (QueueRequest, publish) ← frontdoor/ (POST /async-function/<name>), cli/ (publish)
+//!     │
+//! OF_<queue>  (nats/: connection, stream and consumer set-up)
+//!     │
+//! worker/: ① pull (only what can start) ─② job (decode) ─③ invoke (HTTP to
+//!     <gateway>/function/<name>, lease renewed) ─④ retry::decide (pure) ─⑤ settle (ack /
+//!     nak+delay / dead-letter, then term) ─⑥ callback ─⑦ telemetry/ (metrics)
 //! ```
 //!
 //! # Layout
-//! - [`config`]: keys, sources (flag > env > file > default) and validation.
-//! - [`app`]: wiring and the graceful drain.
-//! - [`nats`], [`stream`]: the connection; the stream and consumer layout.
-//! - [`consumer`]: the pull loop. [`job`]: a delivered message and its settle.
-//! - [`worker`]: one message's straight line. [`invoke`] (over [`connector`]), [`retry`],
-//!   [`callback`].
-//! - [`deadletter`]: the dead-letter stream `OF_<queue>-dead` and its operator commands.
-//! - [`metrics`], [`server`]: Prometheus metrics and health endpoints.
-//! - [`request`]: the `QueueRequest` wire format. [`publish`]: writing it.
+//! - [`config`]: keys, sources (flag > env > file > default), validation, durations.
+//! - [`message`]: the `QueueRequest` wire format and publishing it; shared by every producer
+//!   and the worker.
+//! - [`nats`]: the connection, and the stream and consumer layout.
+//! - [`worker`]: the daemon: wiring and drain, the pull loop, one message's flow, and each
+//!   stage of it (job, invoke, retry, callback, dead letter).
 //! - [`frontdoor`]: `POST /async-function/<name>` publishes to the queue as the gateway does.
 //! - [`cli`]: operator commands (`queue status/purge`, `dead list/replay/purge`).
-//! - [`natsd`], [`sample`], [`demo`]: a local nats-server, a sample gateway, the demo.
+//! - [`telemetry`]: logging, Prometheus metrics, the health and metrics endpoints.
+//! - [`dev`]: development helpers, never on the production path: a local nats-server, a
+//!   sample gateway, the demo.
+//! - [`tls`]: the process-wide rustls provider.
 
-pub mod app;
-pub mod callback;
 pub mod cli;
 pub mod config;
-pub mod connector;
-pub mod consumer;
-pub mod deadletter;
-pub mod demo;
-pub mod duration;
+pub mod dev;
 pub mod frontdoor;
-pub mod invoke;
-pub mod job;
-pub mod logging;
-pub mod metrics;
+pub mod message;
 pub mod nats;
-pub mod natsd;
-pub mod publish;
-pub mod request;
-pub mod retry;
-pub mod sample;
-pub mod server;
-pub mod stream;
+pub mod telemetry;
 pub mod tls;
 pub mod worker;

@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use queue_worker::cli::{self, CliError};
 use queue_worker::config::{Config, ConfigError, LogEncoding, Sources};
-use queue_worker::deadletter::{Filter, Reason};
 use queue_worker::nats::ConnectError;
+use queue_worker::worker::deadletter::{Filter, Reason};
 
 #[derive(Parser)]
 #[command(
@@ -197,7 +197,7 @@ impl DeadFilter {
 
 /// A function name as the gateway accepts it; wildcards would widen a subject filter.
 fn parse_function(s: &str) -> Result<String, String> {
-    if queue_worker::deadletter::is_subject_tail(s) {
+    if queue_worker::worker::deadletter::is_subject_tail(s) {
         Ok(s.to_string())
     } else {
         Err("expected a function name `fn` or `fn.namespace` (letters, digits, '-', '_')".into())
@@ -348,7 +348,7 @@ fn main() -> ExitCode {
     ) {
         if let Some(Err(e)) = config
             .as_ref()
-            .map(|c| queue_worker::connector::check(&c.gateway_url))
+            .map(|c| queue_worker::worker::connector::check(&c.gateway_url))
         {
             eprintln!("queue-worker: configuration error: {e}");
             return ExitCode::from(2);
@@ -362,7 +362,7 @@ fn main() -> ExitCode {
         cli.command,
         Some(Command::Demo(_) | Command::Queue(_) | Command::Dead(_))
     );
-    queue_worker::logging::init(encoding, debug, quiet, flush_interval);
+    queue_worker::telemetry::logging::init(encoding, debug, quiet, flush_interval);
     if !openfaas_flags.is_empty() {
         tracing::info!(
             flags = %openfaas_flags.join(" "),
@@ -378,12 +378,14 @@ fn main() -> ExitCode {
         }
     };
     if !flush_interval.is_zero() {
-        runtime.spawn(queue_worker::logging::flush_periodically(flush_interval));
+        runtime.spawn(queue_worker::telemetry::logging::flush_periodically(
+            flush_interval,
+        ));
     }
     let result = runtime.block_on(run(cli.command, config));
     // Tasks still running are dropped with the runtime and may log: write after that.
     drop(runtime);
-    queue_worker::logging::flush();
+    queue_worker::telemetry::logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<CliError>() || e.is::<ConnectError>() => {
@@ -415,7 +417,7 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
     let config = config.expect("configuration is loaded for every command");
     match command.unwrap_or(Command::Run) {
         Command::Run => {
-            let worker = queue_worker::app::start(config).await?;
+            let worker = queue_worker::worker::start(config).await?;
             let shutdown = async {
                 shutdown_signal().await;
                 tracing::info!("Signal received, shutting down");
@@ -448,7 +450,7 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
                     .ok_or_else(|| anyhow::anyhow!("--annotation {a:?}: expected KEY=VALUE"))?;
                 annotations.push((k.trim().to_string(), v.to_string()));
             }
-            let sub = queue_worker::publish::Submission {
+            let sub = queue_worker::message::publish::Submission {
                 function: args.function.clone(),
                 body,
                 headers,
@@ -458,7 +460,7 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
                 callback_url: args.callback_url,
                 ..Default::default()
             };
-            let ids = queue_worker::publish::publish(&config, &sub, args.count).await?;
+            let ids = queue_worker::message::publish::publish(&config, &sub, args.count).await?;
             queue_worker::outln!(
                 "published {} message(s) for {} to {}{}",
                 ids.len(),
@@ -474,9 +476,9 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
         }
         Command::SampleFunction(args) => {
             let stop = tokio_util::sync::CancellationToken::new();
-            let (addr, _) = queue_worker::sample::serve(
+            let (addr, _) = queue_worker::dev::sample::serve(
                 args.listen,
-                queue_worker::sample::SampleOptions {
+                queue_worker::dev::sample::SampleOptions {
                     min_delay: std::time::Duration::from_millis(args.min_ms),
                     max_delay: std::time::Duration::from_millis(args.max_ms.max(args.min_ms)),
                     fail_every: args.fail_every,
@@ -492,7 +494,7 @@ async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Result
             Ok(())
         }
         Command::Demo(a) => {
-            queue_worker::demo::run(queue_worker::demo::DemoOptions {
+            queue_worker::dev::demo::run(queue_worker::dev::demo::DemoOptions {
                 jobs: a.jobs,
                 max_inflight: a.inflight.max(1),
                 function_inflight: a.function_inflight,
@@ -593,7 +595,7 @@ async fn queue(cmd: QueueCommand, config: &Config) -> Result<(), CliError> {
     }
 }
 
-async fn worker_finished(worker: &queue_worker::app::Running) {
+async fn worker_finished(worker: &queue_worker::worker::Running) {
     // Polls rather than awaiting the JoinHandle, which `wait` consumes later.
     while !worker.is_finished() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -292,7 +292,7 @@ async fn run() -> anyhow::Result<()> {
 fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
     let mut out = String::new();
     let nats = std::process::Command::new(
-        queue_worker::natsd::find_binary().context("nats-server not found")?,
+        queue_worker::dev::natsd::find_binary().context("nats-server not found")?,
     )
     .arg("--version")
     .output()

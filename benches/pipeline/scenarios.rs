@@ -15,9 +15,9 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
-use queue_worker::natsd::NatsServer;
-use queue_worker::publish::{new_call_id, subject_for, Submission};
-use queue_worker::stream::{ensure_consumer, ensure_stream, Layout};
+use queue_worker::dev::natsd::NatsServer;
+use queue_worker::message::publish::{new_call_id, subject_for, Submission};
+use queue_worker::nats::stream::{ensure_consumer, ensure_stream, Layout};
 
 use crate::function::FakeFunction;
 use crate::proc::{CpuMeter, MachineCpu, MachineUse, WorkerProc, WorkerSpec};
@@ -315,7 +315,7 @@ impl Bench {
     /// settings, `concurrency` at a time, each with the headers a queued call carries.
     pub async fn raw_http(&self, n: usize, concurrency: usize) -> anyhow::Result<RawHttp> {
         let uri: hyper::Uri = format!("{}/function/noop", self.function.url()).parse()?;
-        let client = queue_worker::invoke::http_client(concurrency, &uri)?.client;
+        let client = queue_worker::worker::invoke::http_client(concurrency, &uri)?.client;
         let next = Arc::new(AtomicUsize::new(0));
         self.function.reset(n as u64);
         let machine = MachineCpu::start()?;

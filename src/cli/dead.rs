@@ -1,9 +1,9 @@
 //! `queue-worker dead list|replay|purge`: the dead-letter stream `OF_<queue>-dead` for
-//! operators. The work itself is in [`crate::deadletter`]; this is opening it and printing.
+//! operators. The work itself is in [`crate::worker::deadletter`]; this is opening it and printing.
 
 use super::{plural, CliError};
 use crate::config::Config;
-use crate::deadletter::{DeadLetterError, DeadLetters, Filter, Reason};
+use crate::worker::deadletter::{DeadLetterError, DeadLetters, Filter, Reason};
 
 impl From<DeadLetterError> for CliError {
     fn from(e: DeadLetterError) -> CliError {
@@ -24,7 +24,7 @@ pub async fn open(config: &Config) -> Result<(DeadLetters, u64, u64), CliError> 
     }
     let dl = DeadLetters::new(
         js,
-        crate::stream::DeadLetterLayout::of(config),
+        crate::nats::stream::DeadLetterLayout::of(config),
         &config.queue,
         &config.stream_name(),
         &config.default_namespace,
@@ -64,7 +64,8 @@ pub async fn list(dl: &DeadLetters, filter: &Filter, json: bool) -> Result<(), C
                 "SEQ", "AGE", "FUNCTION", "REASON", "ATTEMPTS", "STATUS", "CALL ID",
             ]);
         }
-        let age = crate::duration::format(std::time::Duration::from_secs(r.age().as_secs()));
+        let age =
+            crate::config::duration::format(std::time::Duration::from_secs(r.age().as_secs()));
         line([
             &r.sequence.to_string(),
             &age,

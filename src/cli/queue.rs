@@ -126,7 +126,7 @@ pub fn print_status(s: &Status) {
         .map(|a| {
             format!(
                 ", oldest queued {} ago",
-                crate::duration::format(std::time::Duration::from_secs(a as u64))
+                crate::config::duration::format(std::time::Duration::from_secs(a as u64))
             )
         })
         .unwrap_or_default();
@@ -236,7 +236,8 @@ pub async fn purge(
             shared_subject_left: 0,
         });
     };
-    let subject = crate::publish::subject_for(&config.queue, function, &config.default_namespace);
+    let subject =
+        crate::message::publish::subject_for(&config.queue, function, &config.default_namespace);
     let state = stream.info().await.map_err(|e| failed(&e))?.state.clone();
     let mut purged = 0;
     let mut failures = Vec::new();
@@ -244,7 +245,7 @@ pub async fn purge(
     let mut batch = Vec::with_capacity(PURGE_BATCH);
     loop {
         let found = if seq <= state.last_sequence {
-            crate::stream::next_on_subject(&stream, &subject, seq)
+            crate::nats::stream::next_on_subject(&stream, &subject, seq)
                 .await
                 .map_err(|e| failed(&e))?
                 .map(|m| m.sequence)

@@ -43,10 +43,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{is_queue_name, Config};
-use crate::metrics::FrontDoorMetrics;
-use crate::request::QueueRequest;
-use crate::server::{self, Health};
-use crate::stream::{self, Layout, LayoutError};
+use crate::message::request::QueueRequest;
+use crate::nats::stream::{self, Layout, LayoutError};
+use crate::telemetry::metrics::FrontDoorMetrics;
+use crate::telemetry::server::{self, Health};
 use lookup::{Found, Lookup};
 
 /// The annotation that picks a function's queue, as OpenFaaS's gateway reads it.
@@ -181,7 +181,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         })?;
     let addr = listener.local_addr()?;
     let lookup = if config.frontdoor.check_function {
-        let (base, _) = crate::invoke::split_gateway(&config.gateway_url);
+        let (base, _) = crate::worker::invoke::split_gateway(&config.gateway_url);
         Some(Lookup::new(base, gateway_auth(&config))?)
     } else {
         None
@@ -232,7 +232,7 @@ fn gateway_auth(config: &Config) -> Option<(String, crate::config::Secret)> {
     if let Some(auth) = &config.frontdoor.gateway_auth {
         return Some(auth.clone());
     }
-    let (_, auth) = crate::invoke::split_gateway(&config.gateway_url);
+    let (_, auth) = crate::worker::invoke::split_gateway(&config.gateway_url);
     auth.map(|(u, p)| (u, crate::config::Secret::new(p.unwrap_or_default())))
 }
 
@@ -465,7 +465,7 @@ impl Door {
         };
         let call_id = match header_str(headers, "x-call-id")? {
             Some(id) => check_call_id(id)?.to_string(),
-            None => crate::publish::new_call_id(),
+            None => crate::message::publish::new_call_id(),
         };
         let with_id = |mut r: Rejection| {
             r.call_id = Some(call_id.clone());
@@ -552,7 +552,8 @@ impl Door {
                 "not connected to NATS; nothing was queued",
             )));
         }
-        let subject = crate::publish::subject_for(&queue, function, &self.config.default_namespace);
+        let subject =
+            crate::message::publish::subject_for(&queue, function, &self.config.default_namespace);
         let msg_id = format!(
             "{call_id}:{:016x}",
             fingerprint(&[
@@ -713,9 +714,9 @@ fn split_path(full: &str) -> Result<(&str, &str), Rejection> {
 /// `fn` or `fn.namespace`, each of letters, digits, `-` and `_`, at most 253 bytes: a name
 /// the worker accepts and that makes a valid subject.
 pub fn is_function_name(name: &str) -> bool {
-    name.len() <= crate::job::MAX_FUNCTION_NAME
+    name.len() <= crate::worker::job::MAX_FUNCTION_NAME
         && name.split('.').count() <= 2
-        && crate::deadletter::is_subject_tail(name)
+        && crate::worker::deadletter::is_subject_tail(name)
 }
 
 /// The largest body that is queued: the configured limit, lowered so that the body, once

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use queue_worker::natsd::{free_port, NatsServer};
+use queue_worker::dev::natsd::{free_port, NatsServer};
 
 use crate::support::FakeGateway;
 
@@ -31,7 +31,7 @@ async fn runs_a_job(nats: &NatsServer, auth: &[(&str, String)]) {
         &queue_worker::config::Sources::from_pairs(pairs).unwrap(),
     )
     .unwrap();
-    let worker = queue_worker::app::start(config.clone()).await.unwrap();
+    let worker = queue_worker::worker::start(config.clone()).await.unwrap();
     crate::support::wait_ready(&worker).await;
     crate::support::submit(&config, "f", 1).await;
     gateway
@@ -83,10 +83,10 @@ async fn a_wrong_token_is_never_ready() {
         )
         .unwrap()
     };
-    let rejected = queue_worker::app::start(start(&wrong)).await.unwrap();
+    let rejected = queue_worker::worker::start(start(&wrong)).await.unwrap();
     // A control with the right token becomes ready; by then the other one has had its
     // chance and is still refused.
-    let accepted = queue_worker::app::start(start(&right)).await.unwrap();
+    let accepted = queue_worker::worker::start(start(&right)).await.unwrap();
     crate::support::wait_ready(&accepted).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rejected.health.readiness(), Err("NATS not connected"));

@@ -13,8 +13,8 @@ use std::time::Duration;
 use promql_parser::parser::{self, Expr};
 use promql_parser::util::{walk_expr, ExprVisitor};
 use queue_worker::config::{Config, NatsAuth, Sources, ALIASES, KEYS, LEGACY_KEYS};
-use queue_worker::metrics::NAMES;
-use queue_worker::retry::Backoff;
+use queue_worker::telemetry::metrics::NAMES;
+use queue_worker::worker::retry::Backoff;
 use serde_norway::Value;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/chart/queue-worker");

@@ -135,8 +135,8 @@ fn terminate(mut child: Spawned) -> String {
 
 #[test]
 fn sigterm_drains_and_exits_0() {
-    let nats = queue_worker::natsd::NatsServer::start().unwrap();
-    let port = queue_worker::natsd::free_port().unwrap();
+    let nats = queue_worker::dev::natsd::NatsServer::start().unwrap();
+    let port = queue_worker::dev::natsd::free_port().unwrap();
     let child = Spawned::new(
         worker()
             .env("nats_url", nats.url())
@@ -168,9 +168,9 @@ fn sigterm_drains_and_exits_0() {
 
 #[test]
 fn the_frontdoor_binary_queues_and_stops_on_sigterm() {
-    let nats = queue_worker::natsd::NatsServer::start().unwrap();
-    let metrics = queue_worker::natsd::free_port().unwrap();
-    let listen = queue_worker::natsd::free_port().unwrap();
+    let nats = queue_worker::dev::natsd::NatsServer::start().unwrap();
+    let metrics = queue_worker::dev::natsd::free_port().unwrap();
+    let listen = queue_worker::dev::natsd::free_port().unwrap();
     let child = Spawned::new(
         worker()
             .env("nats_url", nats.url())
@@ -233,7 +233,7 @@ fn output_to_a_closed_pipe_ends_quietly() {
 
 #[test]
 fn the_sample_function_binary_limits_like_the_watchdog() {
-    let port = queue_worker::natsd::free_port().unwrap();
+    let port = queue_worker::dev::natsd::free_port().unwrap();
     let mut child = Spawned::new(
         worker()
             .args([
@@ -315,11 +315,11 @@ async fn run_jobs_logging_to_file(
             .env("log_flush_interval", flush_interval)
             .stderr(std::fs::File::create(&log).unwrap()),
     );
-    let sub = queue_worker::publish::Submission {
+    let sub = queue_worker::message::publish::Submission {
         function: "echo".into(),
         ..Default::default()
     };
-    queue_worker::publish::publish(&env.config(&[]), &sub, n)
+    queue_worker::message::publish::publish(&env.config(&[]), &sub, n)
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -447,11 +447,11 @@ async fn an_https_gateway_is_verified_against_the_trust_store() {
         }
         Spawned::new(&mut cmd)
     };
-    let sub = queue_worker::publish::Submission {
+    let sub = queue_worker::message::publish::Submission {
         function: "echo".into(),
         ..Default::default()
     };
-    queue_worker::publish::publish(&env.config(&[]), &sub, 1)
+    queue_worker::message::publish::publish(&env.config(&[]), &sub, 1)
         .await
         .unwrap();
 
@@ -493,7 +493,7 @@ async fn an_https_gateway_is_verified_against_the_trust_store() {
     let (proxy, asked) = fake_proxy().await;
     let log = dir.path().join("tunnelled.log");
     let tunnelled = run(&ca, &log, Some(format!("http://puser:ppass@{proxy}")));
-    queue_worker::publish::publish(&env.config(&[]), &sub, 1)
+    queue_worker::message::publish::publish(&env.config(&[]), &sub, 1)
         .await
         .unwrap();
     env.gateway
@@ -602,7 +602,7 @@ fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str>
 async fn function_calls_go_through_the_environments_proxy() {
     let env = crate::support::Env::start().await;
     let (proxy, asked) = fake_proxy().await;
-    let sub = queue_worker::publish::Submission {
+    let sub = queue_worker::message::publish::Submission {
         function: "echo".into(),
         ..Default::default()
     };
@@ -620,7 +620,7 @@ async fn function_calls_go_through_the_environments_proxy() {
 
     // gateway.test does not resolve: only the proxy can take the call.
     let child = spawn("http://admin:s3cret@gateway.test:8080", "");
-    queue_worker::publish::publish(&env.config(&[]), &sub, 1)
+    queue_worker::message::publish::publish(&env.config(&[]), &sub, 1)
         .await
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
@@ -650,7 +650,7 @@ async fn function_calls_go_through_the_environments_proxy() {
 
     // NO_PROXY names the gateway's host: straight there.
     let child = spawn(&env.gateway.url(), "127.0.0.1");
-    queue_worker::publish::publish(&env.config(&[]), &sub, 1)
+    queue_worker::message::publish::publish(&env.config(&[]), &sub, 1)
         .await
         .unwrap();
     env.gateway

@@ -4,8 +4,8 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use queue_worker::natsd::{free_port, NatsServer};
-use queue_worker::publish::{publish, Submission};
+use queue_worker::dev::natsd::{free_port, NatsServer};
+use queue_worker::message::publish::{publish, Submission};
 
 use crate::support::{FakeGateway, Step};
 
@@ -95,7 +95,7 @@ async fn losing_the_stream_leader_loses_nothing() {
             Err(e) => panic!("cluster never became ready: {e:#}"),
         }
     };
-    let worker = queue_worker::app::start(config.clone()).await.unwrap();
+    let worker = queue_worker::worker::start(config.clone()).await.unwrap();
     gateway
         .wait_for("50 calls", Duration::from_secs(30), |g| {
             g.calls().len() >= 50

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use queue_worker::deadletter::{Filter, Reason};
-use queue_worker::publish::{publish, Submission};
+use queue_worker::message::publish::{publish, Submission};
+use queue_worker::worker::deadletter::{Filter, Reason};
 
 use crate::support::{job, publish_raw, wait_metric, Env, Step};
 
@@ -46,7 +46,8 @@ async fn exhausted_attempts_give_up_with_a_final_callback_and_a_dead_letter() {
     assert_eq!(d.original_subject, "faas-request.down.openfaas-fn");
     assert!(d.age() < Duration::from_secs(30));
     // The payload is the original message: it decodes to the same invocation.
-    let original: queue_worker::request::QueueRequest = serde_json::from_slice(&d.payload).unwrap();
+    let original: queue_worker::message::request::QueueRequest =
+        serde_json::from_slice(&d.payload).unwrap();
     assert_eq!(original.function, "down");
     assert_eq!(original.body, b"payload");
 
@@ -494,9 +495,9 @@ async fn a_small_jetstream_still_gets_a_dead_letter_stream() {
     let store = dir.path().join("js");
     let args = vec!["-c".to_string(), conf.display().to_string()];
     let nats = tokio::task::spawn_blocking(move || {
-        queue_worker::natsd::NatsServer::start_with(
+        queue_worker::dev::natsd::NatsServer::start_with(
             &store,
-            queue_worker::natsd::free_port().unwrap(),
+            queue_worker::dev::natsd::free_port().unwrap(),
             args,
         )
     })

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use queue_worker::publish::{publish, Submission};
+use queue_worker::message::publish::{publish, Submission};
 
 use crate::support::{scrape, Env, Step};
 
@@ -20,7 +20,7 @@ async fn nats_killed_and_restarted_mid_run_loses_nothing() {
     // ack-pending entries that only clear after ack_wait). 2.15 recovers it exactly.
     let config = env.config(&[("max_inflight", "8"), ("ack_wait", "2s")]);
     let ids = crate::support::submit(&config, "work", 300).await;
-    let worker = queue_worker::app::start(config).await.unwrap();
+    let worker = queue_worker::worker::start(config).await.unwrap();
     env.gateway
         .wait_for("50 calls", Duration::from_secs(20), |g| {
             g.calls().len() >= 50
@@ -88,7 +88,7 @@ async fn a_deleted_consumer_is_recreated() {
 async fn the_pending_count_is_withdrawn_while_nats_is_down() {
     let mut env = Env::start().await;
     let config = env.config(&[("stream_poll_interval", "100ms")]);
-    let worker = queue_worker::app::start(config).await.unwrap();
+    let worker = queue_worker::worker::start(config).await.unwrap();
     let pending_line = |text: &str| {
         text.lines()
             .find(|l| l.starts_with("queue_worker_pending_messages{"))
@@ -139,9 +139,9 @@ async fn silent_pull_requests_are_replaced_after_the_heartbeat_watchdog() {
     use futures_util::StreamExt;
     let env = Env::start().await;
     let config = env.config(&[]);
-    let layout = queue_worker::stream::Layout::of(&config);
+    let layout = queue_worker::nats::stream::Layout::of(&config);
     let js = env.js().await;
-    queue_worker::stream::ensure_stream(&js, &layout)
+    queue_worker::nats::stream::ensure_stream(&js, &layout)
         .await
         .unwrap();
     let client = async_nats::connect(env.nats.url()).await.unwrap();
@@ -155,7 +155,7 @@ async fn silent_pull_requests_are_replaced_after_the_heartbeat_watchdog() {
     client.flush().await.unwrap();
 
     let (_tx, generation) = tokio::sync::watch::channel(0u64);
-    let puller = queue_worker::consumer::Puller {
+    let puller = queue_worker::worker::pull::Puller {
         client: client.clone(),
         js: js.clone(),
         layout: layout.clone(),

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use queue_worker::publish::{publish, Submission};
+use queue_worker::message::publish::{publish, Submission};
 
 use crate::support::{publish_raw, scrape, wait_metric, Env, Step};
 
@@ -95,7 +95,7 @@ async fn thousand_messages_each_once_within_max_inflight() {
         ..Default::default()
     };
     let ids = publish(&config, &sub, 1000).await.unwrap();
-    let worker = queue_worker::app::start(config).await.unwrap();
+    let worker = queue_worker::worker::start(config).await.unwrap();
 
     env.gateway
         .wait_for("1000 calls", Duration::from_secs(60), |g| {
@@ -263,12 +263,12 @@ async fn gateway_credentials_become_basic_auth_unless_the_caller_sent_its_own() 
 
     // A caller's own Authorization is the function's to check: it is passed on, and the
     // gateway's credentials are not.
-    let sub = queue_worker::publish::Submission {
+    let sub = queue_worker::message::publish::Submission {
         function: "private".into(),
         headers: vec![("Authorization".into(), "Bearer caller-token".into())],
         ..Default::default()
     };
-    queue_worker::publish::publish(&env.config(&[]), &sub, 1)
+    queue_worker::message::publish::publish(&env.config(&[]), &sub, 1)
         .await
         .unwrap();
     env.gateway

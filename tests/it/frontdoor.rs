@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use queue_worker::request::QueueRequest;
+use queue_worker::message::request::QueueRequest;
 
 use crate::support::{stream_messages, wait_ready, Env};
 
@@ -334,7 +334,7 @@ async fn the_limit_never_exceeds_the_servers_max_payload() {
     let store = dir.path().join("js");
     let args = vec!["-c".to_string(), conf.display().to_string()];
     let nats = tokio::task::spawn_blocking(move || {
-        queue_worker::natsd::NatsServer::start_with(&store, 0, args)
+        queue_worker::dev::natsd::NatsServer::start_with(&store, 0, args)
     })
     .await
     .unwrap()

@@ -18,7 +18,7 @@ async fn a_limits_retention_stream_stops_start_up_with_advice() {
     })
     .await
     .unwrap();
-    let worker = queue_worker::app::start(env.config(&[])).await.unwrap();
+    let worker = queue_worker::worker::start(env.config(&[])).await.unwrap();
     let err = tokio::time::timeout(Duration::from_secs(10), worker.wait())
         .await
         .expect("the worker stops by itself")

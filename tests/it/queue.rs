@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use queue_worker::stream::{self, Layout};
+use queue_worker::nats::stream::{self, Layout};
 
 use crate::support::{cli, publish_raw, submit, Env, Step};
 
@@ -203,7 +203,7 @@ async fn missing_streams_and_unreachable_nats_have_their_own_exit_codes() {
     assert_eq!(code, Some(4), "{err}");
     assert!(err.contains("OF_faas-request does not exist"), "{err}");
 
-    let port = queue_worker::natsd::free_port().unwrap();
+    let port = queue_worker::dev::natsd::free_port().unwrap();
     let nowhere = format!("nats://127.0.0.1:{port}");
     for args in [
         &["queue", "status"][..],

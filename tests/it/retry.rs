@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use queue_worker::publish::{publish, Submission};
+use queue_worker::message::publish::{publish, Submission};
 
 use crate::support::{assert_gap, job, wait_metric, Env, Step};
 
@@ -277,7 +277,7 @@ async fn an_invalid_annotation_falls_back_to_the_worker_setting() {
 async fn an_unreachable_function_is_retried() {
     let env = Env::start().await;
     // A gateway URL nobody listens on: connection refused.
-    let port = queue_worker::natsd::free_port().unwrap();
+    let port = queue_worker::dev::natsd::free_port().unwrap();
     let dead_gateway = format!("http://127.0.0.1:{port}");
     let worker = env
         .worker(&[
@@ -358,9 +358,12 @@ async fn a_delivery_that_never_reached_the_function_still_gets_its_call() {
     // Someone takes the message from the shared consumer and hands it back unrun (as a
     // worker does at a reconnect or a drain): its delivery count is now 1 with no call.
     let js = env.js().await;
-    queue_worker::stream::ensure_consumer(&js, &queue_worker::stream::Layout::of(&config))
-        .await
-        .unwrap();
+    queue_worker::nats::stream::ensure_consumer(
+        &js,
+        &queue_worker::nats::stream::Layout::of(&config),
+    )
+    .await
+    .unwrap();
     let consumer: async_nats::jetstream::consumer::PullConsumer = js
         .get_stream("OF_faas-request")
         .await
@@ -394,7 +397,7 @@ async fn a_delivery_that_never_reached_the_function_still_gets_its_call() {
 #[tokio::test]
 async fn an_invalid_annotation_is_logged_once_naming_function_and_annotation() {
     let env = Env::start().await;
-    let port = queue_worker::natsd::free_port().unwrap();
+    let port = queue_worker::dev::natsd::free_port().unwrap();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
         .env_clear()
         .env("nats_url", env.nats.url())

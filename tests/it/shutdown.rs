@@ -15,7 +15,7 @@ async fn shutdown_finishes_in_flight_calls_and_leaves_the_rest_queued() {
     );
     let config = env.config(&[("max_inflight", "4")]);
     let ids = crate::support::submit(&config, "job", 20).await;
-    let worker = queue_worker::app::start(config.clone()).await.unwrap();
+    let worker = queue_worker::worker::start(config.clone()).await.unwrap();
     env.gateway
         .wait_for("4 running calls", Duration::from_secs(10), |g| {
             g.running() == 4
@@ -39,7 +39,7 @@ async fn shutdown_finishes_in_flight_calls_and_leaves_the_rest_queued() {
     assert_eq!(c.num_pending, 16, "the rest stays queued");
 
     // A new worker takes the rest: every message ends up invoked exactly once.
-    let worker = queue_worker::app::start(config).await.unwrap();
+    let worker = queue_worker::worker::start(config).await.unwrap();
     env.gateway
         .wait_for("20 calls", Duration::from_secs(20), |g| {
             g.calls().len() >= 20
@@ -65,7 +65,7 @@ async fn at_the_drain_deadline_unfinished_messages_are_handed_back_at_once() {
     );
     let config = env.config(&[("drain_timeout", "500ms"), ("ack_wait", "30s")]);
     crate::support::submit(&config, "stuck", 1).await;
-    let worker = queue_worker::app::start(config.clone()).await.unwrap();
+    let worker = queue_worker::worker::start(config.clone()).await.unwrap();
     env.gateway
         .wait_for("the stuck call", Duration::from_secs(10), |g| {
             g.running() == 1
@@ -81,7 +81,7 @@ async fn at_the_drain_deadline_unfinished_messages_are_handed_back_at_once() {
 
     // Redelivered at once (well before ack_wait) to the next worker.
     let handed_back = Instant::now();
-    let worker = queue_worker::app::start(config).await.unwrap();
+    let worker = queue_worker::worker::start(config).await.unwrap();
     env.gateway
         .wait_for("the second delivery", Duration::from_secs(10), |g| {
             g.calls().len() == 2
@@ -108,7 +108,7 @@ async fn a_prefetched_message_keeps_its_lease_while_it_waits() {
         ("ack_wait", "1s"),
     ]);
     crate::support::submit(&config, "slow", 2).await;
-    let worker = queue_worker::app::start(config).await.unwrap();
+    let worker = queue_worker::worker::start(config).await.unwrap();
     env.gateway
         .wait_for("the first call", Duration::from_secs(10), |g| {
             g.running() == 1
@@ -146,7 +146,7 @@ async fn a_prefetched_message_is_handed_back_at_a_drain() {
         prefetch: 1,
         ..config.clone()
     };
-    let first = queue_worker::app::start(prefetching).await.unwrap();
+    let first = queue_worker::worker::start(prefetching).await.unwrap();
     env.gateway
         .wait_for("the first call", Duration::from_secs(10), |g| {
             g.running() == 1
@@ -155,7 +155,7 @@ async fn a_prefetched_message_is_handed_back_at_a_drain() {
     wait_ack_pending(&env, 2).await;
 
     first.shutdown();
-    let second = queue_worker::app::start(config).await.unwrap();
+    let second = queue_worker::worker::start(config).await.unwrap();
     env.gateway
         .wait_for("the handed-back message", Duration::from_secs(10), |g| {
             g.calls().len() == 2

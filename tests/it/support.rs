@@ -1,4 +1,4 @@
-//! Test harness: a real nats-server (from `queue_worker::natsd`), a real HTTP fake gateway on
+//! Test harness: a real nats-server (from `queue_worker::dev::natsd`), a real HTTP fake gateway on
 //! port 0 with scripted answers per function, and helpers to start workers and read queue
 //! state. Waiting is event-driven: every request and callback the fake records wakes
 //! `wait_for`.
@@ -14,9 +14,9 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
-use queue_worker::app::Running;
 use queue_worker::config::{Config, Sources};
-use queue_worker::natsd::NatsServer;
+use queue_worker::dev::natsd::NatsServer;
+use queue_worker::worker::Running;
 use tokio::sync::watch;
 
 /// One scripted answer of the fake function.
@@ -411,7 +411,7 @@ impl Env {
     }
 
     pub async fn worker(&self, overrides: &[(&str, &str)]) -> Running {
-        let running = queue_worker::app::start(self.config(overrides))
+        let running = queue_worker::worker::start(self.config(overrides))
             .await
             .unwrap();
         wait_ready(&running).await;
@@ -439,11 +439,11 @@ impl Env {
     }
 
     /// The dead-letter stream of the default queue, read as the `dead` commands do.
-    pub async fn dead_letters(&self) -> queue_worker::deadletter::DeadLetters {
+    pub async fn dead_letters(&self) -> queue_worker::worker::deadletter::DeadLetters {
         let config = self.config(&[]);
-        queue_worker::deadletter::DeadLetters::new(
+        queue_worker::worker::deadletter::DeadLetters::new(
             self.js().await,
-            queue_worker::stream::DeadLetterLayout::of(&config),
+            queue_worker::nats::stream::DeadLetterLayout::of(&config),
             &config.queue,
             &config.stream_name(),
             &config.default_namespace,
@@ -451,14 +451,17 @@ impl Env {
     }
 
     /// Waits until the dead-letter stream holds `n` entries, and returns them.
-    pub async fn wait_dead_letters(&self, n: usize) -> Vec<queue_worker::deadletter::Record> {
+    pub async fn wait_dead_letters(
+        &self,
+        n: usize,
+    ) -> Vec<queue_worker::worker::deadletter::Record> {
         let dl = self.dead_letters().await;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             // The stream may be missing for a moment (a test deletes it; a worker makes it).
             let records = match dl.list(&Default::default(), true).await {
                 Ok(r) => r,
-                Err(queue_worker::deadletter::DeadLetterError::NoStream(_)) => Vec::new(),
+                Err(queue_worker::worker::deadletter::DeadLetterError::NoStream(_)) => Vec::new(),
                 Err(e) => panic!("{e}"),
             };
             if records.len() == n {
@@ -570,8 +573,8 @@ pub async fn wait_metric(running: &Running, needle: &str) {
 
 /// A gateway-format job for `function` whose callback goes to the fake, tagged with the
 /// function's name.
-pub fn job(function: &str, env: &Env) -> queue_worker::publish::Submission {
-    queue_worker::publish::Submission {
+pub fn job(function: &str, env: &Env) -> queue_worker::message::publish::Submission {
+    queue_worker::message::publish::Submission {
         function: function.into(),
         callback_url: Some(env.gateway.callback_url(function)),
         ..Default::default()
@@ -581,11 +584,11 @@ pub fn job(function: &str, env: &Env) -> queue_worker::publish::Submission {
 /// Publishes `n` gateway-format jobs for `function` (empty body, no callback); returns their
 /// call ids.
 pub async fn submit(config: &Config, function: &str, n: usize) -> Vec<String> {
-    let sub = queue_worker::publish::Submission {
+    let sub = queue_worker::message::publish::Submission {
         function: function.into(),
         ..Default::default()
     };
-    queue_worker::publish::publish(config, &sub, n)
+    queue_worker::message::publish::publish(config, &sub, n)
         .await
         .unwrap()
 }

@@ -9,8 +9,8 @@ use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::CallbackConfig;
-use crate::invoke::{error_chain, is_hop_by_hop};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
+use crate::worker::invoke::{error_chain, is_hop_by_hop};
 
 /// The `User-Agent` of callbacks, as OpenFaaS's worker sends `queue-worker/<version>`.
 pub const USER_AGENT: &str = concat!("queue-worker/", env!("CARGO_PKG_VERSION"));

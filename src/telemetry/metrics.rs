@@ -447,7 +447,7 @@ mod tests {
 
     #[test]
     fn readme_documents_every_metric() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         for name in NAMES {
             assert!(
                 readme.contains(&format!("| `{name}` |")),

@@ -7,13 +7,14 @@
 //! rules, and reads secret files. Every failure is a [`ConfigError`] that names the key, the
 //! value and what is allowed, and the binary exits with code 2 on it.
 
+pub mod duration;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::duration;
-use crate::retry::{Backoff, RetryPolicy};
+use crate::worker::retry::{Backoff, RetryPolicy};
 
 /// One configuration key: the env var name, which is also the YAML key and the `--set` key.
 pub struct Key {
@@ -648,7 +649,7 @@ impl Config {
             max_attempts: r.number(
                 "max_retry_attempts",
                 1,
-                crate::retry::MAX_ATTEMPTS_LIMIT.into(),
+                crate::worker::retry::MAX_ATTEMPTS_LIMIT.into(),
             )? as u32,
             initial_wait: r.duration("initial_retry_wait", Duration::ZERO, None)?,
             max_wait: r.duration("max_retry_wait", Duration::ZERO, None)?,
@@ -848,7 +849,7 @@ impl Reader<'_> {
     }
 
     fn codes(&self, key: &'static str) -> Result<Vec<u16>, ConfigError> {
-        crate::retry::parse_codes(self.string(key).0).ok_or_else(|| {
+        crate::worker::retry::parse_codes(self.string(key).0).ok_or_else(|| {
             self.invalid(
                 key,
                 "a comma-separated list of HTTP status codes (100-599), e.g. 429,502,503",
@@ -1280,7 +1281,7 @@ mod tests {
 
     #[test]
     fn readme_documents_every_key() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         for key in KEYS {
             assert!(
                 readme.contains(&format!("| `{}` |", key.name)),
@@ -1292,7 +1293,7 @@ mod tests {
 
     #[test]
     fn example_file_parses_and_documents_every_key() {
-        let text = include_str!("../config.example.yaml");
+        let text = include_str!("../../config.example.yaml");
         let mut s = Sources::default();
         s.add_yaml(text, "config.example.yaml").unwrap();
         Config::load(&s).unwrap();

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::duration;
+use crate::config::duration;
 
 /// How retry delays grow. `d = min(max_wait, initial × 2^(attempt-1))`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

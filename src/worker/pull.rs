@@ -22,7 +22,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::stream::{ensure_consumer, ensure_stream, Layout};
+use crate::nats::stream::{ensure_consumer, ensure_stream, Layout};
 
 /// How long a pull request waits on the server for messages.
 const EXPIRES: Duration = Duration::from_secs(20);

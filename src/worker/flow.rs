@@ -17,12 +17,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::callback::{Callback, Callbacks};
-use crate::deadletter::{DeadLetters, Entry, Reason};
-use crate::invoke::Invoker;
-use crate::job::{Decoder, Invocation, Job, Settle};
-use crate::metrics::{FunctionMetrics, Metrics, UNKNOWN_FUNCTION};
-use crate::retry::{decide, Decision, GiveUpReason, RetryPolicy};
+use crate::telemetry::metrics::{FunctionMetrics, Metrics, UNKNOWN_FUNCTION};
+use crate::worker::callback::{Callback, Callbacks};
+use crate::worker::deadletter::{DeadLetters, Entry, Reason};
+use crate::worker::invoke::Invoker;
+use crate::worker::job::{Decoder, Invocation, Job, Settle};
+use crate::worker::retry::{decide, Decision, GiveUpReason, RetryPolicy};
 
 /// How long a dead-letter store may go on after the drain deadline before the message is
 /// handed back (within the 5 s the drain allows tasks after its deadline).

@@ -6,8 +6,8 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 
 use crate::config::Config;
-use crate::request::QueueRequest;
-use crate::stream::{self, Layout};
+use crate::message::request::QueueRequest;
+use crate::nats::stream::{self, Layout};
 
 /// What to publish.
 #[derive(Debug, Clone, Default)]

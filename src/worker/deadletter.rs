@@ -14,10 +14,10 @@ use bytes::Bytes;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::job::DecodeError;
-use crate::publish::subject_for;
-use crate::retry::GiveUpReason;
-use crate::stream::DeadLetterLayout;
+use crate::message::publish::subject_for;
+use crate::nats::stream::DeadLetterLayout;
+use crate::worker::job::DecodeError;
+use crate::worker::retry::GiveUpReason;
 
 /// Headers of a dead-letter entry. The payload is the original message, byte for byte.
 pub mod header {
@@ -328,7 +328,7 @@ impl DeadLetters {
                     // Deleted while we run (an operator, a reset): make it again.
                     tracing::warn!(stream = %self.layout.stream, "dead-letter stream missing; creating it again");
                     if let Err(e) =
-                        crate::stream::ensure_dead_letter_stream(&self.js, &self.layout).await
+                        crate::nats::stream::ensure_dead_letter_stream(&self.js, &self.layout).await
                     {
                         last_error = e.to_string();
                     } else {
@@ -371,7 +371,7 @@ impl DeadLetters {
         subject: &str,
         seq: u64,
     ) -> Result<Option<jetstream::message::StreamMessage>, DeadLetterError> {
-        crate::stream::next_on_subject(stream, subject, seq)
+        crate::nats::stream::next_on_subject(stream, subject, seq)
             .await
             .map_err(|e| DeadLetterError::Nats(format!("cannot read {}: {e}", self.layout.stream)))
     }

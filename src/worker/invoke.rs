@@ -14,10 +14,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::connector::{Connector, ConnectorError};
+use crate::worker::connector::{Connector, ConnectorError};
 
-use crate::job::Invocation;
-use crate::retry::CallResult;
+use crate::worker::job::Invocation;
+use crate::worker::retry::CallResult;
 
 /// Headers that describe one hop, not the request: the client sets its own.
 pub(crate) fn is_hop_by_hop(name: &str) -> bool {
@@ -117,14 +117,14 @@ pub struct Transport {
 /// TCP keepalive on, no redirects (a gateway answers, it does not send us elsewhere), no
 /// replays (retries are the worker's decision, made from the response). `https` gateways are
 /// verified against the system's trust store, as reqwest does (`SSL_CERT_FILE`/`SSL_CERT_DIR`
-/// override it); the environment's proxy settings apply ([`crate::connector`]).
+/// override it); the environment's proxy settings apply ([`crate::worker::connector`]).
 ///
 /// hyper's client directly rather than reqwest: at tens of thousands of calls a second the
 /// worker's one thread is busy, and reqwest's layers (redirect and retry policies, URL to URI
 /// conversion, a boxed timer per request) cost a share of its CPU per call (BENCHMARKS.md).
 /// The benchmark's raw-HTTP baseline uses this client too, so both compare the same settings.
 pub fn http_client(max_inflight: usize, gateway: &Uri) -> Result<Transport, ConnectorError> {
-    let built = crate::connector::build(gateway, &Matcher::from_env())?;
+    let built = crate::worker::connector::build(gateway, &Matcher::from_env())?;
     let client = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_max_idle_per_host(max_inflight.max(1))

@@ -79,7 +79,7 @@ pub async fn serve(
 async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&s.registry),
+        crate::telemetry::metrics::render(&s.registry),
     )
 }
 

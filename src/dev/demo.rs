@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Sources};
-use crate::natsd::NatsServer;
-use crate::sample::{self, SampleOptions, SampleStats};
+use crate::dev::natsd::NatsServer;
+use crate::dev::sample::{self, SampleOptions, SampleStats};
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -101,7 +101,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         ("frontdoor_listen", listen.to_string()),
         ("frontdoor_check_function", "true".into()),
     ])?)?;
-    let worker = crate::app::start(config.clone()).await?;
+    let worker = crate::worker::start(config.clone()).await?;
     let door = crate::frontdoor::start(config.clone()).await?;
     crate::outln!(
         "  worker        metrics on http://127.0.0.1:{}/metrics",

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 
-use crate::request::QueueRequest;
+use crate::message::request::QueueRequest;
 
 /// What to tell JetStream about a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +81,7 @@ impl Job {
 }
 
 /// Why a message cannot be run. Each becomes a `reason` label (see
-/// [`crate::deadletter::Reason`]), so the set is closed.
+/// [`crate::worker::deadletter::Reason`]), so the set is closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("message of {size} bytes is larger than max_message_bytes ({max})")]
@@ -97,9 +97,9 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// The dead-letter reason and metric label (one mapping: `From` in [`crate::deadletter::Reason`]).
+    /// The dead-letter reason and metric label (one mapping: `From` in [`crate::worker::deadletter::Reason`]).
     pub fn reason(&self) -> &'static str {
-        crate::deadletter::Reason::from(self).as_str()
+        crate::worker::deadletter::Reason::from(self).as_str()
     }
 }
 
@@ -139,7 +139,7 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// A decoder for the gateway at `gateway` (a base URL, as [`crate::invoke::split_gateway`]
+    /// A decoder for the gateway at `gateway` (a base URL, as [`crate::worker::invoke::split_gateway`]
     /// gives it).
     pub fn new(
         gateway: &str,

@@ -16,16 +16,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::callback::Callbacks;
 use crate::config::Config;
-use crate::consumer::{PullLimits, Puller};
-use crate::deadletter::DeadLetters;
-use crate::invoke::Invoker;
-use crate::job::Decoder;
-use crate::metrics::{Metrics, ALL_FUNCTIONS};
-use crate::server::{self, Health};
-use crate::stream::{self, DeadLetterLayout, Layout, LayoutError};
-use crate::worker::Worker;
+use crate::nats::stream::{self, DeadLetterLayout, Layout, LayoutError};
+use crate::telemetry::metrics::{Metrics, ALL_FUNCTIONS};
+use crate::telemetry::server::{self, Health};
+use crate::worker::callback::Callbacks;
+use crate::worker::deadletter::DeadLetters;
+use crate::worker::flow::Worker;
+use crate::worker::invoke::Invoker;
+use crate::worker::job::Decoder;
+use crate::worker::pull::{PullLimits, Puller};
 
 /// A worker started by [`start`].
 pub struct Running {
@@ -182,7 +182,7 @@ async fn work(
     let intake = CancellationToken::new();
     let tracker = TaskTracker::new();
     let deadline = CancellationToken::new();
-    let (gateway, gateway_auth) = crate::invoke::split_gateway(&config.gateway_url);
+    let (gateway, gateway_auth) = crate::worker::invoke::split_gateway(&config.gateway_url);
     let worker = Arc::new(Worker {
         invoker: Invoker::new(
             &hyper::Uri::try_from(gateway.as_str())

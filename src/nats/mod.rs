@@ -1,6 +1,8 @@
 //! The NATS connection: auth and TLS from configuration, reconnect forever, and connection
 //! events turned into the reconnect metric and a generation counter the pull loop watches.
 
+pub mod stream;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

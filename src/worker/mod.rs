@@ -1,0 +1,24 @@
+//! The worker daemon: from a pulled message to a settled one.
+//!
+//! - [`run`]: wiring (metrics first, then NATS, the stream and consumer, the poller and the
+//!   pull loop) and the graceful drain. [`start`] and [`Running`] are the entry point.
+//! - [`pull`]: ① the pull loop, which asks only for what its free slots can start.
+//! - [`flow`]: one message's straight line, from delivery to callback.
+//! - [`job`]: ② a delivered message, its decode and its settle (the JetStream ack kinds).
+//! - [`invoke`] (over [`connector`]): ③ the HTTP call to the function.
+//! - [`retry`]: ④ the pure decision: ack, retry later, or give up.
+//! - [`deadletter`]: ⑤ give-ups, stored in `OF_<queue>-dead` before the original is
+//!   terminated; also read by the `dead` operator commands.
+//! - [`callback`]: ⑥ the result, posted to the caller's `X-Callback-Url`.
+
+pub mod callback;
+pub mod connector;
+pub mod deadletter;
+pub mod flow;
+pub mod invoke;
+pub mod job;
+pub mod pull;
+pub mod retry;
+pub mod run;
+
+pub use run::{start, Running};
