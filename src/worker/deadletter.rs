@@ -16,7 +16,6 @@ use time::OffsetDateTime;
 
 use crate::message::publish::subject_for;
 use crate::nats::stream::DeadLetterLayout;
-use crate::worker::job::DecodeError;
 use crate::worker::retry::GiveUpReason;
 
 /// Headers of a dead-letter entry. The payload is the original message, byte for byte.
@@ -88,18 +87,6 @@ impl From<GiveUpReason> for Reason {
     fn from(r: GiveUpReason) -> Reason {
         match r {
             GiveUpReason::AttemptsExhausted => Reason::AttemptsExhausted,
-        }
-    }
-}
-
-impl From<&DecodeError> for Reason {
-    fn from(e: &DecodeError) -> Reason {
-        match e {
-            DecodeError::TooLarge { .. } => Reason::TooLarge,
-            DecodeError::Malformed(_) => Reason::Malformed,
-            DecodeError::MissingFunction => Reason::MissingFunction,
-            DecodeError::BadFunction(_) => Reason::BadFunction,
-            DecodeError::BadUrl(_) => Reason::BadUrl,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, AckKind};
 
 use crate::message::request::QueueRequest;
+use crate::worker::deadletter::Reason;
 
 /// What to tell JetStream about a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +82,7 @@ impl Job {
 }
 
 /// Why a message cannot be run. Each becomes a `reason` label (see
-/// [`crate::worker::deadletter::Reason`]), so the set is closed.
+/// [`Reason`]), so the set is closed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     #[error("message of {size} bytes is larger than max_message_bytes ({max})")]
@@ -97,9 +98,24 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// The dead-letter reason and metric label (one mapping: `From` in [`crate::worker::deadletter::Reason`]).
+    /// The dead-letter reason and metric label.
     pub fn reason(&self) -> &'static str {
-        crate::worker::deadletter::Reason::from(self).as_str()
+        Reason::from(self).as_str()
+    }
+}
+
+/// The one mapping from a decode error to its dead-letter reason. It lives here, not in
+/// `deadletter`, so the dependency runs one way: the job knows its give-up reasons, the
+/// dead-letter store knows nothing of decoding.
+impl From<&DecodeError> for Reason {
+    fn from(e: &DecodeError) -> Reason {
+        match e {
+            DecodeError::TooLarge { .. } => Reason::TooLarge,
+            DecodeError::Malformed(_) => Reason::Malformed,
+            DecodeError::MissingFunction => Reason::MissingFunction,
+            DecodeError::BadFunction(_) => Reason::BadFunction,
+            DecodeError::BadUrl(_) => Reason::BadUrl,
+        }
     }
 }
 
