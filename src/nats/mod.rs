@@ -135,10 +135,6 @@ fn servers(cfg: &NatsConfig) -> Result<(Vec<async_nats::ServerAddr>, String), St
         .map(|u| u.parse())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("nats_url: {e}"))?;
-    let shown: Vec<String> = cfg
-        .urls
-        .iter()
-        .map(|u| crate::config::redact_url(u))
-        .collect();
+    let shown: Vec<String> = cfg.urls.iter().map(|u| u.to_string()).collect();
     Ok((urls, shown.join(",")))
 }
