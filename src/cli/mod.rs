@@ -10,6 +10,8 @@
 //! | 3 | NATS or JetStream unreachable |
 //! | 4 | the stream does not exist |
 
+pub mod args;
+pub mod commands;
 pub mod dead;
 pub mod queue;
 
