@@ -627,6 +627,16 @@ fn bad_values_are_refused_naming_the_value() {
         ("httpRetryCodes=429;503", "/httpRetryCodes"),
         ("backoff=linear", "/backoff"),
         ("upstreamTimeout=15", "/upstreamTimeout"),
+        // A bare number is not a duration: the worker (like Go's time.ParseDuration) would
+        // refuse the "60" faas-netes' chart renders.
+        ("upstreamTimeout=60", "/upstreamTimeout"),
+        ("nats.consumer.ackWait=30", "/nats/consumer/ackWait"),
+        ("maxRetryWait=120", "/maxRetryWait"),
+        ("httpRetryCodes=99", "/httpRetryCodes"),
+        ("httpRetryCodes=600", "/httpRetryCodes"),
+        ("logs.debug=2", "/logs/debug"),
+        ("insecureTLS=maybe", "/insecureTLS"),
+        ("queueName=a.b", "/queueName"),
         ("logs.format=text", "/logs/format"),
         (
             "terminationGracePeriodSeconds=35",
@@ -678,6 +688,145 @@ fn bad_values_are_refused_naming_the_value() {
     assert!(!names
         .iter()
         .any(|n| n == "max_waiting" || n == "max_reconnect"));
+}
+
+/// What `--set` gives a template is typed (`429` a number, `true`/`True` a boolean, `0123`
+/// text) and faas-netes' chart renders each value as `"{{ .Values.x }}"`, whatever its type.
+/// Every value an OpenFaaS user can pass that way is accepted here, renders the same text,
+/// and the worker reads it.
+#[test]
+#[cfg_attr(not(has_helm), ignore = "needs helm: set HELM (scripts/test does)")]
+fn values_set_on_the_command_line_render_as_openfaas_renders_them() {
+    type Check = fn(&Config);
+    let cases: &[(&[&str], &str, &str, Check)] = &[
+        (
+            &["--set", "httpRetryCodes=429"],
+            "retry_http_codes",
+            "429",
+            |c| assert_eq!(c.retry.codes, [429]),
+        ),
+        (
+            &["--set-string", "httpRetryCodes=503"],
+            "retry_http_codes",
+            "503",
+            |c| assert_eq!(c.retry.codes, [503]),
+        ),
+        (&["--set", "maxInflight=5"], "max_inflight", "5", |c| {
+            assert_eq!(c.max_inflight, 5)
+        }),
+        (
+            &["--set-string", "maxInflight=5"],
+            "max_inflight",
+            "5",
+            |c| assert_eq!(c.max_inflight, 5),
+        ),
+        (
+            &["--set", "maxRetryAttempts=7"],
+            "max_retry_attempts",
+            "7",
+            |c| assert_eq!(c.retry.max_attempts, 7),
+        ),
+        (&["--set", "queueName=2024"], "queue_name", "2024", |c| {
+            assert_eq!(c.queue, "2024")
+        }),
+        (&["--set", "queueName=-1"], "queue_name", "-1", |c| {
+            assert_eq!(c.queue, "-1")
+        }),
+        (
+            &["--set", "nats.stream.name=42"],
+            "nats_stream",
+            "42",
+            |c| assert_eq!(c.queue, "42"),
+        ),
+        (
+            &["--set", "nats.consumer.durableName=7"],
+            "nats_durable",
+            "7",
+            |c| assert_eq!(c.durable, "7"),
+        ),
+        (&["--set", "nats.port=4223"], "nats_port", "4223", |c| {
+            assert_eq!(c.nats.urls, ["nats://nats.openfaas:4223"])
+        }),
+        (
+            &["--set", "nats.stream.replicas=3"],
+            "nats_stream_replicas",
+            "3",
+            |c| assert_eq!(c.stream_replicas, 3),
+        ),
+        (&["--set", "logs.debug=true"], "debug", "true", |c| {
+            assert!(c.debug)
+        }),
+        (&["--set", "logs.debug=True"], "debug", "true", |c| {
+            assert!(c.debug)
+        }),
+        (&["--set", "logs.debug=1"], "debug", "1", |c| {
+            assert!(c.debug)
+        }),
+        (&["--set-string", "logs.debug=TRUE"], "debug", "TRUE", |c| {
+            assert!(c.debug)
+        }),
+        (&["--set", "insecureTLS=0"], "tls_insecure", "0", |c| {
+            assert!(!c.callback.tls_insecure)
+        }),
+        (
+            &["--set-string", "insecureTLS=t"],
+            "tls_insecure",
+            "t",
+            |c| assert!(c.callback.tls_insecure),
+        ),
+        (
+            &["--set", "adaptiveConcurrency=false"],
+            "adaptive_concurrency",
+            "false",
+            |_| {},
+        ),
+        (
+            &["--set", "adaptiveConcurrency=1"],
+            "adaptive_concurrency",
+            "1",
+            |_| {},
+        ),
+        (
+            &["--set", "queuePartitions=1,partition=0"],
+            "filter_partition",
+            "0",
+            |_| {},
+        ),
+        (
+            &["--set", "consumer.pullMaxMessages=3"],
+            "consumer_pull_max_messages",
+            "3",
+            |c| assert_eq!(c.pull_max_messages, 3),
+        ),
+        (
+            &["--set", "upstreamTimeout=15m"],
+            "upstream_timeout",
+            "15m",
+            |c| assert_eq!(c.upstream_timeout, Duration::from_secs(900)),
+        ),
+    ];
+    for (args, name, rendered, check) in cases {
+        let docs = render_ok(args);
+        let d = find(&docs, "Deployment", "qw-queue-worker");
+        let value = env(d).into_iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        assert_eq!(value.as_deref(), Some(*rendered), "{args:?}");
+        let dir = tempfile::tempdir().unwrap();
+        check(&load(d, dir.path()));
+    }
+    // 0 is false to a template: like faas-netes' chart, nothing is rendered (the worker's
+    // default applies).
+    let docs = render_ok(&["--set", "consumer.inactiveThreshold=0"]);
+    let d = find(&docs, "Deployment", "qw-queue-worker");
+    assert!(!env(d)
+        .iter()
+        .any(|(k, _)| k == "consumer_inactive_threshold"));
+    // Values of older charts, whatever their type, are accepted and render nothing.
+    let docs = render_ok(&[
+        "--set",
+        "nats.reconnect.delay=2,nats.reconnect.attempts=true",
+    ]);
+    let d = find(&docs, "Deployment", "qw-queue-worker");
+    assert!(!env(d).iter().any(|(k, _)| k.contains("reconnect")));
 }
 
 #[test]
