@@ -79,7 +79,10 @@ pub struct Callbacks {
 impl Callbacks {
     pub fn new(config: CallbackConfig, metrics: Arc<Metrics>) -> anyhow::Result<Callbacks> {
         crate::tls::install_provider();
+        // Header names title-cased, as OpenFaaS's Go worker writes them (`X-Call-Id`,
+        // `X-Function-Status`): see `invoke::http_client`.
         let client = reqwest::Client::builder()
+            .http1_title_case_headers()
             .timeout(config.timeout)
             .tcp_nodelay(true)
             .danger_accept_invalid_certs(config.tls_insecure)

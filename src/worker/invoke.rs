@@ -123,12 +123,19 @@ pub struct Transport {
 /// worker's one thread is busy, and reqwest's layers (redirect and retry policies, URL to URI
 /// conversion, a boxed timer per request) cost a share of its CPU per call (BENCHMARKS.md).
 /// The benchmark's raw-HTTP baseline uses this client too, so both compare the same settings.
+///
+/// Header names go out title-cased (`X-Call-Id`, not hyper's `x-call-id`): for the names hyper
+/// holds (always lower case) that is exactly Go's canonical form, which OpenFaaS's worker
+/// writes, so a function that compares names case-sensitively sees what it saw there. It
+/// applies through a forward proxy and inside a `CONNECT` tunnel too (the same client writes
+/// those requests; the `CONNECT` itself is written title-cased by hyper-util).
 pub fn http_client(max_inflight: usize, gateway: &Uri) -> Result<Transport, ConnectorError> {
     let built = crate::worker::connector::build(gateway, &Matcher::from_env())?;
     let client = Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_max_idle_per_host(max_inflight.max(1))
         .pool_idle_timeout(Duration::from_secs(90))
+        .http1_title_case_headers(true)
         .build(built.connector);
     Ok(Transport {
         client,

@@ -65,8 +65,12 @@ async fn user_and_password_from_a_file() {
     .await;
 }
 
+/// A worker with the wrong token reaches the server and is turned away: the server logs an
+/// authentication error for it (a worker that never got there, e.g. a wrong port, would
+/// leave no such line), and the worker stays unready while a control with the right token
+/// becomes ready.
 #[tokio::test]
-async fn a_wrong_token_is_never_ready() {
+async fn a_wrong_token_is_refused_by_the_server_and_never_ready() {
     let (nats, dir) = server_with(&["--auth", "right"]).await;
     let wrong = dir.path().join("wrong");
     std::fs::write(&wrong, "wrong").unwrap();
@@ -83,12 +87,29 @@ async fn a_wrong_token_is_never_ready() {
         )
         .unwrap()
     };
+    // The server's log (NatsServer writes it next to the store), before any client.
+    let log = dir.path().join("js.log");
+    let refusals = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("authentication error") || l.contains("Authorization Violation"))
+            .count()
+    };
+    assert_eq!(refusals(), 0);
     let rejected = queue_worker::worker::start(start(&wrong)).await.unwrap();
-    // A control with the right token becomes ready; by then the other one has had its
-    // chance and is still refused.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while refusals() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server saw no connection with a bad token: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A control with the right token becomes ready; the other one is still refused.
     let accepted = queue_worker::worker::start(start(&right)).await.unwrap();
     crate::support::wait_ready(&accepted).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rejected.health.readiness(), Err("NATS not connected"));
     for w in [rejected, accepted] {
         w.shutdown();

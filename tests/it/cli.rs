@@ -510,6 +510,9 @@ async fn an_https_gateway_is_verified_against_the_trust_store() {
         line,
         &format!("CONNECT localhost:{} HTTP/1.1", front.port())
     );
+    for (name, _) in headers {
+        assert_eq!(name, &crate::flow::go_canonical(name), "{headers:?}");
+    }
     assert_eq!(
         header_of(headers, "proxy-authorization"),
         Some("Basic cHVzZXI6cHBhc3M=")
@@ -519,8 +522,8 @@ async fn an_https_gateway_is_verified_against_the_trust_store() {
         .unwrap();
 }
 
-/// What a fake proxy was asked: each request's first line and its headers (lower-case
-/// names).
+/// What a fake proxy was asked: each request's first line and its headers (names as
+/// written).
 type Asked = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<(String, String)>)>>>;
 
 /// A fake HTTP proxy on a free loopback port. `CONNECT host:port` is answered 200 and piped
@@ -551,7 +554,7 @@ async fn fake_proxy() -> (std::net::SocketAddr, Asked) {
                             break;
                         }
                         let (k, v) = line.split_once(':').unwrap();
-                        headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
+                        headers.push((k.to_string(), v.trim().to_string()));
                     }
                     let first = first.trim_end().to_string();
                     record
@@ -573,7 +576,7 @@ async fn fake_proxy() -> (std::net::SocketAddr, Asked) {
                     }
                     let length: usize = headers
                         .iter()
-                        .find(|(k, _)| k == "content-length")
+                        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
                         .map_or(0, |(_, v)| v.parse().unwrap());
                     let mut body = vec![0; length];
                     conn.read_exact(&mut body).await.unwrap();
@@ -591,7 +594,7 @@ async fn fake_proxy() -> (std::net::SocketAddr, Asked) {
 fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
         .iter()
-        .find(|(k, _)| k == name)
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_str())
 }
 
@@ -633,6 +636,10 @@ async fn function_calls_go_through_the_environments_proxy() {
     }
     let (line, headers) = asked.lock().unwrap()[0].clone();
     assert_eq!(line, "POST http://gateway.test:8080/function/echo HTTP/1.1");
+    // Through a proxy too, header names are written as Go's worker writes them.
+    for (name, _) in &headers {
+        assert_eq!(name, &crate::flow::go_canonical(name), "{headers:?}");
+    }
     // base64("puser:ppass") and base64("admin:s3cret")
     assert_eq!(
         header_of(&headers, "proxy-authorization"),

@@ -281,3 +281,155 @@ async fn gateway_credentials_become_basic_auth_unless_the_caller_sent_its_own() 
     assert_eq!(sent, ["Bearer caller-token"]);
     crate::support::stop(worker).await;
 }
+
+/// Go's `http.CanonicalHeaderKey`: the first letter and every letter after a `-` upper case,
+/// the rest lower case (`x-openfaas-internal` → `X-Openfaas-Internal`).
+pub(crate) fn go_canonical(name: &str) -> String {
+    let mut upper = true;
+    name.chars()
+        .map(|c| {
+            let c = if upper {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            };
+            upper = c == '-';
+            c
+        })
+        .collect()
+}
+
+/// A receiver that records each request's head as it came off the wire (hyper's and
+/// axum's servers lower-case header names before a test could see them), and answers every
+/// request with 200, two headers and `pong`. Sends each head to the returned channel.
+async fn raw_receiver() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One request: the head up to the blank line, then Content-Length bytes.
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    let length: usize = head
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                        .map_or(0, |(_, v)| v.trim().parse().unwrap());
+                    while buf.len() < end + length {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + length);
+                    let _ = tx.send(head);
+                    let answer = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\
+                                  X-From-Function: yes\r\nContent-Length: 4\r\n\r\npong";
+                    if conn.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Header names of a raw request head, as written.
+fn header_names(head: &str) -> Vec<&str> {
+    head.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':').map(|(k, _)| k))
+        .collect()
+}
+
+/// Functions and callback receivers see header names as OpenFaaS's Go worker writes them
+/// (`X-Call-Id`, not `x-call-id`): code that compares them case-sensitively keeps working.
+#[tokio::test]
+async fn header_names_reach_function_and_callback_in_go_canonical_case() {
+    let env = Env::start().await;
+    let (addr, mut heads) = raw_receiver().await;
+    let worker = env
+        .worker(&[("gateway_url", &format!("http://{addr}"))])
+        .await;
+    let callback = format!("http://{addr}/callback/wire");
+    let json = format!(
+        r#"{{"Header":{{"Content-Type":["application/json"],"X-Call-Id":["call-123"],"X-Custom-Header":["one"],"X-Start-Time":["1741610445838000000"],"X-Callback-Url":["{callback}"]}},"Host":"gateway.openfaas:8080","Body":"e30=","Method":"POST","Path":"/","QueryString":"","Function":"echo","QueueName":""}}"#
+    );
+    publish_raw(
+        &env.js().await,
+        "faas-request.echo.openfaas-fn",
+        json.into_bytes(),
+    )
+    .await;
+
+    let mut received = Vec::new();
+    while received.len() < 2 {
+        let head = tokio::time::timeout(Duration::from_secs(10), heads.recv())
+            .await
+            .expect("the call and its callback within 10s");
+        received.push(head.unwrap());
+    }
+    let (call, cb) = (&received[0], &received[1]);
+    assert!(call.starts_with("POST /function/echo/ "), "{call}");
+    assert!(cb.starts_with("POST /callback/wire "), "{cb}");
+    for (what, head, expected) in [
+        (
+            "function call",
+            call,
+            &[
+                "Host",
+                "Content-Type",
+                "X-Call-Id",
+                "X-Custom-Header",
+                "X-Start-Time",
+                "Content-Length",
+            ][..],
+        ),
+        (
+            "callback",
+            cb,
+            &[
+                "Host",
+                "Content-Type",
+                "X-From-Function",
+                "X-Call-Id",
+                "X-Function-Status",
+                "X-Function-Name",
+                "X-Duration-Seconds",
+                "X-Retry",
+                "X-Retry-Max",
+                "X-Start-Time",
+                "User-Agent",
+                "Content-Length",
+            ][..],
+        ),
+    ] {
+        let names = header_names(head);
+        for name in &names {
+            assert_eq!(*name, go_canonical(name), "{what}: {head}");
+        }
+        for name in expected {
+            assert!(names.contains(name), "{what}: no {name}: {head}");
+        }
+    }
+    crate::support::stop(worker).await;
+}
