@@ -60,8 +60,8 @@ keys! {
     "filter_partition" = "0": "Partition this worker consumes (only 0 is supported yet).",
     "upstream_timeout" = "1m": "Longest a function call may take.",
     "max_retry_attempts" = "100": "Most times a message is sent to its function before giving up.",
-    "initial_retry_wait" = "10s": "Delay before the first retry; doubles per attempt.",
-    "max_retry_wait" = "120s": "Longest delay between retries.",
+    "initial_retry_wait" = "10s": "Delay before the first retry; doubles per attempt. At least 100ms (shorter is a hot redelivery loop).",
+    "max_retry_wait" = "120s": "Longest delay between retries. At least 100ms.",
     "retry_http_codes" = "408,429,500,502,503,504": "HTTP status codes that are retried.",
     "backoff" = "exponential": "exponential, full (random in [0, d]) or equal (d/2 + random in [0, d/2]); empty means exponential.",
     "max_message_bytes" = "8MiB": "Largest message the worker decodes; a bigger one goes to the dead-letter stream (reason too_large).",
@@ -71,7 +71,7 @@ keys! {
     "default_function_name" = "openfaas-fn": "Namespace used to qualify function names without one (metric labels, subjects).",
     "callback_max_attempts" = "3": "Most tries to deliver one callback.",
     "callback_timeout" = "10s": "Timeout of one callback request.",
-    "callback_retry_wait" = "1s": "Delay before the first callback retry; doubles per try.",
+    "callback_retry_wait" = "1s": "Delay before the first callback retry; doubles per try. At least 10ms.",
     "metrics_port" = "8081": "Port of /metrics, /healthz and /readyz.",
     "drain_timeout" = "25s": "On SIGTERM, how long in-flight calls may run before their messages are handed back.",
     "stream_poll_interval" = "5s": "How often stream and consumer state is read for metrics and readiness.",
@@ -448,6 +448,11 @@ pub fn is_queue_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Shortest `callback_retry_wait`. Zero doubles to zero: every try of a failing receiver
+/// back to back. Callback tries are bounded (`callback_max_attempts`, at most 100) and the
+/// wait doubles, so any non-zero floor ends the hot loop; 10ms keeps quick local set-ups.
+pub const MIN_CALLBACK_RETRY_WAIT: Duration = Duration::from_millis(10);
+
 /// Callback delivery settings. Callbacks are best effort with bounded retries; they never
 /// change the fate of the message.
 #[derive(Debug, Clone)]
@@ -650,8 +655,8 @@ impl Config {
                 1,
                 crate::retry::MAX_ATTEMPTS_LIMIT.into(),
             )? as u32,
-            initial_wait: r.duration("initial_retry_wait", Duration::ZERO, None)?,
-            max_wait: r.duration("max_retry_wait", Duration::ZERO, None)?,
+            initial_wait: r.duration("initial_retry_wait", crate::retry::MIN_RETRY_WAIT, None)?,
+            max_wait: r.duration("max_retry_wait", crate::retry::MIN_RETRY_WAIT, None)?,
             codes: r.codes("retry_http_codes")?,
             backoff: match r.string("backoff").0.trim() {
                 "" | "exponential" => Backoff::Exponential,
@@ -694,7 +699,7 @@ impl Config {
         let callback = CallbackConfig {
             max_attempts: r.number("callback_max_attempts", 1, 100)? as u32,
             timeout: r.duration("callback_timeout", Duration::from_millis(1), None)?,
-            retry_wait: r.duration("callback_retry_wait", Duration::ZERO, None)?,
+            retry_wait: r.duration("callback_retry_wait", MIN_CALLBACK_RETRY_WAIT, None)?,
             tls_insecure: r.boolean("tls_insecure")?,
         };
 
@@ -1188,6 +1193,40 @@ mod tests {
             assert!(err.contains(&format!("{value:?}")), "{err}");
             assert!(err.contains(allowed), "{key}: {err}");
         }
+    }
+
+    /// A retry wait of zero (or next to it) is a hot loop: NAK, redelivery, call, NAK. Each
+    /// is refused with the key, the value and the floor; the floor itself is accepted.
+    #[test]
+    fn retry_waits_have_a_floor() {
+        let refused = [
+            ("initial_retry_wait", "0", "at least 100ms"),
+            ("initial_retry_wait", "0s", "at least 100ms"),
+            ("initial_retry_wait", "99ms", "at least 100ms"),
+            ("max_retry_wait", "0", "at least 100ms"),
+            ("max_retry_wait", "10ms", "at least 100ms"),
+            ("callback_retry_wait", "0", "at least 10ms"),
+            ("callback_retry_wait", "1ms", "at least 10ms"),
+        ];
+        for (key, value, allowed) in refused {
+            let err = load(&[(key, value)]).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { key: k, .. } if k == key),
+                "{key}={value}: {err}"
+            );
+            let err = err.to_string();
+            assert!(err.contains(&format!("{value:?}")), "{err}");
+            assert!(err.contains(allowed), "{key}: {err}");
+        }
+        let c = load(&[
+            ("initial_retry_wait", "100ms"),
+            ("max_retry_wait", "100ms"),
+            ("callback_retry_wait", "10ms"),
+        ])
+        .unwrap();
+        assert_eq!(c.retry.initial_wait, Duration::from_millis(100));
+        assert_eq!(c.retry.max_wait, Duration::from_millis(100));
+        assert_eq!(c.callback.retry_wait, Duration::from_millis(10));
     }
 
     #[test]
