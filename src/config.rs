@@ -79,7 +79,7 @@ keys! {
     "frontdoor_max_body" = "1MiB": "Largest request body the front door queues (413 above it); lowered to what fits the NATS server's max_payload.",
     "frontdoor_queues" = "": "Queue per function for the front door, as fn=queue pairs (fn or fn.namespace), comma separated; others use queue_name.",
     "frontdoor_check_function" = "false": "Front door: look each function up at <gateway_url>/system/function/<name> (404 when unknown; its com.openfaas.queue and retry annotations apply).",
-    "secret_mount_path" = "": "Directory holding basic-auth-user and basic-auth-password for the gateway's /system API (OpenFaaS's basic-auth secret).",
+    "secret_mount_path" = "": "Directory holding basic-auth-user and basic-auth-password for the gateway's /system API (OpenFaaS's basic-auth secret). Read by the front door when it starts; the worker ignores it.",
     "debug" = "false": "Log at debug level (includes bodies).",
     "log_encoding" = "console": "console or json.",
     "log_flush_interval" = "100ms": "Info lines are written in batches at most this late (warnings and errors at once); 0 writes every line at once, at a higher CPU cost per call.",
@@ -435,8 +435,35 @@ pub struct FrontDoorConfig {
     pub queues: BTreeMap<String, String>,
     /// Ask the gateway whether a function exists before queueing it.
     pub check_function: bool,
-    /// Basic auth for the gateway's `/system` API, from `secret_mount_path`.
-    pub gateway_auth: Option<(String, Secret)>,
+    /// `secret_mount_path`: the directory holding the gateway's basic auth for its `/system`
+    /// API. Only the front door calls that API, so only it reads the files, when it starts
+    /// ([`FrontDoorConfig::gateway_auth`]): a worker sharing these settings starts without them.
+    pub secret_mount_path: Option<PathBuf>,
+}
+
+impl FrontDoorConfig {
+    /// Basic auth for the gateway's `/system` API, read from `secret_mount_path`
+    /// (`basic-auth-user`, `basic-auth-password`); `None` when the key is unset. An error
+    /// names the key and the file.
+    pub fn gateway_auth(&self) -> Result<Option<(String, Secret)>, ConfigError> {
+        let Some(dir) = &self.secret_mount_path else {
+            return Ok(None);
+        };
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::File {
+                    key: "secret_mount_path".into(),
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
+                .map(|t| t.trim().to_string())
+        };
+        Ok(Some((
+            read("basic-auth-user")?,
+            Secret(read("basic-auth-password")?),
+        )))
+    }
 }
 
 /// A queue name as OpenFaaS allows it: letters, digits, `-` and `_` (it becomes a subject
@@ -897,31 +924,12 @@ impl Reader<'_> {
             queues.insert(qualified, queue.to_string());
         }
         let check_function = self.boolean("frontdoor_check_function")?;
-        let gateway_auth = match self.optional_path("secret_mount_path") {
-            None => None,
-            Some(dir) => {
-                let read = |name: &str| {
-                    let path = dir.join(name);
-                    std::fs::read_to_string(&path)
-                        .map_err(|e| ConfigError::File {
-                            key: "secret_mount_path".into(),
-                            path: path.clone(),
-                            reason: e.to_string(),
-                        })
-                        .map(|t| t.trim().to_string())
-                };
-                Some((
-                    read("basic-auth-user")?,
-                    Secret(read("basic-auth-password")?),
-                ))
-            }
-        };
         Ok(FrontDoorConfig {
             listen,
             max_body,
             queues,
             check_function,
-            gateway_auth,
+            secret_mount_path: self.optional_path("secret_mount_path"),
         })
     }
 
@@ -1315,6 +1323,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("nats_token_file"), "{err}");
+
+        // The front door's basic auth is read when it starts, not here: the worker shares
+        // these settings and must start without the files.
+        let c = load(&[("secret_mount_path", "/nonexistent/secrets")]).unwrap();
+        let err = c.frontdoor.gateway_auth().unwrap_err().to_string();
+        assert!(err.contains("secret_mount_path"), "{err}");
+        std::fs::write(dir.path().join("basic-auth-user"), "admin\n").unwrap();
+        std::fs::write(dir.path().join("basic-auth-password"), "pw\n").unwrap();
+        let c = load(&[("secret_mount_path", dir.path().to_str().unwrap())]).unwrap();
+        let (user, password) = c.frontdoor.gateway_auth().unwrap().unwrap();
+        assert_eq!((user.as_str(), password.expose()), ("admin", "pw"));
     }
 
     #[test]

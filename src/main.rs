@@ -386,6 +386,11 @@ fn main() -> ExitCode {
     queue_worker::logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Settings only a command reads when it starts (the front door's secret files).
+        Err(e) if e.is::<ConfigError>() => {
+            eprintln!("queue-worker: configuration error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) if e.is::<CliError>() || e.is::<ConnectError>() => {
             let e = match e.downcast::<ConnectError>() {
                 Ok(c) => CliError::from(c),

@@ -158,6 +158,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    // Read here, not by `Config::load`: the worker shares the settings but not the files.
+    let file_auth = config.frontdoor.gateway_auth()?;
     let metrics = FrontDoorMetrics::new();
     let health = Arc::new(Health::default());
     let shutdown = CancellationToken::new();
@@ -182,7 +184,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let lookup = if config.frontdoor.check_function {
         let (base, _) = crate::invoke::split_gateway(&config.gateway_url);
-        Some(Lookup::new(base, gateway_auth(&config))?)
+        Some(Lookup::new(base, gateway_auth(&config, file_auth))?)
     } else {
         None
     };
@@ -228,9 +230,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 }
 
 /// Basic auth for the gateway's API: `secret_mount_path`, else credentials in `gateway_url`.
-fn gateway_auth(config: &Config) -> Option<(String, crate::config::Secret)> {
-    if let Some(auth) = &config.frontdoor.gateway_auth {
-        return Some(auth.clone());
+fn gateway_auth(
+    config: &Config,
+    from_files: Option<(String, crate::config::Secret)>,
+) -> Option<(String, crate::config::Secret)> {
+    if from_files.is_some() {
+        return from_files;
     }
     let (_, auth) = crate::invoke::split_gateway(&config.gateway_url);
     auth.map(|(u, p)| (u, crate::config::Secret::new(p.unwrap_or_default())))
