@@ -760,3 +760,59 @@ async fn only_the_front_door_needs_the_secret_files() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("secret_mount_path"), "{stderr}");
 }
+
+/// Started before NATS is up, the front door binds at once (a port conflict still fails at
+/// start) but accepts only once its stream is set up: a client that calls right away waits
+/// in the listen backlog and gets its 202, not a 503. `/readyz` agrees; a stop before it is
+/// ready ends promptly.
+#[tokio::test]
+async fn a_request_sent_before_nats_is_up_waits_and_is_queued() {
+    let mut env = Env::start().await;
+    env.nats.kill();
+    let door = queue_worker::frontdoor::start(env.config(&[("frontdoor_listen", "127.0.0.1:0")]))
+        .await
+        .expect("starts without NATS");
+    assert!(door.health.readiness().is_err(), "not ready without NATS");
+    // The port is bound already: a second front door on it fails at start, not later.
+    let taken = door.addr.to_string();
+    let err = queue_worker::frontdoor::start(env.config(&[("frontdoor_listen", &taken)]))
+        .await
+        .err()
+        .expect("the port is taken");
+    assert!(err.to_string().contains("frontdoor_listen"), "{err:#}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let early = tokio::spawn({
+        let (client, target) = (client.clone(), url(&door, "/async-function/early"));
+        async move { client.post(&target).body("hi").send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env = tokio::task::spawn_blocking(move || {
+        env.nats.restart().unwrap();
+        env
+    })
+    .await
+    .unwrap();
+    let r = early.await.unwrap().expect("an answer");
+    let status = r.status();
+    assert_eq!(status, 202, "{:?}", r.text().await);
+    assert!(door.health.readiness().is_ok());
+    let stream = env.js().await.get_stream("OF_faas-request").await.unwrap();
+    assert_eq!(stream.cached_info().state.messages, 1);
+    door.shutdown();
+    door.wait().await.unwrap();
+
+    // Stopped before it was ever ready (no NATS): it exits at once, cleanly.
+    env.nats.kill();
+    let door = queue_worker::frontdoor::start(env.config(&[("frontdoor_listen", "127.0.0.1:0")]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    door.shutdown();
+    tokio::time::timeout(Duration::from_secs(3), door.wait())
+        .await
+        .expect("a prompt stop before ready")
+        .unwrap();
+}
