@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::Parser as _;
 use queue_worker::cli::args::{load_config, strip_openfaas_flags, Cli, Command};
 use queue_worker::cli::CliError;
-use queue_worker::config::LogEncoding;
+use queue_worker::config::{ConfigError, LogEncoding};
 use queue_worker::nats::ConnectError;
 
 /// The async runtime. One thread (the default, `worker_threads=1`) runs every task on the
@@ -92,6 +92,11 @@ fn main() -> ExitCode {
     queue_worker::telemetry::logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Settings only a command reads when it starts (the front door's secret files).
+        Err(e) if e.is::<ConfigError>() => {
+            eprintln!("queue-worker: configuration error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) if e.is::<CliError>() || e.is::<ConnectError>() => {
             let e = match e.downcast::<ConnectError>() {
                 Ok(c) => CliError::from(c),

@@ -203,7 +203,7 @@ pub struct Purged {
 
 /// Removes the queued messages of `function` (`fn` or `fn.ns`), or all of them. Messages
 /// running now are removed too: their calls finish, and their acks find nothing to settle.
-/// Only messages present when the purge starts are removed.
+/// Only messages present when the purge starts are removed (see [`purge_through`]).
 ///
 /// One function's messages are deleted one by one rather than with a filtered purge:
 /// nats-server 2.9 moves a consumer past *every* message on a filtered purge of a stream
@@ -228,7 +228,9 @@ pub async fn purge(
         )));
     }
     let Some(function) = function else {
-        let purged = stream.purge().await.map_err(|e| failed(&e))?.purged;
+        // The info fetched with the handle is as of the command's start: what is removed.
+        let last = stream.cached_info().state.last_sequence;
+        let purged = purge_through(&stream, last).await.map_err(|e| failed(&e))?;
         return Ok(Purged {
             stream: name,
             function: None,
@@ -299,6 +301,24 @@ pub async fn purge(
         purged,
         shared_subject_left,
     })
+}
+
+/// Removes every message of the work stream up to and including sequence `last` (the last
+/// sequence when `queue purge --yes` started); what was published after is kept. Returns how
+/// many were removed.
+///
+/// A sequence purge (`{"seq": last + 1}`: up to, not including) rather than a plain one,
+/// which would also take what arrived between the command's start and the request. It has
+/// no subject filter, so nats-server 2.9's filtered-purge fault does not apply: consumers
+/// move up to `last + 1` only, and later messages are still delivered (tested on 2.9).
+pub async fn purge_through(
+    stream: &jetstream::stream::Stream,
+    last: u64,
+) -> Result<u64, jetstream::stream::PurgeError> {
+    if last == 0 {
+        return Ok(0);
+    }
+    Ok(stream.purge().sequence(last + 1).await?.purged)
 }
 
 /// A delete that failed because the message is no longer there: a worker acked it between

@@ -103,8 +103,12 @@ impl Config {
                 1,
                 crate::worker::retry::MAX_ATTEMPTS_LIMIT.into(),
             )? as u32,
-            initial_wait: r.duration("initial_retry_wait", Duration::ZERO, None)?,
-            max_wait: r.duration("max_retry_wait", Duration::ZERO, None)?,
+            initial_wait: r.duration(
+                "initial_retry_wait",
+                crate::worker::retry::MIN_RETRY_WAIT,
+                None,
+            )?,
+            max_wait: r.duration("max_retry_wait", crate::worker::retry::MIN_RETRY_WAIT, None)?,
             codes: r.codes("retry_http_codes")?,
             backoff: match r.string("backoff").0.trim() {
                 "" | "exponential" => Backoff::Exponential,
@@ -147,7 +151,7 @@ impl Config {
         let callback = CallbackConfig {
             max_attempts: r.number("callback_max_attempts", 1, 100)? as u32,
             timeout: r.duration("callback_timeout", Duration::from_millis(1), None)?,
-            retry_wait: r.duration("callback_retry_wait", Duration::ZERO, None)?,
+            retry_wait: r.duration("callback_retry_wait", MIN_CALLBACK_RETRY_WAIT, None)?,
             tls_insecure: r.boolean("tls_insecure")?,
         };
 
@@ -345,31 +349,12 @@ impl Reader<'_> {
             queues.insert(qualified, queue.to_string());
         }
         let check_function = self.boolean("frontdoor_check_function")?;
-        let gateway_auth = match self.optional_path("secret_mount_path") {
-            None => None,
-            Some(dir) => {
-                let read = |name: &str| {
-                    let path = dir.join(name);
-                    std::fs::read_to_string(&path)
-                        .map_err(|e| ConfigError::File {
-                            key: "secret_mount_path".into(),
-                            path: path.clone(),
-                            reason: e.to_string(),
-                        })
-                        .map(|t| t.trim().to_string())
-                };
-                Some((
-                    read("basic-auth-user")?,
-                    Secret(read("basic-auth-password")?),
-                ))
-            }
-        };
         Ok(FrontDoorConfig {
             listen,
             max_body,
             queues,
             check_function,
-            gateway_auth,
+            secret_mount_path: self.optional_path("secret_mount_path"),
         })
     }
 

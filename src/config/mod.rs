@@ -102,8 +102,35 @@ pub struct FrontDoorConfig {
     pub queues: BTreeMap<String, String>,
     /// Ask the gateway whether a function exists before queueing it.
     pub check_function: bool,
-    /// Basic auth for the gateway's `/system` API, from `secret_mount_path`.
-    pub gateway_auth: Option<(String, Secret)>,
+    /// `secret_mount_path`: the directory holding the gateway's basic auth for its `/system`
+    /// API. Only the front door calls that API, so only it reads the files, when it starts
+    /// ([`FrontDoorConfig::gateway_auth`]): a worker sharing these settings starts without them.
+    pub secret_mount_path: Option<PathBuf>,
+}
+
+impl FrontDoorConfig {
+    /// Basic auth for the gateway's `/system` API, read from `secret_mount_path`
+    /// (`basic-auth-user`, `basic-auth-password`); `None` when the key is unset. An error
+    /// names the key and the file.
+    pub fn gateway_auth(&self) -> Result<Option<(String, Secret)>, ConfigError> {
+        let Some(dir) = &self.secret_mount_path else {
+            return Ok(None);
+        };
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path)
+                .map_err(|e| ConfigError::File {
+                    key: "secret_mount_path".into(),
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
+                .map(|t| t.trim().to_string())
+        };
+        Ok(Some((
+            read("basic-auth-user")?,
+            Secret(read("basic-auth-password")?),
+        )))
+    }
 }
 
 /// A queue name as OpenFaaS allows it: letters, digits, `-` and `_` (it becomes a subject
@@ -114,6 +141,11 @@ pub fn is_queue_name(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
+
+/// Shortest `callback_retry_wait`. Zero doubles to zero: every try of a failing receiver
+/// back to back. Callback tries are bounded (`callback_max_attempts`, at most 100) and the
+/// wait doubles, so any non-zero floor ends the hot loop; 10ms keeps quick local set-ups.
+pub const MIN_CALLBACK_RETRY_WAIT: Duration = Duration::from_millis(10);
 
 /// Callback delivery settings. Callbacks are best effort with bounded retries; they never
 /// change the fate of the message.
@@ -312,6 +344,40 @@ mod tests {
         }
     }
 
+    /// A retry wait of zero (or next to it) is a hot loop: NAK, redelivery, call, NAK. Each
+    /// is refused with the key, the value and the floor; the floor itself is accepted.
+    #[test]
+    fn retry_waits_have_a_floor() {
+        let refused = [
+            ("initial_retry_wait", "0", "at least 100ms"),
+            ("initial_retry_wait", "0s", "at least 100ms"),
+            ("initial_retry_wait", "99ms", "at least 100ms"),
+            ("max_retry_wait", "0", "at least 100ms"),
+            ("max_retry_wait", "10ms", "at least 100ms"),
+            ("callback_retry_wait", "0", "at least 10ms"),
+            ("callback_retry_wait", "1ms", "at least 10ms"),
+        ];
+        for (key, value, allowed) in refused {
+            let err = load(&[(key, value)]).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Invalid { key: k, .. } if k == key),
+                "{key}={value}: {err}"
+            );
+            let err = err.to_string();
+            assert!(err.contains(&format!("{value:?}")), "{err}");
+            assert!(err.contains(allowed), "{key}: {err}");
+        }
+        let c = load(&[
+            ("initial_retry_wait", "100ms"),
+            ("max_retry_wait", "100ms"),
+            ("callback_retry_wait", "10ms"),
+        ])
+        .unwrap();
+        assert_eq!(c.retry.initial_wait, Duration::from_millis(100));
+        assert_eq!(c.retry.max_wait, Duration::from_millis(100));
+        assert_eq!(c.callback.retry_wait, Duration::from_millis(10));
+    }
+
     #[test]
     fn unknown_keys_are_refused_with_a_hint() {
         let err = Sources::from_pairs([("max-inflight", "3")])
@@ -398,6 +464,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("nats_token_file"), "{err}");
+        // The front door's basic auth is read when it starts, not here: the worker shares
+        // these settings and must start without the files.
+        let c = load(&[("secret_mount_path", "/nonexistent/secrets")]).unwrap();
+        let err = c.frontdoor.gateway_auth().unwrap_err().to_string();
+        assert!(err.contains("secret_mount_path"), "{err}");
+        std::fs::write(dir.path().join("basic-auth-user"), "admin\n").unwrap();
+        std::fs::write(dir.path().join("basic-auth-password"), "pw\n").unwrap();
+        let c = load(&[("secret_mount_path", dir.path().to_str().unwrap())]).unwrap();
+        let (user, password) = c.frontdoor.gateway_auth().unwrap().unwrap();
+        assert_eq!((user.as_str(), password.expose()), ("admin", "pw"));
     }
 
     #[test]

@@ -153,11 +153,14 @@ enum StreamState {
 }
 
 /// Binds the front door and its metrics port, then connects to NATS and sets up the
-/// streams in the background (requests meanwhile get 503).
+/// streams in the background; connections are accepted once that is done (clients wait in
+/// the listen backlog meanwhile).
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    // Read here, not by `Config::load`: the worker shares the settings but not the files.
+    let file_auth = config.frontdoor.gateway_auth()?;
     let metrics = FrontDoorMetrics::new();
     let health = Arc::new(Health::default());
     let shutdown = CancellationToken::new();
@@ -182,7 +185,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let lookup = if config.frontdoor.check_function {
         let (base, _) = crate::worker::invoke::split_gateway(&config.gateway_url);
-        Some(Lookup::new(base, gateway_auth(&config))?)
+        Some(Lookup::new(base, gateway_auth(&config, file_auth))?)
     } else {
         None
     };
@@ -228,9 +231,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 }
 
 /// Basic auth for the gateway's API: `secret_mount_path`, else credentials in `gateway_url`.
-fn gateway_auth(config: &Config) -> Option<(String, crate::config::Secret)> {
-    if let Some(auth) = &config.frontdoor.gateway_auth {
-        return Some(auth.clone());
+fn gateway_auth(
+    config: &Config,
+    from_files: Option<(String, crate::config::Secret)>,
+) -> Option<(String, crate::config::Secret)> {
+    if from_files.is_some() {
+        return from_files;
     }
     let (_, auth) = crate::worker::invoke::split_gateway(&config.gateway_url);
     auth.map(|(u, p)| (u, crate::config::Secret::new(p.unwrap_or_default())))
@@ -251,31 +257,40 @@ async fn run(
         .route("/async-function/", any(missing_name))
         .route("/async-function/{*rest}", any(handle))
         .with_state(door.clone());
-    let server = tokio::spawn(serve_http(listener, app, shutdown.clone()));
-    let setup = async {
-        let streams = tokio::select! {
-            r = door.prepare(&health) => r,
-            _ = shutdown.cancelled() => Ok(()),
-        };
-        if streams.is_err() {
-            shutdown.cancel();
-        }
-        shutdown.cancelled().await;
-        streams
+    // Connections are accepted only once NATS is connected and the streams are set up:
+    // until then clients wait in the listen backlog (the socket is already bound, so a port
+    // conflict failed at start) instead of getting 503s.
+    let ready = tokio::select! {
+        r = door.prepare(&health) => Some(r),
+        _ = shutdown.cancelled() => None,
     };
-    let result = setup.await;
+    let (result, server) = match ready {
+        Some(Ok(())) => {
+            tracing::info!("Front door ready: accepting requests");
+            let server = tokio::spawn(serve_http(listener, app, shutdown.clone()));
+            shutdown.cancelled().await;
+            (Ok(()), Some(server))
+        }
+        // Stopped before it was ready; the clients waiting in the backlog are refused.
+        None => (Ok(()), None),
+        Some(Err(e)) => (Err(e), None),
+    };
     health.draining.store(true, Ordering::Relaxed);
     tracing::info!("Front door stopping: no new requests; finishing those in progress");
-    let mut server = server;
-    if tokio::time::timeout(drain_timeout, &mut server)
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain_timeout reached; dropping requests still open");
-        server.abort();
+    if let Some(mut server) = server {
+        if tokio::time::timeout(drain_timeout, &mut server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain_timeout reached; dropping requests still open");
+            server.abort();
+        }
     }
-    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), door.client.flush()).await {
-        tracing::warn!(error = %e, "could not flush NATS before exit");
+    // Nothing to flush from a client that never connected (and it would wait the timeout).
+    if door.client.connection_state() == async_nats::connection::State::Connected {
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(5), door.client.flush()).await {
+            tracing::warn!(error = %e, "could not flush NATS before exit");
+        }
     }
     server_stop.cancel();
     let _ = metrics_server.await;

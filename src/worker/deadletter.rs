@@ -202,6 +202,20 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+/// See [`DeadLetters::store_id`]. The hash is FNV-1a 64 ([`payload_hash`]): the same on every
+/// replica and Rust version, which `DefaultHasher` does not promise.
+fn store_id(work_stream: &str, sequence: u64, payload: &[u8]) -> String {
+    format!("{work_stream}:{sequence}:{:016x}", payload_hash(payload))
+}
+
+/// FNV-1a 64 of `bytes`. Hand-written so the value never changes with a dependency or the
+/// compiler; a dead-letter id made by one version must match one made by the next.
+fn payload_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h: u64, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 impl DeadLetters {
     pub fn new(
         js: jetstream::Context,
@@ -232,19 +246,14 @@ impl DeadLetters {
         }
     }
 
-    /// The entry's `Nats-Msg-Id`: the work stream's name and sequence, plus the call id (or a
-    /// hash of the payload), so a work stream re-created inside the duplicate window cannot
-    /// make two different messages look like one.
+    /// The entry's `Nats-Msg-Id`: `<work stream>:<sequence>:<payload hash>`. Every delivery
+    /// of one message gives the same id, so a give-up stored twice (the term was lost and
+    /// the message came back) is kept once. The call id is left out on purpose: for a message
+    /// without `X-Call-Id` the decoder makes one up per delivery. The stream's name and the
+    /// payload keep a work stream re-created inside the duplicate window from making two
+    /// different messages look like one.
     fn store_id(&self, entry: &Entry<'_>) -> String {
-        let tail = match entry.call_id {
-            Some(id) => header_value(id),
-            None => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(&entry.payload[..], &mut h);
-                format!("{:016x}", std::hash::Hasher::finish(&h))
-            }
-        };
-        format!("{}:{}:{tail}", self.work_stream, entry.original_sequence)
+        store_id(&self.work_stream, entry.original_sequence, &entry.payload)
     }
 
     /// Stores an entry and waits for JetStream to confirm it. Tries three times over about a
@@ -553,6 +562,26 @@ mod tests {
             assert_eq!(Reason::parse(r.as_str()), Some(r));
         }
         assert_eq!(Reason::parse("nope"), None);
+    }
+
+    /// Pinned values (the published FNV-1a 64 test vectors): a change here would let a
+    /// give-up stored by one version be stored again by the next.
+    #[test]
+    fn payload_hash_is_fnv1a_64() {
+        assert_eq!(payload_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(payload_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(payload_hash(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn store_id_is_stream_sequence_and_payload_hash() {
+        assert_eq!(
+            store_id("OF_faas-request", 7, b"foobar"),
+            "OF_faas-request:7:85944171f73967e8"
+        );
+        assert_ne!(store_id("OF_a", 7, b"x"), store_id("OF_b", 7, b"x"));
+        assert_ne!(store_id("OF_a", 7, b"x"), store_id("OF_a", 8, b"x"));
+        assert_ne!(store_id("OF_a", 7, b"x"), store_id("OF_a", 7, b"y"));
     }
 
     #[test]

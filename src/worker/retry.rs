@@ -103,6 +103,15 @@ pub const ANNOTATION_MAX_WAIT: &str = "com.openfaas.retry.max_wait";
 /// Most attempts a setting or annotation may ask for.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 1_000_000;
 
+/// Shortest retry wait a setting (`initial_retry_wait`, `max_retry_wait`) or annotation
+/// (`com.openfaas.retry.min_wait`, `.max_wait`) may ask for. A wait of zero doubles to zero
+/// forever: the message is NAKed and redelivered in a hot loop, calling a failing function
+/// as fast as the server can hand it back. A tiny `max_retry_wait` does the same once the
+/// doubling reaches it, for up to a million attempts. 100ms bounds a failing message to ten
+/// calls a second, well below what a server or function notices, and is the shortest wait
+/// any example or test uses.
+pub const MIN_RETRY_WAIT: Duration = Duration::from_millis(100);
+
 /// A retry annotation that could not be used; the worker's own value applies instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidAnnotation {
@@ -186,21 +195,29 @@ impl RetryPolicy {
         let mut min_set = false;
         if let Some(v) = min_wait {
             match duration::parse(v) {
-                Some(d) => {
+                Some(d) if d >= MIN_RETRY_WAIT => {
                     policy.initial_wait = d;
                     min_set = true;
                 }
-                None => bad(ANNOTATION_MIN_WAIT, v, "a duration like 5s or 1m30s"),
+                _ => bad(
+                    ANNOTATION_MIN_WAIT,
+                    v,
+                    "a duration of at least 100ms, like 5s or 1m30s",
+                ),
             }
         }
         let mut max_set = false;
         if let Some(v) = max_wait {
             match duration::parse(v) {
-                Some(d) => {
+                Some(d) if d >= MIN_RETRY_WAIT => {
                     policy.max_wait = d;
                     max_set = true;
                 }
-                None => bad(ANNOTATION_MAX_WAIT, v, "a duration like 5m or 1h"),
+                _ => bad(
+                    ANNOTATION_MAX_WAIT,
+                    v,
+                    "a duration of at least 100ms, like 5m or 1h",
+                ),
             }
         }
         if policy.initial_wait > policy.max_wait {
@@ -412,7 +429,12 @@ mod tests {
             (ANNOTATION_CODES, "700"),
             (ANNOTATION_CODES, ","),
             (ANNOTATION_MIN_WAIT, "5"),
+            (ANNOTATION_MIN_WAIT, "0s"),
+            (ANNOTATION_MIN_WAIT, "0"),
+            (ANNOTATION_MIN_WAIT, "99ms"),
             (ANNOTATION_MAX_WAIT, "-1s"),
+            (ANNOTATION_MAX_WAIT, "0s"),
+            (ANNOTATION_MAX_WAIT, "50ms"),
         ];
         for (key, value) in rows {
             let (p, bad) =

@@ -495,7 +495,7 @@ fn every_option_renders_objects_that_fit_together() {
             ("slow.openfaas-fn".to_string(), "slow-queue".to_string()),
         ])
     );
-    let (user, password) = f.frontdoor.gateway_auth.as_ref().expect("basic auth");
+    let (user, password) = f.frontdoor.gateway_auth().unwrap().expect("basic auth");
     assert_eq!(user, "basic-auth-user-content");
     assert_eq!(password.expose(), "basic-auth-password-content");
     assert_eq!(

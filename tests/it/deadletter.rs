@@ -525,3 +525,37 @@ async fn a_small_jetstream_still_gets_a_dead_letter_stream() {
     assert_eq!(dead[0].function, "down");
     crate::support::stop(worker).await;
 }
+
+/// A message without `X-Call-Id` gets a call id made up at each decode. A give-up stored
+/// twice for one delivery (the term was lost, the message came back and gave up again) must
+/// still be one entry: the dedup id comes from the stream, the sequence and the payload,
+/// never from that made-up id.
+#[tokio::test]
+async fn a_give_up_stored_twice_without_a_call_id_is_one_entry() {
+    let env = Env::start().await;
+    let worker = env.worker(&[]).await;
+    crate::support::stop(worker).await;
+    let payload = br#"{"Function":"down","Body":"aGk="}"#;
+    let decoder =
+        queue_worker::worker::job::Decoder::new(&env.gateway.url(), "openfaas-fn", 1 << 20)
+            .expect("decoder");
+    let dl = env.dead_letters().await;
+    for _ in 0..2 {
+        let inv = decoder.decode(payload).expect("decodes");
+        let entry = queue_worker::worker::deadletter::Entry {
+            reason: Reason::AttemptsExhausted,
+            function: Some(&inv.request.function),
+            function_label: Some(&inv.function_label),
+            attempts: 3,
+            last_status: Some("503"),
+            error: "gave up",
+            call_id: Some(&inv.call_id),
+            original_subject: "faas-request.down.openfaas-fn",
+            original_sequence: 7,
+            payload: bytes::Bytes::from_static(payload),
+        };
+        dl.store(&entry).await.expect("stored");
+    }
+    let (entries, _) = dl.totals().await.unwrap();
+    assert_eq!(entries, 1, "one give-up, one dead-letter entry");
+}

@@ -697,3 +697,122 @@ async fn a_deleted_stream_is_set_up_again_on_the_next_request() {
     assert_eq!(r.status(), 202);
     assert_eq!(stream_messages(&js, "OF_faas-request").await.len(), 1);
 }
+
+/// `secret_mount_path` holds the gateway's basic auth for the front door's function lookups.
+/// The worker never uses it: a worker sharing the front door's settings starts without the
+/// files, while the front door refuses to start without them, naming the key (exit 2).
+#[tokio::test]
+async fn only_the_front_door_needs_the_secret_files() {
+    let env = Env::start().await;
+    let missing = "/nonexistent/queue-worker-secrets";
+    let sources = queue_worker::config::Sources::from_pairs([
+        ("nats_url", env.nats.url().as_str()),
+        ("gateway_url", env.gateway.url().as_str()),
+        ("metrics_port", "0"),
+        ("frontdoor_listen", "127.0.0.1:0"),
+        ("secret_mount_path", missing),
+    ])
+    .unwrap();
+    let config = queue_worker::config::Config::load(&sources);
+    assert!(config.is_ok(), "the worker's settings: {:?}", config.err());
+    let worker = queue_worker::worker::start(config.unwrap()).await.unwrap();
+    wait_ready(&worker).await;
+    crate::support::stop(worker).await;
+
+    let config = queue_worker::config::Config::load(&sources).unwrap();
+    let err = match queue_worker::frontdoor::start(config).await {
+        Ok(_) => panic!("the front door started without its secret files"),
+        Err(e) => e,
+    };
+    assert!(
+        err.is::<queue_worker::config::ConfigError>(),
+        "a configuration error: {err:#}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("secret_mount_path") && msg.contains(missing),
+        "{msg}"
+    );
+
+    // Through the binary: check-config (the worker's view) passes, the front door exits 2.
+    let run = |args: &'static [&'static str]| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
+            .env_clear()
+            .env("nats_url", env.nats.url())
+            .env("metrics_port", "0")
+            .env("frontdoor_listen", "127.0.0.1:0")
+            .env("secret_mount_path", missing)
+            .args(args)
+            .output()
+    };
+    let out = run(&["check-config"]).await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = tokio::time::timeout(Duration::from_secs(10), run(&["frontdoor"]))
+        .await
+        .expect("the front door refuses at once")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("secret_mount_path"), "{stderr}");
+}
+
+/// Started before NATS is up, the front door binds at once (a port conflict still fails at
+/// start) but accepts only once its stream is set up: a client that calls right away waits
+/// in the listen backlog and gets its 202, not a 503. `/readyz` agrees; a stop before it is
+/// ready ends promptly.
+#[tokio::test]
+async fn a_request_sent_before_nats_is_up_waits_and_is_queued() {
+    let mut env = Env::start().await;
+    env.nats.kill();
+    let door = queue_worker::frontdoor::start(env.config(&[("frontdoor_listen", "127.0.0.1:0")]))
+        .await
+        .expect("starts without NATS");
+    assert!(door.health.readiness().is_err(), "not ready without NATS");
+    // The port is bound already: a second front door on it fails at start, not later.
+    let taken = door.addr.to_string();
+    let err = queue_worker::frontdoor::start(env.config(&[("frontdoor_listen", &taken)]))
+        .await
+        .err()
+        .expect("the port is taken");
+    assert!(err.to_string().contains("frontdoor_listen"), "{err:#}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let early = tokio::spawn({
+        let (client, target) = (client.clone(), url(&door, "/async-function/early"));
+        async move { client.post(&target).body("hi").send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    env = tokio::task::spawn_blocking(move || {
+        env.nats.restart().unwrap();
+        env
+    })
+    .await
+    .unwrap();
+    let r = early.await.unwrap().expect("an answer");
+    let status = r.status();
+    assert_eq!(status, 202, "{:?}", r.text().await);
+    assert!(door.health.readiness().is_ok());
+    let stream = env.js().await.get_stream("OF_faas-request").await.unwrap();
+    assert_eq!(stream.cached_info().state.messages, 1);
+    door.shutdown();
+    door.wait().await.unwrap();
+
+    // Stopped before it was ever ready (no NATS): it exits at once, cleanly.
+    env.nats.kill();
+    let door = queue_worker::frontdoor::start(env.config(&[("frontdoor_listen", "127.0.0.1:0")]))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    door.shutdown();
+    tokio::time::timeout(Duration::from_secs(3), door.wait())
+        .await
+        .expect("a prompt stop before ready")
+        .unwrap();
+}

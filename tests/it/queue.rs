@@ -177,6 +177,48 @@ async fn purge_while_calls_finish_under_it() {
     crate::support::stop(worker).await;
 }
 
+/// `queue purge --yes` removes what was queued when it started, nothing published after:
+/// those messages stay, and a running worker still gets them (on nats-server 2.9 too, where
+/// a *filtered* purge would move the consumer past them).
+#[tokio::test]
+async fn purge_all_keeps_what_came_after_its_start() {
+    let env = Env::start().await;
+    let config = env.config(&[]);
+    // The only slot is held while the purge runs, so nothing queued is taken meanwhile.
+    env.gateway.script(
+        "busy",
+        vec![Step::status(200).delay(Duration::from_secs(2))],
+    );
+    let worker = env.worker(&[("max_inflight", "1")]).await;
+    submit(&config, "busy", 1).await;
+    env.gateway
+        .wait_for("the busy call", Duration::from_secs(10), |g| {
+            g.calls_to("busy") == 1
+        })
+        .await;
+    submit(&config, "early", 3).await;
+    // The command's start: what it has seen. Then more arrives before the purge request.
+    let js = env.js().await;
+    let mut stream = js.get_stream("OF_faas-request").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    submit(&config, "late", 2).await;
+    let purged = queue_worker::cli::queue::purge_through(&stream, last)
+        .await
+        .unwrap();
+    assert_eq!(purged, 4, "the running call's message and the three queued");
+    let s = status_json(&env).await;
+    assert_eq!(s["messages"], 2, "{s}");
+    assert_eq!(depth(&s, "faas-request.late.openfaas-fn"), 2);
+    env.gateway
+        .wait_for("the late calls", Duration::from_secs(10), |g| {
+            g.calls_to("late") == 2
+        })
+        .await;
+    env.wait_drained(Duration::from_secs(5)).await;
+    assert_eq!(env.gateway.calls_to("early"), 0);
+    crate::support::stop(worker).await;
+}
+
 #[tokio::test]
 async fn purge_removes_a_function_at_the_end_of_the_stream() {
     let env = Env::start().await;
