@@ -18,7 +18,8 @@
 //!   [`callback`].
 //! - [`deadletter`]: the dead-letter stream `OF_<queue>-dead` and its operator commands.
 //! - [`metrics`], [`server`]: Prometheus metrics and health endpoints.
-//! - [`request`]: the `QueueRequest` wire format. [`publish`]: writing it.
+//! - [`request`]: the `QueueRequest` wire format. [`publish`]: writing it. [`function`]: what
+//!   a function name is (`fn` or `fn.ns`), for every entry point.
 //! - [`frontdoor`]: `POST /async-function/<name>` publishes to the queue as the gateway does.
 //! - [`cli`]: operator commands (`queue status/purge`, `dead list/replay/purge`).
 //! - [`natsd`], [`sample`], [`demo`]: a local nats-server, a sample gateway, the demo.
@@ -33,6 +34,7 @@ pub mod deadletter;
 pub mod demo;
 pub mod duration;
 pub mod frontdoor;
+pub mod function;
 pub mod invoke;
 pub mod job;
 pub mod logging;
