@@ -680,14 +680,10 @@ impl Config {
         };
 
         let default_namespace = r.string("default_function_name").0.trim().to_string();
-        if default_namespace.is_empty()
-            || !default_namespace
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if !crate::function::FunctionName::is_namespace(&default_namespace) {
             return Err(r.invalid(
                 "default_function_name",
-                "a Kubernetes namespace name (letters, digits, '-')",
+                "a Kubernetes namespace name (letters, digits, '-' and '_')",
             ));
         }
 
@@ -880,16 +876,12 @@ impl Reader<'_> {
             };
             let (function, queue) = pair.split_once('=').ok_or_else(bad)?;
             let (function, queue) = (function.trim(), queue.trim());
-            let qualified = match function.split_once('.') {
-                Some(_) => function.to_string(),
-                None => format!("{function}.{default_namespace}"),
-            };
-            let valid_fn =
-                qualified.split('.').count() == 2 && qualified.split('.').all(is_queue_name);
-            if !valid_fn || !is_queue_name(queue) {
+            let function = crate::function::FunctionName::parse(function, default_namespace)
+                .map_err(|_| bad())?;
+            if !is_queue_name(queue) {
                 return Err(bad());
             }
-            queues.insert(qualified, queue.to_string());
+            queues.insert(function.qualified().to_string(), queue.to_string());
         }
         let check_function = self.boolean("frontdoor_check_function")?;
         let gateway_auth = match self.optional_path("secret_mount_path") {
@@ -1087,6 +1079,22 @@ mod tests {
     }
 
     #[test]
+    fn front_door_queues_are_keyed_by_the_qualified_name() {
+        let c = load(&[
+            ("frontdoor_queues", "sleep=slow, env.team=fast"),
+            ("default_function_name", "fns"),
+        ])
+        .unwrap();
+        let keys: Vec<(&str, &str)> = c
+            .frontdoor
+            .queues
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(keys, [("env.team", "fast"), ("sleep.fns", "slow")]);
+    }
+
+    #[test]
     fn queue_name_falls_back_to_nats_stream() {
         assert_eq!(
             load(&[("nats_stream", "custom-request")]).unwrap().queue,
@@ -1181,6 +1189,10 @@ mod tests {
             ("debug", "maybe", "true or false"),
             ("nats_url", "http://x", "NATS URLs"),
             ("queue_name", "a.b", "queue name"),
+            ("default_function_name", "a.b", "namespace name"),
+            ("frontdoor_queues", "a.b.c=slow", "fn=queue pairs"),
+            ("frontdoor_queues", ".x=slow", "fn=queue pairs"),
+            ("frontdoor_queues", "sleep=a.b", "fn=queue pairs"),
         ];
         for (key, value, allowed) in cases {
             let err = load(&[(key, value)]).unwrap_err().to_string();

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use queue_worker::cli::{self, CliError};
 use queue_worker::config::{Config, ConfigError, LogEncoding, Sources};
 use queue_worker::deadletter::{Filter, Reason};
+use queue_worker::function::FunctionName;
 use queue_worker::nats::ConnectError;
 
 #[derive(Parser)]
@@ -186,22 +187,32 @@ struct DeadFilter {
 }
 
 impl DeadFilter {
-    fn filter(&self, reason: Option<Reason>) -> Filter {
-        Filter {
-            function: self.function.clone(),
+    fn filter(&self, reason: Option<Reason>, config: &Config) -> Result<Filter, CliError> {
+        Ok(Filter {
+            function: function_name(self.function.as_deref(), config)?,
             reason,
             limit: self.limit,
-        }
+        })
     }
 }
 
-/// A function name as the gateway accepts it; wildcards would widen a subject filter.
+/// A function name as the worker and the gateway accept it (checked again, and qualified,
+/// by [`function_name`] once the configuration names the default namespace).
 fn parse_function(s: &str) -> Result<String, String> {
-    if queue_worker::deadletter::is_subject_tail(s) {
-        Ok(s.to_string())
-    } else {
-        Err("expected a function name `fn` or `fn.namespace` (letters, digits, '-', '_')".into())
-    }
+    FunctionName::validate(s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("expected a function name `fn` or `fn.namespace`: {e}"))
+}
+
+/// `--function`, qualified with `default_function_name`.
+fn function_name(
+    function: Option<&str>,
+    config: &Config,
+) -> Result<Option<FunctionName>, CliError> {
+    function
+        .map(|f| FunctionName::parse(f, &config.default_namespace))
+        .transpose()
+        .map_err(|e| CliError::Usage(format!("--function: {e}")))
 }
 
 fn parse_reason(s: &str) -> Result<Reason, String> {
@@ -214,6 +225,7 @@ fn parse_reason(s: &str) -> Result<Reason, String> {
 #[derive(Args)]
 struct PublishArgs {
     /// Function name, `fn` or `fn.namespace`.
+    #[arg(value_parser = parse_function)]
     function: String,
     /// Request body.
     #[arg(long, conflicts_with = "data_file")]
@@ -545,7 +557,7 @@ async fn dead(cmd: DeadCommand, config: &Config) -> Result<(), CliError> {
                     }
                 );
             }
-            cli::dead::list(&dl, &filter.filter(reason), json).await
+            cli::dead::list(&dl, &filter.filter(reason, config)?, json).await
         }
         DeadCommand::Replay {
             filter,
@@ -553,10 +565,11 @@ async fn dead(cmd: DeadCommand, config: &Config) -> Result<(), CliError> {
             any_reason,
         } => {
             let reason = cli::dead::replay_reason(reason, any_reason);
-            cli::dead::replay(&dl, &filter.filter(reason), &config.stream_name()).await
+            cli::dead::replay(&dl, &filter.filter(reason, config)?, &config.stream_name()).await
         }
         DeadCommand::Purge { function, yes } => {
-            cli::dead::purge(&dl, total, function.as_deref(), yes).await
+            let function = function_name(function.as_deref(), config)?;
+            cli::dead::purge(&dl, total, function.as_ref(), yes).await
         }
     }
 }
@@ -582,7 +595,8 @@ async fn queue(cmd: QueueCommand, config: &Config) -> Result<(), CliError> {
             yes,
             json,
         } => {
-            let purged = cli::queue::purge(&js, config, function.as_deref(), yes).await?;
+            let function = function_name(function.as_deref(), config)?;
+            let purged = cli::queue::purge(&js, config, function.as_ref(), yes).await?;
             if json {
                 queue_worker::outln!("{}", serde_json::to_string(&purged).unwrap_or_default());
             } else {

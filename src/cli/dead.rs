@@ -4,6 +4,7 @@
 use super::{plural, CliError};
 use crate::config::Config;
 use crate::deadletter::{DeadLetterError, DeadLetters, Filter, Reason};
+use crate::function::FunctionName;
 
 impl From<DeadLetterError> for CliError {
     fn from(e: DeadLetterError) -> CliError {
@@ -115,7 +116,7 @@ pub async fn replay(dl: &DeadLetters, filter: &Filter, work_stream: &str) -> Res
 pub async fn purge(
     dl: &DeadLetters,
     total: u64,
-    function: Option<&str>,
+    function: Option<&FunctionName>,
     yes: bool,
 ) -> Result<(), CliError> {
     if function.is_none() && !yes {

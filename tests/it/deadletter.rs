@@ -5,9 +5,14 @@
 use std::time::Duration;
 
 use queue_worker::deadletter::{Filter, Reason};
+use queue_worker::function::FunctionName;
 use queue_worker::publish::{publish, Submission};
 
 use crate::support::{job, publish_raw, wait_metric, Env, Step};
+
+fn name(f: &str) -> FunctionName {
+    FunctionName::parse(f, "openfaas-fn").unwrap()
+}
 
 const FAST_GIVE_UP: &[(&str, &str)] = &[
     ("initial_retry_wait", "100ms"),
@@ -159,7 +164,7 @@ async fn replay_brings_a_job_back_and_it_runs() {
     let dl = env.dead_letters().await;
     let report = dl
         .replay(&Filter {
-            function: Some("recovering".into()),
+            function: Some(name("recovering")),
             ..Default::default()
         })
         .await;
@@ -231,7 +236,7 @@ async fn list_filters_and_purge_by_function() {
     let list = |function: Option<&str>, reason: Option<Reason>, limit: Option<usize>| {
         let dl = dl.clone();
         let filter = Filter {
-            function: function.map(str::to_string),
+            function: function.map(name),
             reason,
             limit,
         };
@@ -253,7 +258,7 @@ async fn list_filters_and_purge_by_function() {
         4
     );
 
-    assert_eq!(dl.purge(Some("a")).await.unwrap(), 3);
+    assert_eq!(dl.purge(Some(&name("a"))).await.unwrap(), 3);
     // Entries are stored as calls finish, in no fixed order across functions.
     let mut left: Vec<String> = list(None, None, None)
         .await
