@@ -14,7 +14,8 @@
 //!
 //! # Layout
 //! - [`config`]: keys, sources (flag > env > file > default), validation, durations.
-//! - [`message`]: the `QueueRequest` wire format and publishing it; shared by every producer
+//! - [`message`]: the `QueueRequest` wire format, what a function name is (`fn` or `fn.ns`),
+//!   and publishing; shared by every producer
 //!   and the worker.
 //! - [`nats`]: the connection, and the stream and consumer layout.
 //! - [`worker`]: the daemon: wiring and drain, the pull loop, one message's flow, and each

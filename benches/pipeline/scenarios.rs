@@ -16,7 +16,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
 use queue_worker::dev::natsd::NatsServer;
-use queue_worker::message::publish::{new_call_id, subject_for, Submission};
+use queue_worker::message::function::FunctionName;
+use queue_worker::message::publish::{new_call_id, Submission};
 use queue_worker::nats::stream::{ensure_consumer, ensure_stream, Layout};
 
 use crate::function::FakeFunction;
@@ -167,8 +168,8 @@ impl Bench {
         let names = function_names(functions);
         let subjects: Vec<String> = names
             .iter()
-            .map(|f| subject_for(&layout.queue, f, NAMESPACE))
-            .collect();
+            .map(|f| Ok(FunctionName::parse(f, NAMESPACE)?.subject(&layout.queue)))
+            .collect::<anyhow::Result<_>>()?;
         let mut pending = std::collections::VecDeque::new();
         for i in 0..n {
             let k = i % names.len();
@@ -401,7 +402,7 @@ impl Bench {
         let warmup = rate as usize;
         let total = warmup + (rate * secs) as usize;
         self.function.reset(total as u64);
-        let subject = subject_for(&layout.queue, "noop", NAMESPACE);
+        let subject = FunctionName::parse("noop", NAMESPACE)?.subject(&layout.queue);
         // Acks are awaited off the publishing task, so a slow ack never delays the next job.
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let acks = tokio::spawn(async move {

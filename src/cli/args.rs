@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cli::CliError;
 use crate::config::{Config, ConfigError, Sources};
+use crate::message::function::FunctionName;
 use crate::worker::deadletter::{Filter, Reason};
 
 #[derive(Parser)]
@@ -182,22 +184,32 @@ pub struct DeadFilter {
 }
 
 impl DeadFilter {
-    pub fn filter(&self, reason: Option<Reason>) -> Filter {
-        Filter {
-            function: self.function.clone(),
+    pub fn filter(&self, reason: Option<Reason>, config: &Config) -> Result<Filter, CliError> {
+        Ok(Filter {
+            function: function_name(self.function.as_deref(), config)?,
             reason,
             limit: self.limit,
-        }
+        })
     }
 }
 
-/// A function name as the gateway accepts it; wildcards would widen a subject filter.
+/// A function name as the worker and the gateway accept it (checked again, and qualified,
+/// by [`function_name`] once the configuration names the default namespace).
 pub fn parse_function(s: &str) -> Result<String, String> {
-    if crate::worker::deadletter::is_subject_tail(s) {
-        Ok(s.to_string())
-    } else {
-        Err("expected a function name `fn` or `fn.namespace` (letters, digits, '-', '_')".into())
-    }
+    FunctionName::validate(s)
+        .map(|()| s.to_string())
+        .map_err(|e| format!("expected a function name `fn` or `fn.namespace`: {e}"))
+}
+
+/// `--function`, qualified with `default_function_name`.
+pub fn function_name(
+    function: Option<&str>,
+    config: &Config,
+) -> Result<Option<FunctionName>, CliError> {
+    function
+        .map(|f| FunctionName::parse(f, &config.default_namespace))
+        .transpose()
+        .map_err(|e| CliError::Usage(format!("--function: {e}")))
 }
 
 pub fn parse_reason(s: &str) -> Result<Reason, String> {
@@ -210,6 +222,7 @@ pub fn parse_reason(s: &str) -> Result<Reason, String> {
 #[derive(Args)]
 pub struct PublishArgs {
     /// Function name, `fn` or `fn.namespace`.
+    #[arg(value_parser = parse_function)]
     pub function: String,
     /// Request body.
     #[arg(long, conflicts_with = "data_file")]

@@ -2,7 +2,7 @@
 //! Long-running commands (the worker, the front door, the sample gateway) stop on SIGTERM or
 //! Ctrl-C.
 
-use crate::cli::args::{Command, DeadCommand, QueueCommand};
+use crate::cli::args::{function_name, Command, DeadCommand, QueueCommand};
 use crate::cli::{self, CliError};
 use crate::config::Config;
 
@@ -141,7 +141,7 @@ async fn dead(cmd: DeadCommand, config: &Config) -> Result<(), CliError> {
                     }
                 );
             }
-            cli::dead::list(&dl, &filter.filter(reason), json).await
+            cli::dead::list(&dl, &filter.filter(reason, config)?, json).await
         }
         DeadCommand::Replay {
             filter,
@@ -149,10 +149,11 @@ async fn dead(cmd: DeadCommand, config: &Config) -> Result<(), CliError> {
             any_reason,
         } => {
             let reason = cli::dead::replay_reason(reason, any_reason);
-            cli::dead::replay(&dl, &filter.filter(reason), &config.stream_name()).await
+            cli::dead::replay(&dl, &filter.filter(reason, config)?, &config.stream_name()).await
         }
         DeadCommand::Purge { function, yes } => {
-            cli::dead::purge(&dl, total, function.as_deref(), yes).await
+            let function = function_name(function.as_deref(), config)?;
+            cli::dead::purge(&dl, total, function.as_ref(), yes).await
         }
     }
 }
@@ -178,7 +179,8 @@ async fn queue(cmd: QueueCommand, config: &Config) -> Result<(), CliError> {
             yes,
             json,
         } => {
-            let purged = cli::queue::purge(&js, config, function.as_deref(), yes).await?;
+            let function = function_name(function.as_deref(), config)?;
+            let purged = cli::queue::purge(&js, config, function.as_ref(), yes).await?;
             if json {
                 crate::outln!("{}", serde_json::to_string(&purged).unwrap_or_default());
             } else {

@@ -3,6 +3,7 @@
 
 use super::{plural, CliError};
 use crate::config::Config;
+use crate::message::function::FunctionName;
 use crate::worker::deadletter::{DeadLetterError, DeadLetters, Filter, Reason};
 
 impl From<DeadLetterError> for CliError {
@@ -116,7 +117,7 @@ pub async fn replay(dl: &DeadLetters, filter: &Filter, work_stream: &str) -> Res
 pub async fn purge(
     dl: &DeadLetters,
     total: u64,
-    function: Option<&str>,
+    function: Option<&FunctionName>,
     yes: bool,
 ) -> Result<(), CliError> {
     if function.is_none() && !yes {

@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 
 use super::{human_bytes, plural, print_table, CliError};
 use crate::config::Config;
+use crate::message::function::FunctionName;
 
 /// Messages of one subject of the stream.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -201,7 +202,7 @@ pub struct Purged {
     pub shared_subject_left: u64,
 }
 
-/// Removes the queued messages of `function` (`fn` or `fn.ns`), or all of them. Messages
+/// Removes the queued messages of `function`, or all of them. Messages
 /// running now are removed too: their calls finish, and their acks find nothing to settle.
 /// Only messages present when the purge starts are removed (see [`purge_through`]).
 ///
@@ -215,7 +216,7 @@ pub struct Purged {
 pub async fn purge(
     js: &jetstream::Context,
     config: &Config,
-    function: Option<&str>,
+    function: Option<&FunctionName>,
     yes: bool,
 ) -> Result<Purged, CliError> {
     let name = config.stream_name();
@@ -238,8 +239,7 @@ pub async fn purge(
             shared_subject_left: 0,
         });
     };
-    let subject =
-        crate::message::publish::subject_for(&config.queue, function, &config.default_namespace);
+    let subject = function.subject(&config.queue);
     let state = stream.info().await.map_err(|e| failed(&e))?.state.clone();
     let mut purged = 0;
     let mut failures = Vec::new();
@@ -297,7 +297,7 @@ pub async fn purge(
     }
     Ok(Purged {
         stream: name,
-        function: Some(subject[config.queue.len() + 1..].to_string()),
+        function: Some(function.to_string()),
         purged,
         shared_subject_left,
     })

@@ -137,14 +137,10 @@ impl Config {
         };
 
         let default_namespace = r.string("default_function_name").0.trim().to_string();
-        if default_namespace.is_empty()
-            || !default_namespace
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if !crate::message::function::FunctionName::is_namespace(&default_namespace) {
             return Err(r.invalid(
                 "default_function_name",
-                "a Kubernetes namespace name (letters, digits, '-')",
+                "a Kubernetes namespace name (letters, digits, '-' and '_')",
             ));
         }
 
@@ -337,16 +333,13 @@ impl Reader<'_> {
             };
             let (function, queue) = pair.split_once('=').ok_or_else(bad)?;
             let (function, queue) = (function.trim(), queue.trim());
-            let qualified = match function.split_once('.') {
-                Some(_) => function.to_string(),
-                None => format!("{function}.{default_namespace}"),
-            };
-            let valid_fn =
-                qualified.split('.').count() == 2 && qualified.split('.').all(is_queue_name);
-            if !valid_fn || !is_queue_name(queue) {
+            let function =
+                crate::message::function::FunctionName::parse(function, default_namespace)
+                    .map_err(|_| bad())?;
+            if !is_queue_name(queue) {
                 return Err(bad());
             }
-            queues.insert(qualified, queue.to_string());
+            queues.insert(function.qualified().to_string(), queue.to_string());
         }
         let check_function = self.boolean("frontdoor_check_function")?;
         Ok(FrontDoorConfig {

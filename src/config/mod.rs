@@ -241,6 +241,22 @@ mod tests {
     }
 
     #[test]
+    fn front_door_queues_are_keyed_by_the_qualified_name() {
+        let c = load(&[
+            ("frontdoor_queues", "sleep=slow, env.team=fast"),
+            ("default_function_name", "fns"),
+        ])
+        .unwrap();
+        let keys: Vec<(&str, &str)> = c
+            .frontdoor
+            .queues
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(keys, [("env.team", "fast"), ("sleep.fns", "slow")]);
+    }
+
+    #[test]
     fn queue_name_falls_back_to_nats_stream() {
         assert_eq!(
             load(&[("nats_stream", "custom-request")]).unwrap().queue,
@@ -335,6 +351,10 @@ mod tests {
             ("debug", "maybe", "true or false"),
             ("nats_url", "http://x", "NATS URLs"),
             ("queue_name", "a.b", "queue name"),
+            ("default_function_name", "a.b", "namespace name"),
+            ("frontdoor_queues", "a.b.c=slow", "fn=queue pairs"),
+            ("frontdoor_queues", ".x=slow", "fn=queue pairs"),
+            ("frontdoor_queues", "sleep=a.b", "fn=queue pairs"),
         ];
         for (key, value, allowed) in cases {
             let err = load(&[(key, value)]).unwrap_err().to_string();

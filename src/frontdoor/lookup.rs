@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::config::Secret;
+use crate::message::function::FunctionName;
 
 /// How long an answer is reused. Short, so a newly deployed function or a changed
 /// annotation takes effect quickly.
@@ -82,8 +83,10 @@ impl Lookup {
         })
     }
 
-    /// Looks up `function` (`fn` or `fn.ns`, already validated).
-    pub async fn get(&self, function: &str) -> Result<Found, LookupError> {
+    /// Looks up `function`, asking by the name as written (a bare name in the gateway's own
+    /// default namespace).
+    pub async fn get(&self, name: &FunctionName) -> Result<Found, LookupError> {
+        let function = name.as_written();
         if let Some(answer) = self.cached(function) {
             return answer;
         }
@@ -92,7 +95,7 @@ impl Lookup {
         if let Some(answer) = self.cached(function) {
             return answer;
         }
-        let answer = self.ask(function).await;
+        let answer = self.ask(name).await;
         if let Err(e) = &answer {
             tracing::warn!(function, error = %e, "function lookup failed; its calls get 503 for a second");
         }
@@ -101,13 +104,9 @@ impl Lookup {
     }
 
     /// Asks the gateway.
-    async fn ask(&self, function: &str) -> Answer {
-        let (name, namespace) = match function.split_once('.') {
-            Some((n, ns)) => (n, Some(ns)),
-            None => (function, None),
-        };
-        let mut url = format!("{}/system/function/{name}", self.base);
-        if let Some(ns) = namespace {
+    async fn ask(&self, function: &FunctionName) -> Answer {
+        let mut url = format!("{}/system/function/{}", self.base, function.name());
+        if let Some(ns) = function.written_namespace() {
             url.push_str("?namespace=");
             url.push_str(ns);
         }
@@ -131,7 +130,7 @@ impl Lookup {
                 let annotations = match parsed {
                     Ok(s) => s.annotations.unwrap_or_default(),
                     Err(e) => {
-                        tracing::warn!(function, error = %e, "function lookup: unreadable answer; queueing without its annotations");
+                        tracing::warn!(function = function.as_written(), error = %e, "function lookup: unreadable answer; queueing without its annotations");
                         BTreeMap::new()
                     }
                 };

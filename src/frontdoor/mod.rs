@@ -43,6 +43,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{is_queue_name, Config};
+use crate::message::function::FunctionName;
 use crate::message::request::QueueRequest;
 use crate::nats::stream::{self, Layout, LayoutError};
 use crate::telemetry::metrics::FrontDoorMetrics;
@@ -448,7 +449,8 @@ impl Door {
         headers: &HeaderMap,
         body: Body,
     ) -> Result<String, Rejection> {
-        let (function, path) = split_path(uri.path())?;
+        let (name, path) = split_path(uri.path(), &self.config.default_namespace)?;
+        let function = name.as_written();
         let max_payload = self.client.server_info().max_payload as u64;
         let limit = body_limit(self.config.frontdoor.max_body, max_payload);
         let declared = headers
@@ -487,14 +489,10 @@ impl Door {
             r
         };
 
-        let qualified = match function.split_once('.') {
-            Some(_) => function.to_string(),
-            None => format!("{function}.{}", self.config.default_namespace),
-        };
         let mut annotations = BTreeMap::new();
-        let mut queue = self.config.frontdoor.queues.get(&qualified).cloned();
+        let mut queue = self.config.frontdoor.queues.get(name.qualified()).cloned();
         if let Some(lookup) = &self.lookup {
-            match lookup.get(function).await {
+            match lookup.get(&name).await {
                 Ok(Found::Missing) => {
                     return Err(Rejection::new(
                         StatusCode::NOT_FOUND,
@@ -567,8 +565,7 @@ impl Door {
                 "not connected to NATS; nothing was queued",
             )));
         }
-        let subject =
-            crate::message::publish::subject_for(&queue, function, &self.config.default_namespace);
+        let subject = name.subject(&queue);
         let msg_id = format!(
             "{call_id}:{:016x}",
             fingerprint(&[
@@ -586,7 +583,7 @@ impl Door {
             .map_err(with_id)?;
         self.metrics.accepted(
             &queue,
-            &qualified,
+            name.qualified(),
             ack.duplicate,
             started.elapsed().as_secs_f64(),
         );
@@ -708,30 +705,27 @@ async fn missing_name(State(door): State<Arc<Door>>) -> Response {
         .into_response()
 }
 
-/// The function name and the rest of the path, as the gateway splits
+/// The function and the rest of the path, as the gateway splits
 /// `/async-function/<name><path>`. The path keeps its percent-encoding, so it reaches the
 /// function as it was sent.
-fn split_path(full: &str) -> Result<(&str, &str), Rejection> {
+fn split_path<'a>(
+    full: &'a str,
+    default_namespace: &str,
+) -> Result<(FunctionName, &'a str), Rejection> {
     let rest = full.strip_prefix("/async-function/").unwrap_or_default();
     let (name, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
-    if !is_function_name(name) {
-        let shown: String = name.chars().take(80).collect();
-        return Err(Rejection::bad(format!(
-            "invalid function name {shown:?}: expected fn or fn.namespace of letters, digits, '-' and '_'"
-        )));
+    match FunctionName::parse(name, default_namespace) {
+        Ok(function) => Ok((function, path)),
+        Err(e) => {
+            let shown: String = name.chars().take(80).collect();
+            Err(Rejection::bad(format!(
+                "invalid function name {shown:?}: {e}"
+            )))
+        }
     }
-    Ok((name, path))
-}
-
-/// `fn` or `fn.namespace`, each of letters, digits, `-` and `_`, at most 253 bytes: a name
-/// the worker accepts and that makes a valid subject.
-pub fn is_function_name(name: &str) -> bool {
-    name.len() <= crate::worker::job::MAX_FUNCTION_NAME
-        && name.split('.').count() <= 2
-        && crate::worker::deadletter::is_subject_tail(name)
 }
 
 /// The largest body that is queued: the configured limit, lowered so that the body, once
@@ -870,15 +864,20 @@ mod tests {
 
     #[test]
     fn paths_split_as_the_gateway_does() {
-        assert_eq!(split_path("/async-function/sleep").unwrap(), ("sleep", ""));
+        let split =
+            |p| split_path(p, "openfaas-fn").map(|(f, path)| (f.as_written().to_string(), path));
         assert_eq!(
-            split_path("/async-function/sleep/").unwrap(),
-            ("sleep", "/")
+            split("/async-function/sleep").unwrap(),
+            ("sleep".into(), "")
         );
         assert_eq!(
-            split_path("/async-function/sleep.team-a/a/b%20c").unwrap(),
-            ("sleep.team-a", "/a/b%20c")
+            split("/async-function/sleep/").unwrap(),
+            ("sleep".into(), "/")
         );
+        let (f, path) = split_path("/async-function/sleep.team-a/a/b%20c", "openfaas-fn").unwrap();
+        assert_eq!((f.tokens(), path), (("sleep", "team-a"), "/a/b%20c"));
+        let (f, _) = split_path("/async-function/sleep", "openfaas-fn").unwrap();
+        assert_eq!(f.qualified(), "sleep.openfaas-fn");
         for bad in [
             "/async-function/",
             "/async-function/a.b.c",
@@ -887,11 +886,43 @@ mod tests {
             "/async-function/x.",
             "/async-function/%2e%2e",
         ] {
-            let r = split_path(bad).unwrap_err();
+            let r = split(bad).unwrap_err();
             assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
         }
         let long = format!("/async-function/{}", "f".repeat(254));
-        assert!(split_path(&long).is_err());
+        assert!(split(&long).is_err());
+    }
+
+    /// The front door takes exactly the names the worker runs: one it queued and the worker
+    /// dead-lettered as `bad_function` (or the other way round) would be a lost call.
+    #[test]
+    fn the_front_door_takes_the_names_the_worker_runs() {
+        let decoder =
+            crate::worker::job::Decoder::new("http://gw:8080", "openfaas-fn", 1 << 16).unwrap();
+        let long = "f".repeat(crate::message::function::MAX_LEN + 1);
+        for name in [
+            "sleep",
+            "sleep.team-a",
+            "Sleep",
+            "a_b-c",
+            "a.b.c",
+            "a..b",
+            ".x",
+            "x.",
+            "a*b",
+            "é",
+            "a%20b",
+            &long,
+        ] {
+            let path = format!("/async-function/{name}");
+            let door = split_path(&path, "openfaas-fn");
+            let doc = serde_json::json!({ "Function": name });
+            let worker = decoder.decode(doc.to_string().as_bytes());
+            assert_eq!(door.is_ok(), worker.is_ok(), "{name:?}: {worker:?}");
+            if let (Ok((f, _)), Ok(inv)) = (door, worker) {
+                assert_eq!(f, inv.function);
+            }
+        }
     }
 
     #[test]

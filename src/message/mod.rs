@@ -1,5 +1,6 @@
 //! The message every producer writes and the worker reads: the OpenFaaS gateway's
 //! `QueueRequest` ([`request`]) and publishing it to `<queue>.<fn>.<ns>` ([`publish`]).
 
+pub mod function;
 pub mod publish;
 pub mod request;

@@ -6,13 +6,14 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 
 use crate::config::Config;
+use crate::message::function::FunctionName;
 use crate::message::request::QueueRequest;
 use crate::nats::stream::{self, Layout};
 
 /// What to publish.
 #[derive(Debug, Clone, Default)]
 pub struct Submission {
-    /// `fn` or `fn.ns`.
+    /// `fn` or `fn.ns`, as the gateway writes it (checked by [`FunctionName`] when published).
     pub function: String,
     pub body: Vec<u8>,
     pub method: String,
@@ -49,15 +50,6 @@ pub fn new_call_id() -> String {
         &hex[16..20],
         &hex[20..32]
     )
-}
-
-/// The subject for a function: `<queue>.<fn>.<ns>`, qualifying a bare name with the default
-/// namespace.
-pub fn subject_for(queue: &str, function: &str, default_ns: &str) -> String {
-    match function.split_once('.') {
-        Some((name, ns)) => format!("{queue}.{name}.{ns}"),
-        None => format!("{queue}.{function}.{default_ns}"),
-    }
 }
 
 impl Submission {
@@ -98,6 +90,9 @@ pub async fn publish(
     sub: &Submission,
     count: usize,
 ) -> anyhow::Result<Vec<String>> {
+    // Refused here as the worker would refuse it, before anything is stored.
+    let function = FunctionName::parse(&sub.function, &config.default_namespace)
+        .with_context(|| format!("invalid function name {:?}", sub.function))?;
     let client = crate::nats::connect_once(&config.nats).await?;
     let js = jetstream::new(client.clone());
     let layout = Layout::of(config);
@@ -108,7 +103,7 @@ pub async fn publish(
     .await
     .context("NATS did not answer within 15s")?
     .context("cannot set up the stream")?;
-    let subject = subject_for(&config.queue, &sub.function, &config.default_namespace);
+    let subject = function.subject(&config.queue);
     let mut ids = Vec::with_capacity(count);
     let mut pending = Vec::new();
     for _ in 0..count {
@@ -139,16 +134,23 @@ pub async fn publish(
 mod tests {
     use super::*;
 
-    #[test]
-    fn subjects_are_per_function() {
-        assert_eq!(
-            subject_for("faas-request", "sleep", "openfaas-fn"),
-            "faas-request.sleep.openfaas-fn"
-        );
-        assert_eq!(
-            subject_for("q", "sleep.team", "openfaas-fn"),
-            "q.sleep.team"
-        );
+    #[tokio::test]
+    async fn names_the_worker_would_refuse_are_not_published() {
+        // The server is never reached: the name is refused first.
+        let sources =
+            crate::config::Sources::from_pairs([("nats_url", "nats://127.0.0.1:1")]).unwrap();
+        let config = Config::load(&sources).unwrap();
+        for bad in ["a.b.c", "a*b", "", ".x", "café"] {
+            let sub = Submission {
+                function: bad.into(),
+                ..Default::default()
+            };
+            let err = publish(&config, &sub, 1).await.unwrap_err();
+            assert!(
+                format!("{err:#}").starts_with(&format!("invalid function name {bad:?}")),
+                "{bad:?}: {err:#}"
+            );
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::message::publish::subject_for;
+use crate::message::function::FunctionName;
 use crate::nats::stream::DeadLetterLayout;
 use crate::worker::retry::GiveUpReason;
 
@@ -97,8 +97,8 @@ pub struct Entry<'a> {
     pub reason: Reason,
     /// `Function` as submitted, when the message could be read.
     pub function: Option<&'a str>,
-    /// `<fn>.<ns>`, when the message could be read; names the entry's subject.
-    pub function_label: Option<&'a str>,
+    /// The function, when the message could be read; names the entry's subject.
+    pub function_label: Option<&'a FunctionName>,
     pub attempts: u32,
     /// The last call's status label (`503`, `timeout`, `error`); `None` when never called.
     pub last_status: Option<&'a str>,
@@ -152,8 +152,7 @@ impl Record {
 /// Which entries an operator command applies to.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
-    /// `fn` or `fn.ns`.
-    pub function: Option<String>,
+    pub function: Option<FunctionName>,
     pub reason: Option<Reason>,
     pub limit: Option<usize>,
 }
@@ -183,10 +182,6 @@ pub struct DeadLetters {
     work_stream: String,
     default_namespace: String,
 }
-
-/// Longest function label put in a subject. The decoder already refuses longer names; this
-/// keeps a subject far below the server's control-line limit whatever the caller passes.
-const MAX_LABEL_IN_SUBJECT: usize = 512;
 
 /// Header values cannot hold line breaks; error texts are also kept short.
 fn header_value(s: &str) -> String {
@@ -238,10 +233,10 @@ impl DeadLetters {
         &self.layout.stream
     }
 
-    /// The subject an entry for `function` (`fn` or `fn.ns`) is stored on; `None`: every entry.
-    pub fn subject(&self, function: Option<&str>) -> String {
+    /// The subject an entry for `function` is stored on; `None`: every entry.
+    pub fn subject(&self, function: Option<&FunctionName>) -> String {
         match function {
-            Some(f) => subject_for(&self.layout.prefix, f, &self.default_namespace),
+            Some(f) => f.subject(&self.layout.prefix),
             None => format!("{}.>", self.layout.prefix),
         }
     }
@@ -261,10 +256,8 @@ impl DeadLetters {
     /// message when this fails.
     pub async fn store(&self, entry: &Entry<'_>) -> Result<(), DeadLetterError> {
         let subject = match entry.function_label {
-            Some(label) if label.len() <= MAX_LABEL_IN_SUBJECT => {
-                format!("{}.{label}", self.layout.prefix)
-            }
-            _ => format!("{}._unknown", self.layout.prefix),
+            Some(f) => f.subject(&self.layout.prefix),
+            None => format!("{}._unknown", self.layout.prefix),
         };
         let mut headers = HeaderMap::new();
         // Stored twice (the worker died between storing and terminating): the second copy
@@ -386,7 +379,7 @@ impl DeadLetters {
         // The info fetched with the handle is as of now: where this walk ends.
         let stream = self.stream_handle().await?;
         let last = stream.cached_info().state.last_sequence;
-        let subject = self.subject(filter.function.as_deref());
+        let subject = self.subject(filter.function.as_ref());
         let mut seq = 1;
         let mut matched = 0;
         while seq <= last && filter.limit.is_none_or(|l| matched < l) {
@@ -497,14 +490,14 @@ impl DeadLetters {
         {
             return s.to_string();
         }
-        if is_subject_tail(&record.function) {
-            return subject_for(&self.queue, &record.function, &self.default_namespace);
+        match FunctionName::parse(record.function.trim(), &self.default_namespace) {
+            Ok(f) => f.subject(&self.queue),
+            Err(_) => self.queue.clone(),
         }
-        self.queue.clone()
     }
 
-    /// Removes the entries of `function` (`fn` or `fn.ns`), or every entry. Returns how many.
-    pub async fn purge(&self, function: Option<&str>) -> Result<u64, DeadLetterError> {
+    /// Removes the entries of `function`, or every entry. Returns how many.
+    pub async fn purge(&self, function: Option<&FunctionName>) -> Result<u64, DeadLetterError> {
         let stream = self.stream_handle().await?;
         // Only what is there now: entries a running worker stores meanwhile stay.
         let upto = stream.cached_info().state.last_sequence + 1;
@@ -518,8 +511,8 @@ impl DeadLetters {
     }
 }
 
-/// Dot-separated tokens of letters, digits, `-` and `_`: safe to append to a subject, and
-/// the form of a function name (`fn` or `fn.namespace`) the commands accept.
+/// Dot-separated tokens of letters, digits, `-` and `_`: safe to append to a subject (a
+/// function name is checked by [`FunctionName`], not by this).
 pub fn is_subject_tail(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|t| {

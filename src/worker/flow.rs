@@ -141,7 +141,7 @@ impl Worker {
                 return;
             }
         };
-        let f = self.metrics.function(&inv.function_label);
+        let f = self.metrics.function(inv.function.qualified());
         let policy = self.policy_for(&inv, &f);
 
         let call_slot = match &self.calls {
@@ -242,7 +242,7 @@ impl Worker {
                 let entry = Entry {
                     reason: reason.into(),
                     function: Some(&inv.request.function),
-                    function_label: Some(&inv.function_label),
+                    function_label: Some(&inv.function),
                     attempts: job.attempt,
                     last_status: Some(&status),
                     error: &error,

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 
+use crate::message::function::{FunctionName, FunctionNameError};
 use crate::message::request::QueueRequest;
 use crate::worker::deadletter::Reason;
 
@@ -91,7 +92,9 @@ pub enum DecodeError {
     Malformed(String),
     #[error("no Function in the message")]
     MissingFunction,
-    #[error("invalid function name {0:?}: allowed are letters, digits, '-', '_' and '.'")]
+    #[error(
+        "invalid function name {0:?}: expected fn or fn.namespace of letters, digits, '-' and '_'"
+    )]
     BadFunction(String),
     #[error("the function URL cannot be formed: {0}")]
     BadUrl(String),
@@ -129,15 +132,11 @@ pub struct Invocation {
     /// would refuse is a bad message (dead-lettered), not a call that fails on every attempt.
     pub uri: hyper::Uri,
     pub call_id: String,
-    /// `<fn>.<ns>`, the `function_name` label OpenFaaS's autoscaler joins on.
-    pub function_label: String,
+    /// The function; its `<fn>.<ns>` is the `function_name` label OpenFaaS's autoscaler
+    /// joins on.
+    pub function: FunctionName,
     pub callback: Option<url::Url>,
 }
-
-/// Longest `Function` accepted: a Kubernetes name and namespace (63 each) with room to spare.
-/// The name ends up in subjects (which the server limits with its control line) and in
-/// metric labels, so it must be bounded.
-pub const MAX_FUNCTION_NAME: usize = 253;
 
 /// Turns payloads into invocations for one gateway.
 #[derive(Debug, Clone)]
@@ -189,22 +188,17 @@ impl Decoder {
     fn decode_json(&self, payload: &[u8]) -> Result<Invocation, DecodeError> {
         let mut request: QueueRequest =
             serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-        let function = request.function.trim();
-        if function.is_empty() {
-            return Err(DecodeError::MissingFunction);
-        }
-        if function.len() > MAX_FUNCTION_NAME
-            || !function
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-            || function.starts_with('.')
-            || function.ends_with('.')
-            || function.contains("..")
-        {
-            // Shown in logs and headers: keep it short whatever was sent.
-            let shown: String = request.function.chars().take(80).collect();
-            return Err(DecodeError::BadFunction(shown));
-        }
+        // Surrounding spaces are tolerated (hand-written messages); the gateway sends none.
+        let name = match FunctionName::parse(request.function.trim(), &self.default_namespace) {
+            Ok(name) => name,
+            Err(FunctionNameError::Empty) => return Err(DecodeError::MissingFunction),
+            Err(_) => {
+                // Shown in logs and headers: keep it short whatever was sent.
+                let shown: String = request.function.chars().take(80).collect();
+                return Err(DecodeError::BadFunction(shown));
+            }
+        };
+        let function = name.as_written();
         let path = request.path.as_str();
         if !(path.is_empty() || path.starts_with('/'))
             || path.contains(['?', '#'])
@@ -242,12 +236,6 @@ impl Decoder {
         url.set_fragment(None);
         let uri = hyper::Uri::try_from(url.as_str())
             .map_err(|e| DecodeError::BadUrl(format!("{url}: {e}")))?;
-        let default_ns = self.default_namespace.as_str();
-        let function_label = if function.contains('.') {
-            function.to_string()
-        } else {
-            format!("{function}.{default_ns}")
-        };
 
         let callback = match request
             .callback_url
@@ -280,7 +268,7 @@ impl Decoder {
             url,
             uri,
             call_id,
-            function_label,
+            function: name,
             callback,
         })
     }
@@ -333,14 +321,15 @@ mod tests {
             "{}",
             inv.url
         );
-        assert!(!inv.function_label.is_empty());
+        let (name, ns) = inv.function.tokens();
         assert!(
-            inv.function_label
-                .split('.')
-                .all(|t| !t.is_empty() && !t.contains([' ', '*', '>'])),
-            "{}",
-            inv.function_label
+            [name, ns]
+                .iter()
+                .all(|t| !t.is_empty() && !t.contains([' ', '*', '>', '.'])),
+            "{:?}",
+            inv.function
         );
+        assert_eq!(inv.function.as_written(), inv.request.function.trim());
         assert!(!inv.call_id.is_empty());
     }
 
@@ -494,6 +483,27 @@ mod tests {
                 }
             }
 
+            /// The decoder and every other entry point share one idea of a name.
+            #[test]
+            fn decode_accepts_exactly_the_names_function_name_accepts(
+                function in "[a-zA-Z0-9_. *>/%é\\t-]{0,12}",
+            ) {
+                let doc = serde_json::json!({"Function": function});
+                let parsed = FunctionName::parse(function.trim(), "openfaas-fn");
+                match (decoder().decode(doc.to_string().as_bytes()), parsed) {
+                    (Ok(inv), Ok(name)) => {
+                        check_invariants(&inv);
+                        prop_assert_eq!(inv.function.qualified(), name.qualified());
+                        prop_assert_eq!(inv.function.as_written(), name.as_written());
+                    }
+                    (Err(e), Err(FunctionNameError::Empty)) => {
+                        prop_assert_eq!(e.reason(), "missing_function")
+                    }
+                    (Err(e), Err(_)) => prop_assert_eq!(e.reason(), "bad_function"),
+                    (got, want) => prop_assert!(false, "{:?}: decode {:?}, parse {:?}", function, got, want),
+                }
+            }
+
             #[test]
             fn arbitrary_strings_give_a_valid_url_or_a_reason(
                 function in ".{0,24}",
@@ -528,7 +538,7 @@ mod tests {
         let inv = msg(r#"{"Function":"echo","Path":"/a/b","QueryString":"x=1&y=2","Header":{"X-Call-Id":["c1"]}}"#).unwrap();
         assert_eq!(inv.url.as_str(), "http://gw:8080/function/echo/a/b?x=1&y=2");
         assert_eq!(inv.call_id, "c1");
-        assert_eq!(inv.function_label, "echo.openfaas-fn");
+        assert_eq!(inv.function.qualified(), "echo.openfaas-fn");
         for escape in [
             "/../../system/functions",
             "/%2e%2e/%2E%2e/system/functions",
@@ -553,7 +563,7 @@ mod tests {
         );
         let inv = msg(r#"{"Function":"echo.team-a"}"#).unwrap();
         assert_eq!(inv.url.as_str(), "http://gw:8080/function/echo.team-a");
-        assert_eq!(inv.function_label, "echo.team-a");
+        assert_eq!(inv.function.qualified(), "echo.team-a");
         assert_eq!(
             inv.request.header_value("X-Call-Id"),
             Some(inv.call_id.as_str())
@@ -562,7 +572,10 @@ mod tests {
 
     #[test]
     fn decode_errors_have_reasons() {
-        let long_name = format!(r#"{{"Function":"{}"}}"#, "f".repeat(MAX_FUNCTION_NAME + 1));
+        let long_name = format!(
+            r#"{{"Function":"{}"}}"#,
+            "f".repeat(crate::message::function::MAX_LEN + 1)
+        );
         let cases = [
             ("not json", "malformed"),
             (r#"{"Function":5}"#, "malformed"),
@@ -570,6 +583,11 @@ mod tests {
             (r#"{"Function":"../etc"}"#, "bad_function"),
             (r#"{"Function":"a b"}"#, "bad_function"),
             (r#"{"Function":"a..b"}"#, "bad_function"),
+            // Accepted here once (and called as `/function/a.b.c`) while the front door
+            // refused it: a name is `fn` or `fn.namespace` everywhere.
+            (r#"{"Function":"a.b.c"}"#, "bad_function"),
+            (r#"{"Function":"café"}"#, "bad_function"),
+            (r#"{"Function":" "}"#, "missing_function"),
             (&long_name, "bad_function"),
             (r#"{"Function":"f","Path":"nope"}"#, "bad_url"),
             (r#"{"Function":"f","Path":"/a b"}"#, "bad_url"),

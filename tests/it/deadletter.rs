@@ -4,10 +4,15 @@
 
 use std::time::Duration;
 
+use queue_worker::message::function::FunctionName;
 use queue_worker::message::publish::{publish, Submission};
 use queue_worker::worker::deadletter::{Filter, Reason};
 
 use crate::support::{job, publish_raw, wait_metric, Env, Step};
+
+fn name(f: &str) -> FunctionName {
+    FunctionName::parse(f, "openfaas-fn").unwrap()
+}
 
 const FAST_GIVE_UP: &[(&str, &str)] = &[
     ("initial_retry_wait", "100ms"),
@@ -160,7 +165,7 @@ async fn replay_brings_a_job_back_and_it_runs() {
     let dl = env.dead_letters().await;
     let report = dl
         .replay(&Filter {
-            function: Some("recovering".into()),
+            function: Some(name("recovering")),
             ..Default::default()
         })
         .await;
@@ -232,7 +237,7 @@ async fn list_filters_and_purge_by_function() {
     let list = |function: Option<&str>, reason: Option<Reason>, limit: Option<usize>| {
         let dl = dl.clone();
         let filter = Filter {
-            function: function.map(str::to_string),
+            function: function.map(name),
             reason,
             limit,
         };
@@ -254,7 +259,7 @@ async fn list_filters_and_purge_by_function() {
         4
     );
 
-    assert_eq!(dl.purge(Some("a")).await.unwrap(), 3);
+    assert_eq!(dl.purge(Some(&name("a"))).await.unwrap(), 3);
     // Entries are stored as calls finish, in no fixed order across functions.
     let mut left: Vec<String> = list(None, None, None)
         .await
@@ -545,7 +550,7 @@ async fn a_give_up_stored_twice_without_a_call_id_is_one_entry() {
         let entry = queue_worker::worker::deadletter::Entry {
             reason: Reason::AttemptsExhausted,
             function: Some(&inv.request.function),
-            function_label: Some(&inv.function_label),
+            function_label: Some(&inv.function),
             attempts: 3,
             last_status: Some("503"),
             error: "gave up",

@@ -260,3 +260,26 @@ async fn missing_streams_and_unreachable_nats_have_their_own_exit_codes() {
     let (code, _, err) = cli(&env.nats.url(), &["queue", "purge", "--function", "a.*"]).await;
     assert_eq!(code, Some(2), "{err}");
 }
+
+/// Every command takes the names the front door and the worker take, and no others: `a.b.c`
+/// was published (and purged, and filtered) as `fn=a, ns=b.c` while the front door refused it.
+#[tokio::test]
+async fn commands_refuse_names_the_worker_refuses() {
+    let env = Env::start().await;
+    for args in [
+        &["publish", "a.b.c"][..],
+        &["publish", "x."],
+        &["queue", "purge", "--function", "a.b.c"],
+        &["dead", "list", "--function", "a.b.c"],
+        &["dead", "purge", "--function", ".x"],
+    ] {
+        let (code, _, err) = cli(&env.nats.url(), args).await;
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains("expected a function name"), "{args:?}: {err}");
+    }
+    let js = env.js().await;
+    assert!(
+        js.get_stream("OF_faas-request").await.is_err(),
+        "nothing was published"
+    );
+}
