@@ -72,6 +72,8 @@ keys! {
     "callback_max_attempts" = "3": "Most tries to deliver one callback.",
     "callback_timeout" = "10s": "Timeout of one callback request.",
     "callback_retry_wait" = "1s": "Delay before the first callback retry; doubles per try.",
+    "callback_max_pending" = "500": "Most callbacks waiting or in delivery at once; when full, finished jobs keep their slot until one is delivered (back-pressure, nothing dropped).",
+    "callback_max_pending_bytes" = "64MiB": "Most bytes of callback bodies held at once (counted in KiB; a bigger body goes alone); when full, finished jobs keep their slot as above.",
     "metrics_port" = "8081": "Port of /metrics, /healthz and /readyz.",
     "drain_timeout" = "25s": "On SIGTERM, how long in-flight calls may run before their messages are handed back.",
     "stream_poll_interval" = "5s": "How often stream and consumer state is read for metrics and readiness.",
@@ -456,6 +458,10 @@ pub struct CallbackConfig {
     pub timeout: Duration,
     pub retry_wait: Duration,
     pub tls_insecure: bool,
+    /// Most callbacks held at once (waiting to be tried again or in delivery).
+    pub max_pending: usize,
+    /// Most bytes of callback bodies held at once.
+    pub max_pending_bytes: u64,
 }
 
 impl fmt::Debug for NatsConfig {
@@ -696,6 +702,8 @@ impl Config {
             timeout: r.duration("callback_timeout", Duration::from_millis(1), None)?,
             retry_wait: r.duration("callback_retry_wait", Duration::ZERO, None)?,
             tls_insecure: r.boolean("tls_insecure")?,
+            max_pending: r.number("callback_max_pending", 1, 1_000_000)? as usize,
+            max_pending_bytes: r.size("callback_max_pending_bytes", 1 << 16, 1 << 40)?,
         };
 
         let frontdoor = r.frontdoor(&default_namespace)?;
