@@ -409,3 +409,73 @@ async fn the_drain_deadline_abandons_callbacks_waiting_for_budget() {
     assert_eq!(c.num_pending, 2, "the rest stays queued");
     assert_eq!(hole.received().len(), 1);
 }
+
+/// The resident memory of a process, from `/proc/<pid>/status`.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// The same black hole against the worker binary, so its memory can be measured: with 1,000
+/// finished jobs of 64 KiB answers (62.5 MiB of bodies), the process stays small, and every
+/// callback arrives once the receiver answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_hole_callback_receiver_leaves_the_worker_process_small() {
+    const JOBS: usize = 1000;
+    let env = Env::start().await;
+    let hole = BlackHole::start().await;
+    let body: &'static str = Box::leak("x".repeat(64 << 10).into_boxed_str());
+    env.gateway
+        .script("big", vec![Step::status(200).body(body)]);
+    let sub = Submission {
+        function: "big".into(),
+        callback_url: Some(hole.url.clone()),
+        ..Default::default()
+    };
+    let ids = publish(&env.config(&[]), &sub, JOBS).await.unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
+        .env_clear()
+        .env("nats_url", env.nats.url())
+        .env("gateway_url", env.gateway.url())
+        .env("metrics_port", "0")
+        .env("max_inflight", "4")
+        .env("callback_max_pending", "8")
+        .env("callback_timeout", "60s")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    hole.wait_for("a full callback budget", |h| h.waiting() >= 8)
+        .await;
+    env.gateway
+        .wait_for("the slots' jobs", Duration::from_secs(10), |g| {
+            g.calls().len() >= 12
+        })
+        .await;
+    // The time the unbounded worker took to run and hold every job.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Measured: 24 MiB bounded (a debug build, mostly code and runtime); 128 MiB with 656
+    // callbacks held one second in, before the budget.
+    let rss = rss_bytes(pid);
+    assert!(
+        rss < 48 << 20,
+        "worker RSS {} MiB with {} callbacks held and {} calls",
+        rss >> 20,
+        hole.max_waiting(),
+        env.gateway.calls().len()
+    );
+    assert!(hole.max_waiting() <= 8, "{} held", hole.max_waiting());
+    hole.open();
+    hole.wait_for("every callback", |h| h.received().len() >= JOBS)
+        .await;
+    let received: HashSet<String> = hole.received().into_iter().collect();
+    assert!(ids.iter().all(|id| received.contains(id)));
+    child.kill().await.unwrap();
+}
