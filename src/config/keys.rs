@@ -59,6 +59,8 @@ keys! {
     "callback_max_attempts" = "3": "Most tries to deliver one callback.",
     "callback_timeout" = "10s": "Timeout of one callback request.",
     "callback_retry_wait" = "1s": "Delay before the first callback retry; doubles per try. At least 10ms.",
+    "callback_max_pending" = "500": "Most callbacks waiting or in delivery at once; when full, finished jobs keep their slot until one is delivered (back-pressure, nothing dropped).",
+    "callback_max_pending_bytes" = "64MiB": "Most bytes of callback bodies held at once (counted in KiB; a bigger body goes alone); when full, finished jobs keep their slot as above.",
     "metrics_port" = "8081": "Port of /metrics, /healthz and /readyz.",
     "drain_timeout" = "25s": "On SIGTERM, how long in-flight calls may run before their messages are handed back.",
     "stream_poll_interval" = "5s": "How often stream and consumer state is read for metrics and readiness.",

@@ -149,6 +149,8 @@ impl Config {
             timeout: r.duration("callback_timeout", Duration::from_millis(1), None)?,
             retry_wait: r.duration("callback_retry_wait", MIN_CALLBACK_RETRY_WAIT, None)?,
             tls_insecure: r.boolean("tls_insecure")?,
+            max_pending: r.number("callback_max_pending", 1, 1_000_000)? as usize,
+            max_pending_bytes: r.size("callback_max_pending_bytes", 1 << 16, 1 << 40)?,
         };
 
         let frontdoor = r.frontdoor(&default_namespace)?;

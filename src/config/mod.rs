@@ -155,6 +155,10 @@ pub struct CallbackConfig {
     pub timeout: Duration,
     pub retry_wait: Duration,
     pub tls_insecure: bool,
+    /// Most callbacks held at once (waiting to be tried again or in delivery).
+    pub max_pending: usize,
+    /// Most bytes of callback bodies held at once.
+    pub max_pending_bytes: u64,
 }
 
 /// The validated configuration. Built only by [`Config::load`], so holding one means every

@@ -37,6 +37,9 @@ pub const NAMES: &[&str] = &[
     "queue_worker_dead_letter_failures_total",
     "queue_worker_invalid_annotations_total",
     "queue_worker_callbacks_total",
+    "queue_worker_callbacks_pending",
+    "queue_worker_callbacks_pending_bytes",
+    "queue_worker_callback_budget_wait_seconds_total",
     "queue_worker_max_inflight",
     "queue_worker_frontdoor_accepted_total",
     "queue_worker_frontdoor_duplicates_total",
@@ -67,6 +70,12 @@ pub struct Metrics {
     pub dead_letter_failures: Counter,
     invalid_annotations: CounterVec,
     callbacks: CounterVec,
+    /// Callbacks holding a place in the callback budget (waiting to be tried again or in
+    /// delivery), and the bytes of their bodies.
+    pub callbacks_pending: Gauge,
+    pub callbacks_pending_bytes: Gauge,
+    /// Time finished jobs kept their slot waiting for a place in the callback budget.
+    pub callback_budget_wait: Counter,
     functions: Mutex<HashMap<String, Arc<FunctionMetrics>>>,
 }
 
@@ -171,6 +180,30 @@ impl Metrics {
             &["queue_name", "result"],
         )
         .unwrap();
+        let callbacks_pending = GaugeVec::new(
+            Opts::new(
+                "queue_worker_callbacks_pending",
+                "Callbacks waiting to be tried again or in delivery (at most callback_max_pending).",
+            ),
+            q,
+        )
+        .unwrap();
+        let callbacks_pending_bytes = GaugeVec::new(
+            Opts::new(
+                "queue_worker_callbacks_pending_bytes",
+                "Bytes of the bodies of pending callbacks (at most callback_max_pending_bytes, or one larger body).",
+            ),
+            q,
+        )
+        .unwrap();
+        let callback_budget_wait = CounterVec::new(
+            Opts::new(
+                "queue_worker_callback_budget_wait_seconds_total",
+                "Time finished jobs kept their slot waiting for a place in the callback budget (back-pressure from slow callback receivers).",
+            ),
+            q,
+        )
+        .unwrap();
         let max_inflight_g = GaugeVec::new(
             Opts::new(
                 "queue_worker_max_inflight",
@@ -192,6 +225,9 @@ impl Metrics {
             Box::new(dead_letter_failures.clone()),
             Box::new(invalid_annotations.clone()),
             Box::new(callbacks.clone()),
+            Box::new(callbacks_pending.clone()),
+            Box::new(callbacks_pending_bytes.clone()),
+            Box::new(callback_budget_wait.clone()),
             Box::new(max_inflight_g.clone()),
         ] {
             registry.register(c).unwrap();
@@ -205,6 +241,9 @@ impl Metrics {
         let processed = processed.with_label_values(&[queue]);
         let submitted = submitted.with_label_values(&[queue]);
         let dead_letter_failures = dead_letter_failures.with_label_values(&[queue]);
+        let callbacks_pending = callbacks_pending.with_label_values(&[queue]);
+        let callbacks_pending_bytes = callbacks_pending_bytes.with_label_values(&[queue]);
+        let callback_budget_wait = callback_budget_wait.with_label_values(&[queue]);
         Arc::new(Metrics {
             registry,
             queue: queue.to_string(),
@@ -220,6 +259,9 @@ impl Metrics {
             dead_letter_failures,
             invalid_annotations,
             callbacks,
+            callbacks_pending,
+            callbacks_pending_bytes,
+            callback_budget_wait,
             functions: Mutex::new(HashMap::new()),
         })
     }

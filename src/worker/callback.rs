@@ -1,12 +1,18 @@
 //! ⑦ Posting the result to the caller's `X-Callback-Url`. Runs after the message is settled,
 //! on its own task and its own deadline (never the invocation's), with bounded retries. A
 //! failed callback is logged and counted; it never re-runs the function.
+//!
+//! Callbacks waiting or in delivery share a [`Budget`] (`callback_max_pending` callbacks,
+//! `callback_max_pending_bytes` of bodies): a receiver that never answers costs at most that
+//! much memory. The worker holds the job's slot until its callback has a place in the
+//! budget, so a full budget slows the intake (back-pressure) and no callback is dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::CallbackConfig;
 use crate::telemetry::metrics::Metrics;
@@ -68,12 +74,80 @@ impl Callback {
     }
 }
 
+/// Bodies are counted against the byte budget in whole KiB, so that budgets above 4 GiB fit
+/// the semaphore's `u32` requests.
+const BUDGET_UNIT: usize = 1024;
+
+/// How many callbacks, and how many bytes of their bodies, may be held at once.
+struct Budget {
+    count: Arc<Semaphore>,
+    /// In [`BUDGET_UNIT`]s.
+    units: Arc<Semaphore>,
+    total_units: u32,
+}
+
+impl Budget {
+    fn new(max_pending: usize, max_bytes: u64) -> Budget {
+        let total_units = u32::try_from(max_bytes.div_ceil(BUDGET_UNIT as u64))
+            .unwrap_or(u32::MAX)
+            .max(1);
+        Budget {
+            count: Arc::new(Semaphore::new(max_pending.max(1))),
+            units: Arc::new(Semaphore::new(total_units as usize)),
+            total_units,
+        }
+    }
+
+    /// The units a body of `len` bytes takes: at most the whole budget, so a body larger than
+    /// the budget still goes (alone) instead of waiting forever.
+    fn units_for(&self, len: usize) -> u32 {
+        u32::try_from(len.div_ceil(BUDGET_UNIT))
+            .unwrap_or(u32::MAX)
+            .min(self.total_units)
+    }
+}
+
+/// A callback's place in the budget, held until it is delivered, fails or is abandoned; the
+/// backlog gauges follow it.
+pub struct Reservation {
+    _count: OwnedSemaphorePermit,
+    _units: OwnedSemaphorePermit,
+    bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Reservation {
+    fn new(
+        count: OwnedSemaphorePermit,
+        units: OwnedSemaphorePermit,
+        bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Reservation {
+        metrics.callbacks_pending.inc();
+        metrics.callbacks_pending_bytes.add(bytes as f64);
+        Reservation {
+            _count: count,
+            _units: units,
+            bytes,
+            metrics,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.metrics.callbacks_pending.dec();
+        self.metrics.callbacks_pending_bytes.sub(self.bytes as f64);
+    }
+}
+
 /// Delivers callbacks.
 #[derive(Clone)]
 pub struct Callbacks {
     client: reqwest::Client,
     config: CallbackConfig,
     metrics: Arc<Metrics>,
+    budget: Arc<Budget>,
 }
 
 impl Callbacks {
@@ -87,11 +161,41 @@ impl Callbacks {
             .tcp_nodelay(true)
             .danger_accept_invalid_certs(config.tls_insecure)
             .build()?;
+        let budget = Arc::new(Budget::new(config.max_pending, config.max_pending_bytes));
         Ok(Callbacks {
             client,
             config,
             metrics,
+            budget,
         })
+    }
+
+    /// A place in the budget for a callback whose body is `len` bytes, if one is free now.
+    pub fn try_reserve(&self, len: usize) -> Option<Reservation> {
+        let count = self.budget.count.clone().try_acquire_owned().ok()?;
+        let units = self
+            .budget
+            .units
+            .clone()
+            .try_acquire_many_owned(self.budget.units_for(len))
+            .ok()?;
+        Some(Reservation::new(count, units, len, self.metrics.clone()))
+    }
+
+    /// Waits for a place in the budget for a callback whose body is `len` bytes. Waiters are
+    /// served in order (the semaphores are fair), and always the count before the bytes, so
+    /// two waiters never hold each other up.
+    pub async fn reserve(&self, len: usize) -> Reservation {
+        const OPEN: &str = "the callback budget is never closed";
+        let count = self.budget.count.clone().acquire_owned().await.expect(OPEN);
+        let units = self
+            .budget
+            .units
+            .clone()
+            .acquire_many_owned(self.budget.units_for(len))
+            .await
+            .expect(OPEN);
+        Reservation::new(count, units, len, self.metrics.clone())
     }
 
     /// Posts `cb`, retrying connection errors, 429 and 5xx up to `callback_max_attempts` times.
@@ -189,5 +293,73 @@ mod tests {
     fn redacts_secrets_from_logged_urls() {
         let u: url::Url = "https://user:pw@cb.example/done?token=abc".parse().unwrap();
         assert_eq!(redact(&u), "https://cb.example/done?redacted");
+    }
+
+    fn callbacks(max_pending: usize, max_pending_bytes: u64) -> (Callbacks, Arc<Metrics>) {
+        let metrics = Metrics::new("q", 1);
+        let config = CallbackConfig {
+            max_attempts: 1,
+            timeout: Duration::from_secs(1),
+            retry_wait: Duration::ZERO,
+            tls_insecure: false,
+            max_pending,
+            max_pending_bytes,
+        };
+        (Callbacks::new(config, metrics.clone()).unwrap(), metrics)
+    }
+
+    const KIB: usize = 1024;
+
+    #[tokio::test]
+    async fn the_budget_bounds_the_count_and_the_bytes() {
+        // (max_pending, max_pending_bytes, body size, places before the budget is full)
+        let table: &[(usize, u64, usize, usize)] = &[
+            (3, 64 << 20, 64 * KIB, 3),
+            (100, 256 << 10, 64 * KIB, 4),
+            (100, 256 << 10, 64 * KIB + 1, 3),
+            (100, 64 << 10, 0, 100),
+            (100, 64 << 10, 1, 64),
+        ];
+        for &(count, bytes, body, fits) in table {
+            let (cb, metrics) = callbacks(count, bytes);
+            let held: Vec<Reservation> = (0..fits)
+                .map(|i| {
+                    cb.try_reserve(body)
+                        .unwrap_or_else(|| panic!("{count}/{bytes}/{body}: place {i} refused"))
+                })
+                .collect();
+            assert!(
+                cb.try_reserve(body).is_none(),
+                "{count}/{bytes}/{body}: more than {fits} places"
+            );
+            assert_eq!(metrics.callbacks_pending.get(), fits as f64);
+            assert_eq!(metrics.callbacks_pending_bytes.get(), (fits * body) as f64);
+            drop(held);
+            assert_eq!(metrics.callbacks_pending.get(), 0.0);
+            assert_eq!(metrics.callbacks_pending_bytes.get(), 0.0);
+            assert!(cb.try_reserve(body).is_some(), "places come back");
+        }
+    }
+
+    /// A body larger than the whole byte budget still gets a place (alone), never a deadlock.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_larger_than_the_budget_goes_alone() {
+        let (cb, metrics) = callbacks(10, 64 << 10);
+        let big = cb.reserve(1 << 20).await;
+        assert_eq!(metrics.callbacks_pending_bytes.get(), (1 << 20) as f64);
+        assert!(cb.try_reserve(1).is_none(), "the big body fills the budget");
+        let waiter = tokio::spawn({
+            let cb = cb.clone();
+            async move { cb.reserve(1 << 20).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished(), "the second waits for the first");
+        drop(big);
+        let second = tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("the second gets its place once the first is gone")
+            .unwrap();
+        drop(second);
+        assert_eq!(metrics.callbacks_pending.get(), 0.0);
     }
 }

@@ -2,8 +2,10 @@
 //! the call runs) → ⑥ decide → settle (ack, delayed NAK, or dead-letter then terminate) →
 //! ⑦ callback → ⑧ record.
 //!
-//! The slot (semaphore permit) is held from delivery until the message is settled, and
-//! released before the callback, so a slow callback receiver never holds up invocations.
+//! The slot (semaphore permit) is held from delivery until the message is settled and its
+//! callback, if any, has a place in the callback budget; then the callback is delivered on
+//! its own task. A slow callback receiver holds up invocations only once the budget is full
+//! (back-pressure instead of unbounded memory).
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -18,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::telemetry::metrics::{FunctionMetrics, Metrics, UNKNOWN_FUNCTION};
-use crate::worker::callback::{Callback, Callbacks};
+use crate::worker::callback::{Callback, Callbacks, Reservation};
 use crate::worker::deadletter::{DeadLetters, Entry, Reason};
 use crate::worker::invoke::Invoker;
 use crate::worker::job::{Decoder, Invocation, Job, Settle};
@@ -207,12 +209,20 @@ impl Worker {
             tracing::debug!(callId = %inv.call_id, body = %String::from_utf8_lossy(&resp.body), "Response body");
         }
 
+        // The callback's place in the budget, when taken before the ack.
+        let mut place = None;
         let finished = match decision {
             Decision::Ack => {
                 // The call is over: free its slot before queueing the ack, so the pull loop's
                 // next request and this ack leave in one write (one syscall, not two, per
-                // message at max_inflight 1).
-                drop(slot.take());
+                // message at max_inflight 1). A callback needs its place in the budget first;
+                // when none is free, the slot is kept until one is (in `send_callback`).
+                if inv.callback.is_some() {
+                    place = self.callbacks.try_reserve(resp.body.len());
+                }
+                if inv.callback.is_none() || place.is_some() {
+                    drop(slot.take());
+                }
                 job.settle(Settle::Ack).await;
                 self.metrics.processed.inc();
                 true
@@ -258,17 +268,29 @@ impl Worker {
                 Box::pin(self.dead_letter(&job, &entry, &f.label, policy.base_delay(extra))).await
             }
         };
-        drop(slot);
-
-        if finished {
-            let outcome = Outcome {
-                status: resp.status.unwrap_or(503),
-                headers: resp.headers,
-                body: resp.body,
-            };
-            let max_attempts = policy.max_attempts;
-            self.send_callback(inv, &job, outcome, max_attempts);
+        if !finished {
+            return;
         }
+        let outcome = Outcome {
+            status: resp.status.unwrap_or(503),
+            headers: resp.headers,
+            body: resp.body,
+        };
+        let Some(cb) = self.callback(inv, &job, outcome, policy.max_attempts) else {
+            return;
+        };
+        let (cb, place) = match place {
+            Some(place) => (cb, place),
+            // Boxed: only a full budget waits here; inline, this state would grow every
+            // job's task (and every spawn's copy) by a kilobyte.
+            None => match Box::pin(self.wait_for_budget(cb)).await {
+                Some(waited) => waited,
+                None => return,
+            },
+        };
+        // The callback has its place: the slot may go.
+        drop(slot);
+        self.send_callback(cb, place);
     }
 
     /// Ticks every `progress_interval`, the first one interval from now: when a message's
@@ -369,12 +391,15 @@ impl Worker {
         }
     }
 
-    /// Posts the final result to the caller's callback URL, if any, on its own task: a slow
-    /// receiver never holds a slot, and the drain deadline abandons it.
-    fn send_callback(&self, inv: Invocation, job: &Job, outcome: Outcome, max_attempts: u32) {
-        let Some(url) = inv.callback.clone() else {
-            return;
-        };
+    /// The callback of a finished job, if it asked for one.
+    fn callback(
+        &self,
+        inv: Invocation,
+        job: &Job,
+        outcome: Outcome,
+        max_attempts: u32,
+    ) -> Option<Callback> {
+        let url = inv.callback.clone()?;
         let start_times = inv
             .request
             .header
@@ -394,6 +419,32 @@ impl Worker {
             body: outcome.body,
             start_times,
         };
+        Some(cb)
+    }
+
+    /// Waits for a place in the full callback budget while the job keeps its slot (the
+    /// back-pressure); `None` when the drain deadline passes first and the callback is
+    /// abandoned (its message is already settled).
+    async fn wait_for_budget(&self, cb: Callback) -> Option<(Callback, Reservation)> {
+        let waiting = tokio::time::Instant::now();
+        tokio::select! {
+            place = self.callbacks.reserve(cb.body.len()) => {
+                self.metrics
+                    .callback_budget_wait
+                    .inc_by(waiting.elapsed().as_secs_f64());
+                Some((cb, place))
+            }
+            _ = self.deadline.cancelled() => {
+                tracing::warn!(callId = %cb.call_id, "Drain deadline reached; callback abandoned");
+                None
+            }
+        }
+    }
+
+    /// Posts the final result to the caller's callback URL on its own task, which keeps the
+    /// callback's `place` in the budget until it is delivered, fails, or is abandoned at the
+    /// drain deadline.
+    fn send_callback(&self, cb: Callback, place: Reservation) {
         let callbacks = self.callbacks.clone();
         let deadline = self.deadline.clone();
         self.tracker.spawn(async move {
@@ -404,6 +455,7 @@ impl Worker {
                     tracing::warn!(callId = %call_id, "Drain deadline reached; callback abandoned");
                 }
             }
+            drop(place);
         });
     }
 }
