@@ -787,20 +787,12 @@ async fn read_body(
 /// FNV-1a over the parts (with their lengths, so parts cannot run into each other): the
 /// same on every replica and version, which a deduplication id needs.
 pub fn fingerprint(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: u8| {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    };
-    for part in parts {
-        for b in (part.len() as u64).to_le_bytes() {
-            eat(b);
-        }
-        for &b in *part {
-            eat(b);
-        }
-    }
-    h
+    parts
+        .iter()
+        .fold(crate::message::fingerprint::Fnv1a::default(), |h, p| {
+            h.part(p)
+        })
+        .finish()
 }
 
 fn too_large(limit: u64, max_payload: u64, config: &Config) -> Rejection {

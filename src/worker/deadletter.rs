@@ -203,12 +203,11 @@ fn store_id(work_stream: &str, sequence: u64, payload: &[u8]) -> String {
     format!("{work_stream}:{sequence}:{:016x}", payload_hash(payload))
 }
 
-/// FNV-1a 64 of `bytes`. Hand-written so the value never changes with a dependency or the
-/// compiler; a dead-letter id made by one version must match one made by the next.
+/// FNV-1a 64 of `bytes` (`message::fingerprint::Fnv1a`: stable across versions and replicas).
 fn payload_hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h: u64, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    crate::message::fingerprint::Fnv1a::default()
+        .bytes(bytes)
+        .finish()
 }
 
 impl DeadLetters {
