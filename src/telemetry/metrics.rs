@@ -1,4 +1,4 @@
-//! ⑧ Every metric the worker exports, in one place: OpenFaaS's names and labels first (its
+//! ⑦ Every metric the worker exports, in one place: OpenFaaS's names and labels first (its
 //! autoscaler and dashboards read them), ours beside them.
 //!
 //! `function_name` is the only label whose values come from messages. It is capped at

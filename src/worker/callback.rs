@@ -1,4 +1,4 @@
-//! ⑦ Posting the result to the caller's `X-Callback-Url`. Runs after the message is settled,
+//! ⑥ Posting the result to the caller's `X-Callback-Url`. Runs after the message is settled,
 //! on its own task and its own deadline (never the invocation's), with bounded retries. A
 //! failed callback is logged and counted; it never re-runs the function.
 //!

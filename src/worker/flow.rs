@@ -1,6 +1,6 @@
-//! The life of one message, as a straight line: decode → ⑤ invoke (renewing the lease while
-//! the call runs) → ⑥ decide → settle (ack, delayed NAK, or dead-letter then terminate) →
-//! ⑦ callback → ⑧ record.
+//! The life of one message, as a straight line: ② decode → ③ invoke (renewing the lease
+//! while the call runs) → ④ decide → ⑤ settle (ack, delayed NAK, or dead-letter then
+//! terminate) → ⑥ callback → ⑦ record.
 //!
 //! The slot (semaphore permit) is held from delivery until the message is settled and its
 //! callback, if any, has a place in the callback budget; then the callback is delivered on

@@ -1,4 +1,4 @@
-//! ⑤ The function call: one pooled HTTP client, the queued method, headers and body, a
+//! ③ The function call: one pooled HTTP client, the queued method, headers and body, a
 //! timeout. The result is a value ([`Response`]), never an error: every way a call can end is
 //! an input to the retry decision.
 

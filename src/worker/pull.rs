@@ -2,7 +2,7 @@
 //! nothing waits in a local buffer while its `ack_wait` runs out; each delivered message
 //! arrives with the slot (semaphore permit) that was reserved for it. The slots are
 //! `max_inflight`, plus `consumer_prefetch` when set: those few messages wait for a call
-//! slot in the worker, renewing their lease (`worker.rs`).
+//! slot in the worker, renewing their lease (`flow.rs`).
 //!
 //! Protocol, as nats-server 2.9 and later speak it: pull requests
 //! `{"batch":n,"expires":ns,"idle_heartbeat":ns}` go to

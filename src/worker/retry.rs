@@ -1,4 +1,4 @@
-//! ⑥ The settle decision: a pure function of what the call returned, which attempt this was
+//! ④ The settle decision: a pure function of what the call returned, which attempt this was
 //! and the policy. No I/O, no clock, no randomness of its own (the jitter is passed in), so
 //! the whole table is unit-tested and every caller gets the same answer.
 
