@@ -35,6 +35,7 @@ pub mod duration;
 pub mod frontdoor;
 pub mod invoke;
 pub mod job;
+pub mod lease;
 pub mod logging;
 pub mod metrics;
 pub mod nats;
