@@ -430,7 +430,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_task_that_ends_on_its_own_ends_the_supervision() {
-        let cases: [(&str, fn() -> Essential, &str); 2] = [
+        type Case = (&'static str, fn() -> Essential, &'static str);
+        let cases: [Case; 2] = [
             (
                 "panic",
                 || {

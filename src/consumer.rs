@@ -185,7 +185,12 @@ impl Puller {
                     self.client.connection_state() == async_nats::connection::State::Connected;
                 // A request made while disconnected would be queued and sent on the new
                 // connection after we have moved to a new inbox; wait for the reconnect.
-                if connected && free > 0 && (outstanding == 0 || free >= threshold) {
+                // None once stopping: its messages would be on the wire as the inbox goes.
+                if connected
+                    && free > 0
+                    && (outstanding == 0 || free >= threshold)
+                    && !stop.is_cancelled()
+                {
                     let n = self.limits.batch(free);
                     let payload = format!(
                         r#"{{"batch":{n},"expires":{},"idle_heartbeat":{}}}"#,
