@@ -15,7 +15,7 @@
 //! - [`nats`], [`stream`]: the connection; the stream and consumer layout.
 //! - [`consumer`]: the pull loop. [`job`]: a delivered message and its settle.
 //! - [`worker`]: one message's straight line. [`invoke`] (over [`connector`]), [`retry`],
-//!   [`callback`].
+//!   [`callback`]. [`lease`]: keeping the lease while it waits or runs.
 //! - [`deadletter`]: the dead-letter stream `OF_<queue>-dead` and its operator commands.
 //! - [`metrics`], [`server`]: Prometheus metrics and health endpoints.
 //! - [`request`]: the `QueueRequest` wire format. [`publish`]: writing it.
