@@ -4,7 +4,7 @@
 pub mod stream;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -15,7 +15,8 @@ use crate::config::{NatsAuth, NatsConfig};
 pub struct Connection {
     pub client: async_nats::Client,
     /// Bumped on every reconnect. Pull requests die with the connection they were sent on,
-    /// so the pull loop starts over when this changes.
+    /// so the pull loop starts over when this changes. Closed (`changed()` errs) once the
+    /// connection is closed for good, after which nothing can be pulled.
     pub generation: watch::Receiver<u64>,
 }
 
@@ -38,6 +39,8 @@ pub async fn connect(
     reconnects: prometheus::Counter,
 ) -> anyhow::Result<Connection> {
     let (gen_tx, gen_rx) = watch::channel(0u64);
+    // Taken (dropped) when the connection is closed for good, which closes the channel.
+    let gen_tx = Arc::new(Mutex::new(Some(gen_tx)));
     let disconnected = Arc::new(AtomicBool::new(false));
     let opts = options(cfg)
         .await?
@@ -62,7 +65,13 @@ pub async fn connect(
                             reconnects.inc();
                             tracing::info!("NATS reconnected");
                         }
-                        gen_tx.send_modify(|g| *g += 1);
+                        if let Some(tx) = &*gen_tx.lock().unwrap_or_else(|e| e.into_inner()) {
+                            tx.send_modify(|g| *g += 1);
+                        }
+                    }
+                    async_nats::Event::Closed => {
+                        tracing::warn!("NATS connection closed for good");
+                        drop(gen_tx.lock().unwrap_or_else(|e| e.into_inner()).take());
                     }
                     async_nats::Event::LameDuckMode => {
                         tracing::warn!("NATS server entered lame duck mode")

@@ -21,12 +21,18 @@ pub struct Health {
     pub stream_ok: AtomicBool,
     /// Shutdown has begun: take this replica out of rotation.
     pub draining: AtomicBool,
+    /// The pull loop or the state poller stopped on its own: the process is on its way out
+    /// (to be restarted), whatever NATS says.
+    pub failed: AtomicBool,
     pub nats: OnceLock<async_nats::Client>,
 }
 
 impl Health {
     /// `Ok` when ready, otherwise the first reason it is not.
     pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.failed.load(Ordering::Relaxed) {
+            return Err("a worker task stopped; exiting");
+        }
         if self.draining.load(Ordering::Relaxed) {
             return Err("draining");
         }

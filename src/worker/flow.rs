@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use crate::worker::callback::{Callback, Callbacks, Reservation};
 use crate::worker::deadletter::{DeadLetters, Entry, Reason};
 use crate::worker::invoke::Invoker;
 use crate::worker::job::{Decoder, Invocation, Job, Settle};
+use crate::worker::lease::with_lease;
 use crate::worker::retry::{decide, Decision, GiveUpReason, RetryPolicy};
 
 /// How long a dead-letter store may go on after the drain deadline before the message is
@@ -99,20 +101,17 @@ impl Worker {
         // Held until the message is settled (released just before an ack, see below).
         let mut slot = Some(match slot {
             Some(slot) => slot,
-            // Not asked for (should not happen): wait for a slot, keeping the lease.
+            // Not asked for (should not happen): wait for a slot, keeping the lease; at a
+            // drain it has not started, so it goes back at once.
             None => {
                 let acquire = self.slots.clone().acquire_owned();
-                tokio::pin!(acquire);
-                let mut renew = tokio::time::interval(self.progress_interval);
-                loop {
-                    tokio::select! {
-                        s = &mut acquire => match s {
-                            Ok(s) => break s,
-                            Err(_) => return job.settle(Settle::Nak(None)).await,
-                        },
-                        _ = renew.tick() => job.progress().await,
-                        _ = self.deadline.cancelled() => return job.settle(Settle::Nak(None)).await,
-                    }
+                let acquired = tokio::select! {
+                    s = self.leased(&job, acquire) => s.ok(),
+                    _ = self.stopping.cancelled() => None,
+                };
+                match acquired {
+                    Some(s) => s,
+                    None => return job.settle(Settle::Nak(None)).await,
                 }
             }
         });
@@ -173,14 +172,9 @@ impl Worker {
             let call = self
                 .invoker
                 .call(&inv, body, inv.callback.is_some() || self.debug);
-            tokio::pin!(call);
-            let mut renew = self.lease_renewal();
-            loop {
-                tokio::select! {
-                    resp = &mut call => break Some(resp),
-                    _ = renew.tick() => job.progress().await,
-                    _ = self.deadline.cancelled() => break None,
-                }
+            tokio::select! {
+                resp = self.leased(&job, call) => Some(resp),
+                _ = self.deadline.cancelled() => None,
             }
         };
         f.inflight.dec();
@@ -293,15 +287,14 @@ impl Worker {
         self.send_callback(cb, place);
     }
 
-    /// Ticks every `progress_interval`, the first one interval from now: when a message's
-    /// lease is renewed while it waits or its call runs.
-    fn lease_renewal(&self) -> tokio::time::Interval {
-        let mut renew = tokio::time::interval_at(
-            tokio::time::Instant::now() + self.progress_interval,
-            self.progress_interval,
-        );
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        renew
+    /// Runs `work` while renewing `job`'s lease every `progress_interval`; the renewal never
+    /// holds up `work` or the caller's cancellation (see [`with_lease`]).
+    fn leased<'a, T: 'a>(
+        &self,
+        job: &'a Job,
+        work: impl Future<Output = T> + 'a,
+    ) -> impl Future<Output = T> + 'a {
+        with_lease(self.progress_interval, move || job.progress(), work)
     }
 
     /// Waits for a call slot for a prefetched message, keeping its lease; `None` when the
@@ -311,15 +304,9 @@ impl Worker {
         job: &Job,
         calls: &Arc<Semaphore>,
     ) -> Option<OwnedSemaphorePermit> {
-        let acquire = calls.clone().acquire_owned();
-        tokio::pin!(acquire);
-        let mut renew = self.lease_renewal();
-        loop {
-            tokio::select! {
-                permit = &mut acquire => return permit.ok(),
-                _ = renew.tick() => job.progress().await,
-                _ = self.stopping.cancelled() => return None,
-            }
+        tokio::select! {
+            permit = self.leased(job, calls.clone().acquire_owned()) => permit.ok(),
+            _ = self.stopping.cancelled() => None,
         }
     }
 
@@ -348,28 +335,19 @@ impl Worker {
         label: &str,
         retry_in: Duration,
     ) -> bool {
-        let stored = {
-            let store = self.dead_letters.store(entry);
-            tokio::pin!(store);
-            let mut renew = tokio::time::interval_at(
-                tokio::time::Instant::now() + self.progress_interval,
-                self.progress_interval,
-            );
-            loop {
-                tokio::select! {
-                    r = &mut store => break r,
-                    _ = renew.tick() => job.progress().await,
-                    _ = self.deadline.cancelled() => {
-                        // The entry may already be stored: handing the message back now
-                        // would run it again elsewhere. The store is bounded; give it a
-                        // moment to say how it went.
-                        match tokio::time::timeout(DRAIN_STORE_GRACE, &mut store).await {
-                            Ok(r) => break r,
-                            Err(_) => {
-                                job.settle(Settle::Nak(None)).await;
-                                return false;
-                            }
-                        }
+        let store = self.leased(job, self.dead_letters.store(entry));
+        tokio::pin!(store);
+        let stored = tokio::select! {
+            r = &mut store => r,
+            _ = self.deadline.cancelled() => {
+                // The entry may already be stored: handing the message back now would run
+                // it again elsewhere. The store is bounded; give it a moment to say how it
+                // went (still renewing the lease).
+                match tokio::time::timeout(DRAIN_STORE_GRACE, &mut store).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        job.settle(Settle::Nak(None)).await;
+                        return false;
                     }
                 }
             }

@@ -5,6 +5,7 @@
 //! - [`pull`]: ① the pull loop, which asks only for what its free slots can start.
 //! - [`flow`]: one message's straight line, from delivery to callback.
 //! - [`job`]: ② a delivered message, its decode and its settle (the JetStream ack kinds).
+//! - [`lease`]: keeping a message's lease while it waits or its call runs.
 //! - [`invoke`] (over [`connector`]): ③ the HTTP call to the function.
 //! - [`retry`]: ④ the pure decision: ack, retry later, or give up.
 //! - [`deadletter`]: ⑤ give-ups, stored in `OF_<queue>-dead` before the original is
@@ -17,6 +18,7 @@ pub mod deadletter;
 pub mod flow;
 pub mod invoke;
 pub mod job;
+pub mod lease;
 pub mod pull;
 pub mod retry;
 pub mod run;

@@ -133,7 +133,8 @@ enum Reset {
 }
 
 impl Puller {
-    /// Pulls until `stop` is cancelled, handing each message and its slot to `dispatch`.
+    /// Pulls until `stop` is cancelled (or the connection is closed for good), handing each
+    /// message and its slot to `dispatch`.
     /// The slot is `None` only for a message the loop did not ask for; the receiver must then
     /// wait for a slot itself. Messages that arrive after a reset or after `stop` are handed
     /// back to JetStream for immediate redelivery.
@@ -158,6 +159,11 @@ impl Puller {
             let mut sub = match self.client.subscribe(inbox.clone()).await {
                 Ok(sub) => sub,
                 Err(e) => {
+                    if self.generation.has_changed().is_err() {
+                        // Closed for good: see the select below.
+                        tracing::error!("the NATS connection is closed for good; pulls stop");
+                        return;
+                    }
                     tracing::warn!(error = %e, "cannot subscribe to pull inbox; retrying");
                     if sleep_or_stop(&stop, backoff).await {
                         return;
@@ -179,7 +185,12 @@ impl Puller {
                     self.client.connection_state() == async_nats::connection::State::Connected;
                 // A request made while disconnected would be queued and sent on the new
                 // connection after we have moved to a new inbox; wait for the reconnect.
-                if connected && free > 0 && (outstanding == 0 || free >= threshold) {
+                // None once stopping: its messages would be on the wire as the inbox goes.
+                if connected
+                    && free > 0
+                    && (outstanding == 0 || free >= threshold)
+                    && !stop.is_cancelled()
+                {
                     let n = self.limits.batch(free);
                     let payload = format!(
                         r#"{{"batch":{n},"expires":{},"idle_heartbeat":{}}}"#,
@@ -210,9 +221,11 @@ impl Puller {
                     _ = stop.cancelled() => break Reset::Stop,
                     changed = self.generation.changed() => {
                         if changed.is_err() {
-                            // The connection is gone for good; only shutdown is left.
-                            stop.cancelled().await;
-                            break Reset::Stop;
+                            // The connection is closed for good: nothing can be pulled any
+                            // more. End, so the worker exits and is restarted (app.rs
+                            // supervises this task) rather than stay up doing nothing.
+                            tracing::error!("the NATS connection is closed for good; pulls stop");
+                            return;
                         }
                         break Reset::Reconnected;
                     }

@@ -1,10 +1,16 @@
 //! Wiring: metrics and health first (so probes answer during start-up), then NATS, the stream
 //! and consumer, the state poller and the pull loop; and the drain on shutdown.
 //!
+//! The pull loop and the state poller are supervised: if either ends on its own (a panic, a
+//! return nobody asked for), the worker turns unready, drains as at a shutdown and ends with
+//! an error, so the process exits non-zero and is restarted rather than stay "ready" doing
+//! nothing. Both are aborted if `work` is left early, so no start-up error leaks them.
+//!
 //! Shutdown order: not ready → stop pulling (messages that arrived after that are handed
 //! back) → running calls finish within `drain_timeout` and are settled → at the deadline the
 //! rest are NAKed without delay, so another replica takes them at once → flush acks → exit.
 
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,7 +20,7 @@ use anyhow::Context as _;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::config::Config;
 use crate::nats::stream::{self, DeadLetterLayout, Layout, LayoutError};
@@ -49,7 +55,9 @@ impl Running {
         self.task.is_finished()
     }
 
-    /// Waits until the worker has stopped: after a shutdown and drain, or on a fatal error.
+    /// Waits until the worker has stopped: after a shutdown and drain, or on a fatal error
+    /// (`Err`), which includes the pull loop or the state poller ending on its own
+    /// ([`TaskEnded`], after a drain).
     pub async fn wait(self) -> anyhow::Result<()> {
         self.task.await.context("worker task panicked")?
     }
@@ -123,6 +131,23 @@ async fn work(
         ackWait = ?config.ack_wait,
         "Starting queue-worker"
     );
+    // Everything that can refuse the configuration, before anything connects or is spawned.
+    let (gateway, gateway_auth) = crate::worker::invoke::split_gateway(&config.gateway_url);
+    let invoker = Invoker::new(
+        &hyper::Uri::try_from(gateway.as_str())
+            .with_context(|| format!("gateway_url {gateway:?}"))?,
+        config.upstream_timeout,
+        config.max_inflight,
+        gateway_auth,
+    )?;
+    let callbacks = Callbacks::new(config.callback.clone(), metrics.clone())?;
+    let decoder = Decoder::new(
+        &gateway,
+        &config.default_namespace,
+        config.max_message_bytes,
+    )
+    .with_context(|| format!("gateway_url {gateway:?} is not a base URL"))?;
+
     let conn = crate::nats::connect(&config.nats, metrics.reconnects.clone()).await?;
     let client = conn.client.clone();
     let _ = health.nats.set(client.clone());
@@ -167,14 +192,17 @@ async fn work(
     tracing::info!(stream = %layout.stream, durable = %layout.durable, "Subscribed");
 
     let poller_stop = CancellationToken::new();
-    let poller = tokio::spawn(poll_state(
-        js.clone(),
-        layout.clone(),
-        config.stream_poll_interval,
-        metrics.clone(),
-        health.clone(),
-        poller_stop.clone(),
-    ));
+    let poller = Essential::spawn(
+        "state poller",
+        poll_state(
+            js.clone(),
+            layout.clone(),
+            config.stream_poll_interval,
+            metrics.clone(),
+            health.clone(),
+            poller_stop.clone(),
+        ),
+    );
 
     // Pull slots: one per call, plus the prefetch (messages that may wait for a call slot).
     let slots = Arc::new(Semaphore::new(config.max_inflight + config.prefetch));
@@ -182,24 +210,12 @@ async fn work(
     let intake = CancellationToken::new();
     let tracker = TaskTracker::new();
     let deadline = CancellationToken::new();
-    let (gateway, gateway_auth) = crate::worker::invoke::split_gateway(&config.gateway_url);
     let worker = Arc::new(Worker {
-        invoker: Invoker::new(
-            &hyper::Uri::try_from(gateway.as_str())
-                .with_context(|| format!("gateway_url {gateway:?}"))?,
-            config.upstream_timeout,
-            config.max_inflight,
-            gateway_auth,
-        )?,
-        callbacks: Callbacks::new(config.callback.clone(), metrics.clone())?,
+        invoker,
+        callbacks,
         metrics: metrics.clone(),
         retry: config.retry.clone(),
-        decoder: Decoder::new(
-            &gateway,
-            &config.default_namespace,
-            config.max_message_bytes,
-        )
-        .with_context(|| format!("gateway_url {gateway:?} is not a base URL"))?,
+        decoder,
         dead_letters: DeadLetters::new(
             js.clone(),
             dead_layout,
@@ -228,20 +244,28 @@ async fn work(
     };
     let pull_worker = worker.clone();
     let pull_stop = intake.clone();
-    let pull_task = tokio::spawn(async move {
+    let pull_task = Essential::spawn("pull loop", async move {
         puller
             .run(pull_stop, move |msg, slot| pull_worker.dispatch(msg, slot))
             .await
     });
 
-    shutdown.cancelled().await;
-    // The drain deadline counts from the signal, whatever stopping the intake takes.
+    let mut essential = [pull_task, poller];
+    let fault = supervise(shutdown, &mut essential).await.err();
+    let [pull_task, poller] = essential;
+    // The drain deadline counts from the signal (or the fault), whatever stopping the intake
+    // takes.
     let drain_deadline = tokio::time::Instant::now() + config.drain_timeout;
     health.draining.store(true, Ordering::Relaxed);
     let running = tracker.len();
-    tracing::info!(drain_timeout = ?config.drain_timeout, running, "Draining: no new work is pulled");
+    if let Some(fault) = &fault {
+        health.failed.store(true, Ordering::Relaxed);
+        tracing::error!(task = fault.task, how = %fault.how, drain_timeout = ?config.drain_timeout, running, "A worker task stopped unexpectedly; draining, then exiting with an error");
+    } else {
+        tracing::info!(drain_timeout = ?config.drain_timeout, running, "Draining: no new work is pulled");
+    }
     intake.cancel();
-    let _ = pull_task.await;
+    pull_task.join().await;
     tracker.close();
     if tokio::time::timeout_at(drain_deadline, tracker.wait())
         .await
@@ -259,13 +283,86 @@ async fn work(
         }
     }
     poller_stop.cancel();
-    let _ = poller.await;
+    poller.join().await;
     // Acks are fire-and-forget publishes: make sure they left before the process ends.
     if let Err(e) = tokio::time::timeout(Duration::from_secs(5), client.flush()).await {
         tracing::warn!(error = %e, "could not flush NATS before exit");
     }
-    tracing::info!("Stopped");
-    Ok(())
+    match fault {
+        Some(fault) => Err(fault.into()),
+        None => {
+            tracing::info!("Stopped");
+            Ok(())
+        }
+    }
+}
+
+/// A task the worker cannot do without ended before it was asked to stop.
+#[derive(Debug, thiserror::Error)]
+#[error("the {task} stopped unexpectedly ({how})")]
+pub struct TaskEnded {
+    pub task: &'static str,
+    /// "returned", or the panic's message.
+    pub how: String,
+}
+
+/// A task the worker cannot do without (the pull loop, the state poller). It is aborted if
+/// dropped, so leaving `work` early (a start-up error, a panic) never leaves it running.
+struct Essential {
+    name: &'static str,
+    /// `None` once the task's end was seen.
+    handle: Option<AbortOnDropHandle<()>>,
+}
+
+impl Essential {
+    fn spawn(name: &'static str, task: impl Future<Output = ()> + Send + 'static) -> Essential {
+        Essential {
+            name,
+            handle: Some(AbortOnDropHandle::new(tokio::spawn(task))),
+        }
+    }
+
+    /// Resolves when the task ends, saying how; never, once that was seen. Cancel-safe.
+    async fn ended(&mut self) -> TaskEnded {
+        let Some(handle) = self.handle.as_mut() else {
+            return std::future::pending().await;
+        };
+        let result = handle.await;
+        self.handle = None;
+        let how = match result {
+            Ok(()) => "returned".to_string(),
+            Err(e) if e.is_panic() => {
+                let panic = e.into_panic();
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("no message");
+                format!("panicked: {msg}")
+            }
+            Err(e) => e.to_string(),
+        };
+        TaskEnded {
+            task: self.name,
+            how,
+        }
+    }
+
+    /// Waits for the task to end, once it was asked to.
+    async fn join(mut self) {
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.await;
+        }
+    }
+}
+
+/// Waits for `shutdown`, or for one of `tasks` to end first: then `Err` says which and how.
+async fn supervise(shutdown: &CancellationToken, tasks: &mut [Essential]) -> Result<(), TaskEnded> {
+    let ended = futures_util::future::select_all(tasks.iter_mut().map(|t| Box::pin(t.ended())));
+    tokio::select! {
+        _ = shutdown.cancelled() => Ok(()),
+        (fault, _, _) = ended => Err(fault),
+    }
 }
 
 /// Reads stream and consumer state every `interval`: the pending gauge (what OpenFaaS's
@@ -305,5 +402,103 @@ async fn poll_state(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// Sets its flag when dropped: a task holding one has stopped.
+    struct Dropped(Arc<AtomicBool>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn forever(flag: &Arc<AtomicBool>) -> impl Future<Output = ()> + Send + 'static {
+        let guard = Dropped(flag.clone());
+        async move {
+            let _guard = guard;
+            std::future::pending::<()>().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_ends_on_its_own_ends_the_supervision() {
+        type Case = (&'static str, fn() -> Essential, &'static str);
+        let cases: [Case; 2] = [
+            (
+                "panic",
+                || {
+                    Essential::spawn("pull loop", async {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        panic!("boom");
+                    })
+                },
+                "panicked: boom",
+            ),
+            (
+                "return",
+                || {
+                    Essential::spawn("pull loop", async {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    })
+                },
+                "returned",
+            ),
+        ];
+        for (what, faulty, how) in cases {
+            let shutdown = CancellationToken::new();
+            let other = Arc::new(AtomicBool::new(false));
+            let mut tasks = [faulty(), Essential::spawn("state poller", forever(&other))];
+            let result =
+                tokio::time::timeout(Duration::from_secs(60), supervise(&shutdown, &mut tasks))
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("{what}: the supervision went on after the task ended")
+                    });
+            let fault = result.expect_err(what);
+            assert_eq!(
+                (fault.task, fault.how.as_str()),
+                ("pull loop", how),
+                "{what}"
+            );
+            assert!(
+                !other.load(Ordering::SeqCst),
+                "{what}: the other task was stopped early"
+            );
+            drop(tasks);
+            tokio::task::yield_now().await;
+            assert!(
+                other.load(Ordering::SeqCst),
+                "{what}: the other task outlived its owner"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_ends_the_supervision_without_error() {
+        let shutdown = CancellationToken::new();
+        let flag = Arc::new(AtomicBool::new(false));
+        let mut tasks = [Essential::spawn("pull loop", forever(&flag))];
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            stop.cancel();
+        });
+        assert!(supervise(&shutdown, &mut tasks).await.is_ok());
+        assert!(!flag.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_failed_task_makes_the_worker_unready() {
+        let health = Health::default();
+        health.failed.store(true, Ordering::Relaxed);
+        assert_eq!(health.readiness(), Err("a worker task stopped; exiting"));
     }
 }

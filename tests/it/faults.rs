@@ -479,3 +479,51 @@ async fn a_black_hole_callback_receiver_leaves_the_worker_process_small() {
     assert!(ids.iter().all(|id| received.contains(id)));
     child.kill().await.unwrap();
 }
+
+/// The worker's NATS connection closed for good (here: its client drained by hand; the
+/// worker itself reconnects forever): the pull loop can never pull again, so the worker turns unready,
+/// drains and ends with an error (the process exits non-zero and is restarted) instead of
+/// staying up doing nothing.
+#[tokio::test]
+async fn a_pull_loop_that_can_never_pull_again_ends_the_worker_with_an_error() {
+    let env = Env::start().await;
+    let worker = env.worker(&[]).await;
+    let client = worker.health.nats.get().unwrap().clone();
+    client.drain().await.unwrap();
+
+    let health = worker.health.clone();
+    let result = tokio::time::timeout(Duration::from_secs(10), worker.wait())
+        .await
+        .expect("the worker ends on its own once its pull loop has stopped");
+    let err = result.expect_err("a worker whose pull loop stopped ends with an error");
+    assert!(err.to_string().contains("pull loop"), "{err:#}");
+    assert_eq!(health.readiness(), Err("a worker task stopped; exiting"));
+}
+
+/// A start-up error after NATS was reached (a gateway URL the HTTP client refuses, set here
+/// past the config's own check) leaves nothing running: no state poller keeps reading the
+/// stream for a worker that is gone.
+#[tokio::test]
+async fn a_start_up_error_leaves_no_task_running() {
+    let env = Env::start().await;
+    let mut config = env.config(&[]);
+    config.gateway_url = queue_worker::config::Redacted("http://gw{x}:8080".parse().unwrap());
+    let worker = queue_worker::worker::start(config.clone()).await.unwrap();
+    let metrics = worker.metrics.clone();
+    let err = tokio::time::timeout(Duration::from_secs(10), worker.wait())
+        .await
+        .expect("the worker ends on the start-up error")
+        .expect_err("a gateway URL the HTTP client refuses is a start-up error");
+    assert!(err.to_string().contains("gateway_url"), "{err:#}");
+
+    // A leaked poller would publish the queue's depth within a few of its 100ms polls.
+    crate::support::submit(&config, "anything", 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = queue_worker::telemetry::metrics::render(metrics.registry());
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("queue_worker_pending_messages{") && l.ends_with(" 1")),
+        "a task of the failed worker is still polling the stream:\n{text}"
+    );
+}

@@ -190,3 +190,39 @@ async fn wait_ack_pending(env: &Env, n: u64) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A drain in the middle of a busy stream of deliveries: whatever the server was delivering
+/// to the draining worker as it stopped pulling (buffered, or still on the wire) is handed
+/// back at once, so a second worker runs every message long before `ack_wait` (30 s).
+#[tokio::test]
+async fn deliveries_that_race_the_drain_are_handed_back_at_once() {
+    let env = Env::start().await;
+    env.gateway.script(
+        "race",
+        vec![Step::status(200).delay(Duration::from_millis(5))],
+    );
+    let config = env.config(&[
+        ("max_inflight", "64"),
+        ("ack_wait", "30s"),
+        ("drain_timeout", "2s"),
+    ]);
+    let ids = crate::support::submit(&config, "race", 3000).await;
+    let first = queue_worker::worker::start(config.clone()).await.unwrap();
+    env.gateway
+        .wait_for("the first calls", Duration::from_secs(10), |g| {
+            g.calls().len() >= 300
+        })
+        .await;
+    first.shutdown();
+    first.wait().await.unwrap();
+
+    let second = queue_worker::worker::start(config).await.unwrap();
+    env.gateway
+        .wait_for("every message invoked", Duration::from_secs(10), |g| {
+            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
+            ids.iter().all(|id| seen.contains(id))
+        })
+        .await;
+    env.wait_drained(Duration::from_secs(3)).await;
+    crate::support::stop(second).await;
+}
