@@ -42,11 +42,11 @@ pub fn write_out(args: std::fmt::Arguments<'_>) {
     match result {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            crate::logging::flush();
+            crate::logging::finish();
             std::process::exit(0)
         }
         Err(e) => {
-            crate::logging::flush();
+            crate::logging::finish();
             eprintln!("queue-worker: cannot write output: {e}");
             std::process::exit(1)
         }
