@@ -77,6 +77,7 @@ fn main() -> ExitCode {
     let runtime = match runtime(threads) {
         Ok(rt) => rt,
         Err(e) => {
+            queue_worker::telemetry::logging::finish();
             eprintln!("queue-worker: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
@@ -89,7 +90,16 @@ fn main() -> ExitCode {
     let result = runtime.block_on(queue_worker::cli::commands::run(cli.command, config));
     // Tasks still running are dropped with the runtime and may log: write after that.
     drop(runtime);
-    queue_worker::telemetry::logging::flush();
+    let plain =
+        |e: &anyhow::Error| e.is::<CliError>() || e.is::<ConnectError>() || e.is::<ConfigError>();
+    if let Err(e) = &result {
+        if !plain(e) {
+            tracing::error!("{e:#}");
+        }
+    }
+    // Everything logged is written (unless it was dropped for a full queue) before the
+    // last message below, which goes straight to stderr.
+    queue_worker::telemetry::logging::finish();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // Settings only a command reads when it starts (the front door's secret files).
@@ -97,7 +107,7 @@ fn main() -> ExitCode {
             eprintln!("queue-worker: configuration error: {e}");
             ExitCode::from(2)
         }
-        Err(e) if e.is::<CliError>() || e.is::<ConnectError>() => {
+        Err(e) if plain(&e) => {
             let e = match e.downcast::<ConnectError>() {
                 Ok(c) => CliError::from(c),
                 Err(e) => e.downcast::<CliError>().expect("checked above"),
@@ -106,7 +116,6 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
         Err(e) => {
-            tracing::error!("{e:#}");
             eprintln!("queue-worker: {e:#}");
             ExitCode::from(1)
         }

@@ -44,11 +44,11 @@ pub fn write_out(args: std::fmt::Arguments<'_>) {
     match result {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            crate::telemetry::logging::flush();
+            crate::telemetry::logging::finish();
             std::process::exit(0)
         }
         Err(e) => {
-            crate::telemetry::logging::flush();
+            crate::telemetry::logging::finish();
             eprintln!("queue-worker: cannot write output: {e}");
             std::process::exit(1)
         }

@@ -6,11 +6,11 @@
 //! so a flood of made-up function names cannot exhaust memory or the scraper.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus::{
-    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, Opts,
-    Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, Opts, Registry, TextEncoder,
 };
 
 /// Distinct `function_name` values before new names share `_other`.
@@ -45,7 +45,21 @@ pub const NAMES: &[&str] = &[
     "queue_worker_frontdoor_duplicates_total",
     "queue_worker_frontdoor_rejected_total",
     "queue_worker_frontdoor_publish_seconds",
+    "queue_worker_log_lines_dropped_total",
 ];
+
+/// Log lines dropped because stderr did not take them (see `logging`): one per process,
+/// exported by the worker and the front door alike.
+pub fn log_lines_dropped() -> &'static IntCounter {
+    static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+        IntCounter::new(
+            "queue_worker_log_lines_dropped_total",
+            "Log lines dropped because stderr did not take them fast enough (the log queue was full); logging never holds up calls.",
+        )
+        .unwrap()
+    });
+    &DROPPED
+}
 
 /// Handles resolved once per function, so the hot path does not hash label sets.
 pub struct FunctionMetrics {
@@ -229,6 +243,7 @@ impl Metrics {
             Box::new(callbacks_pending_bytes.clone()),
             Box::new(callback_budget_wait.clone()),
             Box::new(max_inflight_g.clone()),
+            Box::new(log_lines_dropped().clone()),
         ] {
             registry.register(c).unwrap();
         }
@@ -398,6 +413,7 @@ impl FrontDoorMetrics {
             Box::new(rejected.clone()),
             Box::new(publish_seconds.clone()),
             Box::new(reconnects.clone()),
+            Box::new(log_lines_dropped().clone()),
         ] {
             registry.register(c).unwrap();
         }

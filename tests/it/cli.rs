@@ -670,3 +670,76 @@ async fn function_calls_go_through_the_environments_proxy() {
         .await
         .unwrap();
 }
+
+/// A log reader that stalls (a slow container log driver) must not stop the worker: its
+/// stderr is a pipe nobody reads until the end, and the jobs log far more than the pipe's
+/// 64 KiB and the worker's log queue hold (`debug` logs each 2 KiB body). Every job is still
+/// called once and acknowledged, the lines that did not fit are counted, and after the
+/// reader catches up the worker stops on SIGTERM as usual.
+#[tokio::test]
+async fn a_stalled_stderr_drops_lines_but_never_holds_up_calls() {
+    let env = crate::support::Env::start().await;
+    let port = queue_worker::dev::natsd::free_port().unwrap();
+    let mut child = Spawned::new(
+        worker()
+            .env("nats_url", env.nats.url())
+            .env("gateway_url", env.gateway.url())
+            .env("metrics_port", port.to_string())
+            .env("ack_wait", "2s")
+            .env("log_flush_interval", "10ms")
+            .env("debug", "true")
+            .stderr(std::process::Stdio::piped()),
+    );
+    // Held, unread, until the end.
+    let stderr = child.get().stderr.take().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !reqwest::get(format!("{base}/readyz"))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(std::time::Instant::now() < deadline, "worker not ready");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let n = 1_000;
+    let sub = queue_worker::message::publish::Submission {
+        function: "echo".into(),
+        body: vec![b'x'; 2048],
+        ..Default::default()
+    };
+    let ids = queue_worker::message::publish::publish(&env.config(&[]), &sub, n)
+        .await
+        .unwrap();
+    env.wait_drained(std::time::Duration::from_secs(20)).await;
+    let calls = env.gateway.calls();
+    assert_eq!(calls.len(), n, "each job called exactly once");
+    let called: std::collections::HashSet<String> = calls.iter().map(|c| c.call_id()).collect();
+    assert_eq!(called, ids.into_iter().collect(), "every job called");
+
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("queue_worker_log_lines_dropped_total "))
+        .unwrap_or_else(|| panic!("no dropped-lines metric:\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(dropped > 0.0, "{metrics}");
+
+    // The reader catches up; what was queued, and the shutdown, is written.
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut { stderr }, &mut text).unwrap();
+        text
+    });
+    tokio::task::spawn_blocking(move || terminate(child))
+        .await
+        .unwrap();
+    let text = reader.join().unwrap();
+    assert!(text.contains(" Invoked "), "{text}");
+    assert!(text.contains("Stopped"), "{text}");
+}
