@@ -226,3 +226,55 @@ async fn deliveries_that_race_the_drain_are_handed_back_at_once() {
     env.wait_drained(Duration::from_secs(3)).await;
     crate::support::stop(second).await;
 }
+
+/// Messages the server is delivering to a worker's waiting pull requests at the moment its
+/// drain starts must be handed back, never left to wait `ack_wait` (30 s here) on a worker
+/// that is gone. Each round starts an idle worker (its pull requests wait on the server),
+/// publishes a burst, and stops the worker while the burst is being delivered; a last worker
+/// must then run every job within a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_during_a_burst_leaves_nothing_waiting_for_ack_wait() {
+    let env = Env::start().await;
+    env.gateway.script("burst", vec![Step::status(200)]);
+    let config = env.config(&[("ack_wait", "30s")]);
+    let overrides = [("max_inflight", "64"), ("ack_wait", "30s")];
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let worker = env.worker(&overrides).await;
+        // Its pull requests are waiting on the server.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while env.consumer().await.num_waiting == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no pull request reached the server"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let before = env.gateway.calls().len();
+        let publisher = {
+            let config = config.clone();
+            tokio::spawn(async move { crate::support::submit(&config, "burst", 100).await })
+        };
+        env.gateway
+            .wait_for("the burst's first call", Duration::from_secs(10), |g| {
+                g.calls().len() > before
+            })
+            .await;
+        worker.shutdown();
+        worker.wait().await.unwrap();
+        ids.extend(publisher.await.unwrap());
+    }
+    let last = env.worker(&overrides).await;
+    env.gateway
+        .wait_for(
+            "every job, well within ack_wait",
+            Duration::from_secs(8),
+            |g| {
+                let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
+                ids.iter().all(|id| seen.contains(id))
+            },
+        )
+        .await;
+    env.wait_drained(Duration::from_secs(3)).await;
+    crate::support::stop(last).await;
+}
