@@ -36,3 +36,87 @@ pub mod nats;
 pub mod telemetry;
 pub mod tls;
 pub mod worker;
+
+/// The layout's rules, checked on the source text (`use` lines and paths): what
+/// ARCHITECTURE.md states as invariants about which module may know which.
+#[cfg(test)]
+mod layout_rules {
+    use std::path::{Path, PathBuf};
+
+    fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
+        if dir.is_file() {
+            out.push(dir.to_path_buf());
+            return;
+        }
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                sources(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// Files under `src/<under>` that name `crate::<what>`.
+    fn naming(under: &str, what: &str) -> Vec<String> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        sources(&root.join(under), &mut files);
+        let needle = format!("crate::{what}");
+        files
+            .into_iter()
+            .filter(|f| {
+                let text = std::fs::read_to_string(f).unwrap();
+                text.lines()
+                    .filter(|l| !l.trim_start().starts_with("//"))
+                    .any(|l| l.contains(&needle))
+            })
+            .map(|f| f.strip_prefix(&root).unwrap().display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn development_helpers_stay_off_the_production_path() {
+        for stage in [
+            "worker",
+            "frontdoor",
+            "nats",
+            "message",
+            "config",
+            "telemetry",
+        ] {
+            assert_eq!(
+                naming(stage, "dev"),
+                Vec::<String>::new(),
+                "{stage}/ uses dev/"
+            );
+        }
+    }
+
+    #[test]
+    fn dependencies_run_one_way() {
+        // The job knows its give-up reasons; the dead-letter store knows nothing of decoding.
+        assert_eq!(
+            naming("worker/deadletter.rs", "worker::job"),
+            Vec::<String>::new()
+        );
+        // What producers write knows nothing of how it is run, served or operated.
+        for later in ["worker", "frontdoor", "cli"] {
+            assert_eq!(
+                naming("message", later),
+                Vec::<String>::new(),
+                "message/ uses {later}"
+            );
+        }
+        for stage in ["worker", "nats", "message", "config", "telemetry"] {
+            for entry in ["frontdoor", "cli"] {
+                assert_eq!(
+                    naming(stage, entry),
+                    Vec::<String>::new(),
+                    "{stage}/ uses {entry}/"
+                );
+            }
+        }
+    }
+}

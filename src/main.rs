@@ -78,7 +78,9 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             queue_worker::telemetry::logging::finish();
-            eprintln!("queue-worker: cannot start the runtime: {e}");
+            queue_worker::telemetry::logging::last_words(format_args!(
+                "queue-worker: cannot start the runtime: {e}"
+            ));
             return ExitCode::from(1);
         }
     };
@@ -104,7 +106,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // Settings only a command reads when it starts (the front door's secret files).
         Err(e) if e.is::<ConfigError>() => {
-            eprintln!("queue-worker: configuration error: {e}");
+            queue_worker::telemetry::logging::last_words(format_args!(
+                "queue-worker: configuration error: {e}"
+            ));
             ExitCode::from(2)
         }
         Err(e) if plain(&e) => {
@@ -112,11 +116,11 @@ fn main() -> ExitCode {
                 Ok(c) => CliError::from(c),
                 Err(e) => e.downcast::<CliError>().expect("checked above"),
             };
-            eprintln!("queue-worker: {e}");
+            queue_worker::telemetry::logging::last_words(format_args!("queue-worker: {e}"));
             ExitCode::from(e.exit_code())
         }
         Err(e) => {
-            eprintln!("queue-worker: {e:#}");
+            queue_worker::telemetry::logging::last_words(format_args!("queue-worker: {e:#}"));
             ExitCode::from(1)
         }
     }

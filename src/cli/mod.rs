@@ -49,7 +49,9 @@ pub fn write_out(args: std::fmt::Arguments<'_>) {
         }
         Err(e) => {
             crate::telemetry::logging::finish();
-            eprintln!("queue-worker: cannot write output: {e}");
+            crate::telemetry::logging::last_words(format_args!(
+                "queue-worker: cannot write output: {e}"
+            ));
             std::process::exit(1)
         }
     }

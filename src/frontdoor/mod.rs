@@ -161,7 +161,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::warn!("{w}");
     }
     // Read here, not by `Config::load`: the worker shares the settings but not the files.
-    let file_auth = config.frontdoor.gateway_auth()?;
+    // Only the function lookups use them.
+    let file_auth = if config.frontdoor.check_function {
+        config.frontdoor.gateway_auth()?
+    } else {
+        if config.frontdoor.secret_mount_path.is_some() {
+            tracing::info!("secret_mount_path is not read: frontdoor_check_function is off");
+        }
+        None
+    };
     let metrics = FrontDoorMetrics::new();
     let health = Arc::new(Health::default());
     let shutdown = CancellationToken::new();

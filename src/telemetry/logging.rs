@@ -40,14 +40,15 @@ pub const MAX_QUEUED: usize = 1 << 20;
 const MAX_BATCHES: usize = 1024;
 /// At exit, how long stderr may take no line before the rest is given up.
 const EXIT_IDLE: Duration = Duration::from_secs(1);
-/// In the panic hook, how long the lines before the panic may take to be written, after which
-/// the panic message is queued like a line rather than written on the panicking thread.
+/// In the panic hook, how long the panic message (queued like any line) may take to be
+/// written before the panicking thread goes on.
 const PANIC_WAIT: Duration = Duration::from_millis(100);
 
 /// Lines not yet handed over, and where they go.
 static STATE: Mutex<State> = Mutex::new(State {
     buffer: Vec::new(),
     out: None,
+    stalled: false,
 });
 /// Wakes [`flush_periodically`] when the buffer gets its first line.
 static PENDING: Notify = Notify::const_new();
@@ -66,6 +67,8 @@ struct State {
     /// The writer thread's queue; `None` before [`init`] and after [`finish`], when lines are
     /// written directly.
     out: Option<Out>,
+    /// [`finish`] found stderr not taking lines: later ones are dropped, not written.
+    stalled: bool,
 }
 
 struct Out {
@@ -125,23 +128,26 @@ pub fn init(encoding: LogEncoding, debug: bool, quiet: bool, flush_interval: Dur
     *lock(&GUARD) = Some(guard);
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        // The lines before the panic first. Never wait for a lock here: the panicking
-        // thread may hold it.
-        if let Ok(mut state) = STATE.try_lock() {
-            state.hand_over();
-        }
-        if wait_written(PANIC_WAIT, PANIC_WAIT) {
+        // The message goes the way of every line, after the lines before it: written
+        // directly, as the default hook does, it would block this thread (perhaps the
+        // runtime's) for as long as a stalled stderr does. Never wait for the lock: the
+        // panicking thread may hold it, and then the default hook is all there is.
+        let Ok(mut state) = STATE.try_lock() else {
             previous(info);
             return;
-        }
-        // stderr is not taking lines: writing the message here would block this thread
-        // (perhaps the runtime's) for as long as it stalls. Queue it like a line.
+        };
         let thread = std::thread::current();
-        let text = format!("thread '{}' {info}\n", thread.name().unwrap_or("<unnamed>"));
-        if let Ok(mut state) = STATE.try_lock() {
-            state.buffer.extend_from_slice(text.as_bytes());
-            state.hand_over();
+        let mut text = format!("thread '{}' {info}\n", thread.name().unwrap_or("<unnamed>"));
+        let trace = std::backtrace::Backtrace::capture();
+        if trace.status() == std::backtrace::BacktraceStatus::Captured {
+            text.push_str(&format!("stack backtrace:\n{trace}\n"));
         }
+        state.buffer.extend_from_slice(text.as_bytes());
+        state.hand_over();
+        drop(state);
+        // A panic may end the process (in `main`, or with panic=abort): give the writer a
+        // moment, bounded, so the message is not lost.
+        wait_written(PANIC_WAIT, PANIC_WAIT);
     }));
 }
 
@@ -162,19 +168,24 @@ pub fn flush() {
 
 /// At exit: hands over what is buffered, waits until the writer thread has written it all
 /// (as long as stderr takes lines; after a second without progress the rest is given up,
-/// since the process must still exit), and stops the thread. Lines logged afterwards are
-/// written directly.
-pub fn finish() {
+/// since the process must still exit), and stops the thread. Returns whether stderr took
+/// everything; when it did not, it is stalled, and lines logged afterwards are dropped
+/// rather than written directly (which would hang the exit). Otherwise they are written
+/// directly.
+pub fn finish() -> bool {
     let out = {
         let mut state = lock(&STATE);
         state.hand_over();
         state.out.take()
     };
-    let Some(out) = out else { return };
+    let Some(out) = out else {
+        return !lock(&STATE).stalled;
+    };
     drop(out);
     let drained = wait_written(EXIT_IDLE, Duration::MAX);
+    lock(&STATE).stalled = !drained;
     let Some(guard) = lock(&GUARD).take() else {
-        return;
+        return drained;
     };
     if drained {
         // Stops the thread, which has nothing left to write.
@@ -184,6 +195,7 @@ pub fn finish() {
         // a complaint. The thread ends with the process.
         std::mem::forget(guard);
     }
+    drained
 }
 
 /// Waits until the writer thread has written everything handed to it; false when it wrote
@@ -227,6 +239,10 @@ impl State {
                     crate::telemetry::metrics::log_lines_dropped().inc_by(lines as u64);
                 }
             }
+            None if self.stalled => {
+                let lines = self.buffer.iter().filter(|&&b| b == b'\n').count().max(1);
+                crate::telemetry::metrics::log_lines_dropped().inc_by(lines as u64);
+            }
             // Nowhere else to report a failed log write; the lines are dropped.
             None => {
                 let _ = std::io::stderr().lock().write_all(&self.buffer);
@@ -244,7 +260,9 @@ impl Out {
     fn send(&mut self, batch: &[u8]) -> bool {
         {
             let mut queue = lock(&QUEUE);
-            if queue.bytes + batch.len() > MAX_QUEUED {
+            // One batch bigger than the whole bound (a debug line with a large body) still
+            // goes when nothing else is queued.
+            if queue.bytes > 0 && queue.bytes + batch.len() > MAX_QUEUED {
                 return false;
             }
             queue.bytes += batch.len();
@@ -329,4 +347,14 @@ impl std::io::Write for Line {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// The process's last message, after [`finish`]: written straight to stderr like
+/// `eprintln!`, unless [`finish`] found stderr stalled, where the write would hang the exit
+/// (the same error was logged, and queued, before).
+pub fn last_words(text: std::fmt::Arguments<'_>) {
+    if lock(&STATE).stalled {
+        return;
+    }
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
 }

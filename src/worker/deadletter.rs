@@ -250,9 +250,11 @@ impl DeadLetters {
         store_id(&self.work_stream, entry.original_sequence, &entry.payload)
     }
 
-    /// Stores an entry and waits for JetStream to confirm it. Tries three times over about a
-    /// second, re-creating the stream if it was deleted; the caller keeps the original
-    /// message when this fails.
+    /// Stores an entry and waits for JetStream to confirm it. Tries three times, 1.25 s of
+    /// pauses apart, each try waiting up to the client's request timeout (5 s) for the
+    /// stream's acknowledgement, so up to about 16 s when JetStream does not answer;
+    /// re-creates the stream if it was deleted. The caller keeps the original message when
+    /// this fails.
     pub async fn store(&self, entry: &Entry<'_>) -> Result<(), DeadLetterError> {
         let subject = match entry.function_label {
             Some(f) => f.subject(&self.layout.prefix),

@@ -29,7 +29,10 @@ use crate::worker::lease::with_lease;
 use crate::worker::retry::{decide, Decision, GiveUpReason, RetryPolicy};
 
 /// How long a dead-letter store may go on after the drain deadline before the message is
-/// handed back (within the 5 s the drain allows tasks after its deadline).
+/// handed back (within the 5 s the drain allows tasks after its deadline). A store that
+/// JetStream confirms later than that has stored an entry for a message that is then run
+/// again elsewhere: its second give-up is the same entry (the dedup id), but the call runs
+/// twice. Only a store stalled at the very deadline meets this.
 const DRAIN_STORE_GRACE: Duration = Duration::from_secs(2);
 
 /// Shared by every job task.
@@ -245,7 +248,7 @@ impl Worker {
                 };
                 let entry = Entry {
                     reason: reason.into(),
-                    function: Some(&inv.request.function),
+                    function: Some(inv.function.as_written()),
                     function_label: Some(&inv.function),
                     attempts: job.attempt,
                     last_status: Some(&status),
@@ -388,7 +391,8 @@ impl Worker {
         let cb = Callback {
             url,
             call_id: inv.call_id,
-            function: inv.request.function,
+            // As the function was called (the decoder trims what was submitted).
+            function: inv.function.as_written().to_string(),
             status: outcome.status,
             duration: job.received.elapsed(),
             attempt: job.attempt,
@@ -414,6 +418,7 @@ impl Worker {
             }
             _ = self.deadline.cancelled() => {
                 tracing::warn!(callId = %cb.call_id, "Drain deadline reached; callback abandoned");
+                self.metrics.callback("abandoned");
                 None
             }
         }
@@ -425,12 +430,14 @@ impl Worker {
     fn send_callback(&self, cb: Callback, place: Reservation) {
         let callbacks = self.callbacks.clone();
         let deadline = self.deadline.clone();
+        let metrics = self.metrics.clone();
         self.tracker.spawn(async move {
             let call_id = cb.call_id.clone();
             tokio::select! {
                 _ = callbacks.deliver(cb) => {}
                 _ = deadline.cancelled() => {
                     tracing::warn!(callId = %call_id, "Drain deadline reached; callback abandoned");
+                    metrics.callback("abandoned");
                 }
             }
             drop(place);

@@ -384,7 +384,13 @@ async fn poll_state(
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        match stream::read_state(&js, &layout).await {
+        // A read in progress (two JetStream requests, each up to its timeout while NATS is
+        // away) must not hold up the end of a drain.
+        let state = tokio::select! {
+            state = stream::read_state(&js, &layout) => state,
+            _ = stop.cancelled() => return,
+        };
+        match state {
             Ok(state) => {
                 metrics
                     .pending

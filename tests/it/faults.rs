@@ -398,11 +398,19 @@ async fn the_drain_deadline_abandons_callbacks_waiting_for_budget() {
         )
         .await;
     let stopping = std::time::Instant::now();
+    let metrics = worker.metrics.clone();
     crate::support::stop(worker).await;
     assert!(
         stopping.elapsed() < Duration::from_secs(5),
         "drain took {:?}",
         stopping.elapsed()
+    );
+    // The one in delivery and the two waiting for a place: lost, and counted as such.
+    let text = queue_worker::telemetry::metrics::render(metrics.registry());
+    assert!(
+        text.lines().any(|l| l
+            == r#"queue_worker_callbacks_total{queue_name="faas-request",result="abandoned"} 3"#),
+        "{text}"
     );
     let c = env.consumer().await;
     assert_eq!(c.num_ack_pending, 0, "finished jobs were acknowledged");

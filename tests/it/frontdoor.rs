@@ -700,7 +700,8 @@ async fn a_deleted_stream_is_set_up_again_on_the_next_request() {
 
 /// `secret_mount_path` holds the gateway's basic auth for the front door's function lookups.
 /// The worker never uses it: a worker sharing the front door's settings starts without the
-/// files, while the front door refuses to start without them, naming the key (exit 2).
+/// files, and so does a front door that looks nothing up; one that looks functions up
+/// refuses to start without them, naming the key (exit 2).
 #[tokio::test]
 async fn only_the_front_door_needs_the_secret_files() {
     let env = Env::start().await;
@@ -711,6 +712,7 @@ async fn only_the_front_door_needs_the_secret_files() {
         ("metrics_port", "0"),
         ("frontdoor_listen", "127.0.0.1:0"),
         ("secret_mount_path", missing),
+        ("frontdoor_check_function", "true"),
     ])
     .unwrap();
     let config = queue_worker::config::Config::load(&sources);
@@ -718,6 +720,14 @@ async fn only_the_front_door_needs_the_secret_files() {
     let worker = queue_worker::worker::start(config.unwrap()).await.unwrap();
     wait_ready(&worker).await;
     crate::support::stop(worker).await;
+
+    let mut config = queue_worker::config::Config::load(&sources).unwrap();
+    config.frontdoor.check_function = false;
+    let door = queue_worker::frontdoor::start(config)
+        .await
+        .expect("without lookups the files are not needed");
+    door.shutdown();
+    door.wait().await.unwrap();
 
     let config = queue_worker::config::Config::load(&sources).unwrap();
     let err = match queue_worker::frontdoor::start(config).await {
@@ -742,6 +752,7 @@ async fn only_the_front_door_needs_the_secret_files() {
             .env("metrics_port", "0")
             .env("frontdoor_listen", "127.0.0.1:0")
             .env("secret_mount_path", missing)
+            .env("frontdoor_check_function", "true")
             .args(args)
             .output()
     };
