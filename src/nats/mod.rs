@@ -70,7 +70,9 @@ pub async fn connect(
                         }
                     }
                     async_nats::Event::Closed => {
-                        tracing::warn!("NATS connection closed for good");
+                        // Also what every clean exit does; when it happens to a running
+                        // worker, the pull loop says so (an error) and the worker exits.
+                        tracing::debug!("NATS connection closed");
                         drop(gen_tx.lock().unwrap_or_else(|e| e.into_inner()).take());
                     }
                     async_nats::Event::LameDuckMode => {
