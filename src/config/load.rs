@@ -67,21 +67,22 @@ impl Config {
         let prefetch = r.number("consumer_prefetch", 0, 100_000)? as usize;
         let upstream_timeout = r.duration("upstream_timeout", Duration::from_millis(1), None)?;
 
-        match r.string("scaling_mode").0.trim() {
-            "static" | "" => {}
-            "function" => return Err(ConfigError::Unsupported {
-                key: "scaling_mode",
-                value: "function".into(),
-                why:
-                    "function mode (one consumer per function) is planned; use scaling_mode=static",
-            }),
+        let mode = match r.string("scaling_mode").0.trim() {
+            "static" | "" => ScalingMode::Static,
+            "function" => ScalingMode::Function,
             _ => return Err(r.invalid("scaling_mode", "static or function")),
-        }
+        };
         // Adaptive concurrency applies only in function mode, as in OpenFaaS; in static mode the
         // value is checked and has no effect. No warning: both OpenFaaS charts render it (true
         // by default) on every install.
         r.boolean("limiter_enabled")?;
-        r.duration("consumer_inactive_threshold", Duration::from_secs(1), None)?;
+        let inactive_threshold =
+            r.duration("consumer_inactive_threshold", Duration::from_secs(1), None)?;
+        if mode == ScalingMode::Function && prefetch > 0 {
+            warnings.push(format!(
+                "consumer_prefetch={prefetch} applies only in static mode; function mode pulls only what its free slots can start"
+            ));
+        }
         if r.number("queue_partitions", 1, 1024)? != 1 {
             return Err(ConfigError::Unsupported {
                 key: "queue_partitions",
@@ -182,6 +183,8 @@ impl Config {
             worker_threads,
             pull_max_messages,
             prefetch,
+            mode,
+            inactive_threshold,
             upstream_timeout,
             retry,
             max_message_bytes,

@@ -161,6 +161,15 @@ pub struct CallbackConfig {
     pub max_pending_bytes: u64,
 }
 
+/// How consumers are laid out on the stream (`scaling_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScalingMode {
+    /// One durable consumer (`nats_durable`) shared by every replica: FIFO across functions.
+    Static,
+    /// One durable consumer per function with work, fair slots across functions.
+    Function,
+}
+
 /// The validated configuration. Built only by [`Config::load`], so holding one means every
 /// value is in range. `Debug` (what `check-config` prints) hides secrets: every field that
 /// can hold one has a redacting type ([`Secret`], [`Redacted`]), so the derive cannot forget one.
@@ -180,6 +189,11 @@ pub struct Config {
     /// Messages pulled beyond free call slots (`consumer_prefetch`); 0 pulls only what can
     /// start.
     pub prefetch: usize,
+    /// `scaling_mode`: one shared consumer, or one consumer per function.
+    pub mode: ScalingMode,
+    /// Function mode: how long a function's consumer stays with nothing queued, unacked or
+    /// running before the worker deletes it (`consumer_inactive_threshold`).
+    pub inactive_threshold: Duration,
     pub upstream_timeout: Duration,
     pub retry: RetryPolicy,
     /// Largest payload decoded; larger messages are dead-lettered as `too_large`.
@@ -411,12 +425,20 @@ mod tests {
     }
 
     #[test]
-    fn function_mode_is_refused_clearly() {
-        let err = load(&[("scaling_mode", "function")])
+    fn scaling_mode_selects_the_consumer_layout() {
+        assert_eq!(load(&[]).unwrap().mode, ScalingMode::Static);
+        let c = load(&[
+            ("scaling_mode", "function"),
+            ("consumer_inactive_threshold", "5s"),
+        ])
+        .unwrap();
+        assert_eq!(c.mode, ScalingMode::Function);
+        assert_eq!(c.inactive_threshold, Duration::from_secs(5));
+        let err = load(&[("scaling_mode", "functions")])
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("scaling_mode") && err.contains("not supported yet"),
+            err.contains("scaling_mode") && err.contains("static or function"),
             "{err}"
         );
     }

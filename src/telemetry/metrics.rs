@@ -91,6 +91,8 @@ pub struct Metrics {
     /// Time finished jobs kept their slot waiting for a place in the callback budget.
     pub callback_budget_wait: Counter,
     functions: Mutex<HashMap<String, Arc<FunctionMetrics>>>,
+    /// The per-function pending series exported now, so a drained function's is removed.
+    pending_shown: Mutex<HashMap<String, f64>>,
 }
 
 impl Metrics {
@@ -278,6 +280,7 @@ impl Metrics {
             callbacks_pending_bytes,
             callback_budget_wait,
             functions: Mutex::new(HashMap::new()),
+            pending_shown: Mutex::new(HashMap::new()),
         })
     }
 
@@ -304,6 +307,30 @@ impl Metrics {
         });
         map.insert(label.to_string(), f.clone());
         f
+    }
+
+    /// Sets the per-function `queue_worker_pending_messages` series from one read of the
+    /// stream (`<fn>.<ns>` label, count) and removes those of functions no longer listed, so
+    /// a drained function's series goes away. Labels share the function-label cap: past it,
+    /// counts add up under `_other`.
+    pub fn set_function_pending(&self, depths: impl Iterator<Item = (String, u64)>) {
+        let mut next: HashMap<String, f64> = HashMap::new();
+        for (label, n) in depths {
+            let label = self.function(&label).label.clone();
+            *next.entry(label).or_default() += n as f64;
+        }
+        let mut shown = self.pending_shown.lock().unwrap_or_else(|e| e.into_inner());
+        for old in shown.keys() {
+            if !next.contains_key(old) {
+                let _ = self.pending.remove_label_values(&[&self.queue, old]);
+            }
+        }
+        for (label, n) in &next {
+            if shown.get(label) != Some(n) {
+                self.pending.with_label_values(&[&self.queue, label]).set(*n);
+            }
+        }
+        *shown = next;
     }
 
     pub fn invocation(&self, f: &FunctionMetrics, status: &str) {
@@ -512,6 +539,39 @@ mod tests {
                 "README.md lacks {name}"
             );
         }
+    }
+
+    #[test]
+    fn per_function_pending_follows_each_read_and_drained_functions_go() {
+        let m = Metrics::new("q", 1);
+        let text = |m: &Metrics| {
+            let mut lines: Vec<String> = m
+                .render()
+                .lines()
+                .filter(|l| l.starts_with("queue_worker_pending_messages{"))
+                .map(str::to_string)
+                .collect();
+            lines.sort();
+            lines
+        };
+        m.set_function_pending([("a.ns".to_string(), 3), ("b.ns".to_string(), 1)].into_iter());
+        assert_eq!(
+            text(&m),
+            [
+                r#"queue_worker_pending_messages{function_name="a.ns",queue_name="q"} 3"#,
+                r#"queue_worker_pending_messages{function_name="all-functions",queue_name="q"} 0"#,
+                r#"queue_worker_pending_messages{function_name="b.ns",queue_name="q"} 1"#,
+            ]
+        );
+        m.set_function_pending([("a.ns".to_string(), 2)].into_iter());
+        assert_eq!(
+            text(&m),
+            [
+                r#"queue_worker_pending_messages{function_name="a.ns",queue_name="q"} 2"#,
+                r#"queue_worker_pending_messages{function_name="all-functions",queue_name="q"} 0"#,
+            ],
+            "b drained: its series is gone"
+        );
     }
 
     #[test]

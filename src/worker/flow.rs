@@ -27,6 +27,7 @@ use crate::worker::invoke::Invoker;
 use crate::worker::job::{Decoder, Invocation, Job, Settle};
 use crate::worker::lease::with_lease;
 use crate::worker::retry::{decide, Decision, GiveUpReason, RetryPolicy};
+use crate::worker::slot::Slot;
 
 /// How long a dead-letter store may go on after the drain deadline before the message is
 /// handed back (within the 5 s the drain allows tasks after its deadline). A store that
@@ -34,6 +35,10 @@ use crate::worker::retry::{decide, Decision, GiveUpReason, RetryPolicy};
 /// again elsewhere: its second give-up is the same entry (the dedup id), but the call runs
 /// twice. Only a store stalled at the very deadline meets this.
 const DRAIN_STORE_GRACE: Duration = Duration::from_secs(2);
+
+/// The annotation that caps how many of a function's calls one replica runs at once
+/// (function mode).
+pub const MAX_INFLIGHT_ANNOTATION: &str = "com.openfaas.queue.max_inflight";
 
 /// Shared by every job task.
 pub struct Worker {
@@ -90,13 +95,13 @@ struct Outcome {
 
 impl Worker {
     /// Starts a task for a delivered message. Never blocks the pull loop.
-    pub fn dispatch(self: &Arc<Self>, msg: jetstream::Message, slot: Option<OwnedSemaphorePermit>) {
+    pub fn dispatch(self: &Arc<Self>, msg: jetstream::Message, slot: Option<Slot>) {
         let worker = self.clone();
         self.tracker
             .spawn(async move { worker.handle(msg, slot).await });
     }
 
-    async fn handle(&self, msg: jetstream::Message, slot: Option<OwnedSemaphorePermit>) {
+    async fn handle(&self, msg: jetstream::Message, slot: Option<Slot>) {
         let Some(job) = Job::new(msg) else {
             tracing::warn!("received a message without JetStream metadata; ignoring it");
             return;
@@ -113,7 +118,7 @@ impl Worker {
                     _ = self.stopping.cancelled() => None,
                 };
                 match acquired {
-                    Some(s) => s,
+                    Some(s) => Slot::permit(s),
                     None => return job.settle(Settle::Nak(None)).await,
                 }
             }
@@ -147,6 +152,9 @@ impl Worker {
         };
         let f = self.metrics.function(inv.function.qualified());
         let policy = self.policy_for(&inv, &f);
+        if let Some(slot) = &slot {
+            slot.learn_cap(self.cap_for(&inv, &f));
+        }
 
         let call_slot = match &self.calls {
             None => None,
@@ -325,6 +333,23 @@ impl Worker {
             }
         }
         policy
+    }
+
+    /// The function's own concurrency cap (`com.openfaas.queue.max_inflight`), if it set a
+    /// valid one; an invalid value is counted and logged once, and means no cap.
+    fn cap_for(&self, inv: &Invocation, f: &FunctionMetrics) -> Option<usize> {
+        let value = inv.request.annotations.get(MAX_INFLIGHT_ANNOTATION)?;
+        match value.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => {
+                self.metrics.invalid_annotation(f, MAX_INFLIGHT_ANNOTATION);
+                let key = format!("{}\0{MAX_INFLIGHT_ANNOTATION}\0{value}", inv.request.function);
+                if self.warned.first(key) {
+                    tracing::warn!(function = %inv.request.function, annotation = MAX_INFLIGHT_ANNOTATION, value = %value, expected = "a whole number of at least 1", "Invalid annotation; the function gets no cap of its own");
+                }
+                None
+            }
+        }
     }
 
     /// Stores the message in the dead-letter stream, then terminates it. Returns whether it

@@ -2,7 +2,10 @@
 //!
 //! - [`run`]: wiring (metrics first, then NATS, the stream and consumer, the poller and the
 //!   pull loop) and the graceful drain. [`start`] and [`Running`] are the entry point.
-//! - [`pull`]: ① the pull loop, which asks only for what its free slots can start.
+//! - [`pull`]: ① static mode's pull loop, which asks only for what its free slots can start.
+//! - [`functions`]: ① function mode's pull loop: a consumer per function with work, fair
+//!   slots from [`schedule`] (pure), work found by [`discovery`], idle consumers reaped.
+//! - [`slot`]: the right to run one message, in either mode; it gives itself back on drop.
 //! - [`flow`]: one message's straight line, from delivery to callback.
 //! - [`job`]: ② a delivered message, its decode and its settle (the JetStream ack kinds).
 //! - [`lease`]: keeping a message's lease while it waits or its call runs.
@@ -15,12 +18,15 @@
 pub mod callback;
 pub mod connector;
 pub mod deadletter;
+pub mod discovery;
 pub mod flow;
+pub mod functions;
 pub mod invoke;
 pub mod job;
 pub mod lease;
 pub mod pull;
 pub mod retry;
 pub mod run;
+pub mod slot;
 
 pub use run::{start, Running};

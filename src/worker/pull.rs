@@ -22,7 +22,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::nats::stream::{ensure_consumer, ensure_stream, Layout};
+use crate::nats::consumers::{claim_static_mode, StaticClaim};
+use crate::nats::stream::{ensure_consumer, ensure_stream, Layout, LayoutError};
 
 /// How long a pull request waits on the server for messages.
 const EXPIRES: Duration = Duration::from_secs(20);
@@ -33,6 +34,9 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 const HEARTBEAT_LOST: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// While function-mode replicas hold the stream: how often to look again, and to say so.
+const STATIC_CLAIM_EVERY: Duration = Duration::from_secs(2);
+const WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// What the pull loop needs.
 pub struct Puller {
@@ -47,6 +51,9 @@ pub struct Puller {
     pub limits: PullLimits,
     /// Changes on every NATS reconnect.
     pub generation: watch::Receiver<u64>,
+    /// False when the consumer could not be set up at start-up (the stream is still in
+    /// function mode): the loop waits for it before pulling.
+    pub consumer_ready: bool,
 }
 
 /// Limits a consumer puts on each pull request; requests beyond them are refused with a 409.
@@ -153,6 +160,9 @@ impl Puller {
         let mut backoff = BACKOFF_MIN;
         let mut slots = Slots::default();
         self.generation.borrow_and_update();
+        if !self.consumer_ready && !self.wait_for_consumer(&stop).await {
+            return;
+        }
 
         loop {
             let inbox = self.client.new_inbox();
@@ -318,17 +328,9 @@ impl Puller {
                     tracing::warn!(reason = %why, retry_in = ?backoff, "pull interrupted");
                 }
                 Reset::Consumer(why) => {
-                    tracing::warn!(reason = %why, retry_in = ?backoff, "consumer unavailable; checking stream and consumer");
-                    let check = async {
-                        ensure_stream(&self.js, &self.layout).await?;
-                        ensure_consumer(&self.js, &self.layout).await
-                    };
-                    tokio::select! {
-                        r = check => match r {
-                            Ok(info) => self.limits = PullLimits::of(&info),
-                            Err(e) => tracing::warn!(error = %e, "consumer not ready yet"),
-                        },
-                        _ = stop.cancelled() => return,
+                    tracing::warn!(reason = %why, "consumer unavailable; checking stream and consumer");
+                    if !self.wait_for_consumer(&stop).await {
+                        return;
                     }
                 }
             }
@@ -340,9 +342,67 @@ impl Puller {
     }
 }
 
+impl Puller {
+    /// Makes sure the stream and the shared consumer exist, waiting as long as it takes;
+    /// false when `stop` came first. While function-mode replicas hold the stream (their
+    /// consumers block an unfiltered one on a WorkQueue stream), this replica waits and says
+    /// what for; once they are gone it removes what they left and takes the stream back.
+    async fn wait_for_consumer(&mut self, stop: &CancellationToken) -> bool {
+        let mut backoff = BACKOFF_MIN;
+        let mut told: Option<Instant> = None;
+        loop {
+            let check = async {
+                ensure_stream(&self.js, &self.layout).await?;
+                ensure_consumer(&self.js, &self.layout).await
+            };
+            let result = tokio::select! {
+                r = check => r,
+                _ = stop.cancelled() => return false,
+            };
+            let wait = match result {
+                Ok(info) => {
+                    self.limits = PullLimits::of(&info);
+                    if told.is_some() {
+                        tracing::info!(consumer = %self.layout.durable, "Static mode: the shared consumer is back; pulling");
+                    }
+                    return true;
+                }
+                Err(LayoutError::Blocked(why)) => {
+                    let claim = tokio::select! {
+                        r = claim_static_mode(&self.js, &self.layout) => r,
+                        _ = stop.cancelled() => return false,
+                    };
+                    match claim {
+                        Ok(StaticClaim::Ready) => continue,
+                        Ok(StaticClaim::Wait { holders }) => {
+                            if told.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+                                told = Some(Instant::now());
+                                tracing::info!(stream = %self.layout.stream, holders = ?holders, reason = %why, "Static mode: waiting for function-mode replicas to finish; their consumers hold the stream (they expire once those replicas are gone)");
+                            }
+                            STATIC_CLAIM_EVERY
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot check the stream's consumers; retrying");
+                            backoff
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "consumer not ready yet");
+                    backoff
+                }
+            };
+            if sleep_or_stop(stop, wait).await {
+                return false;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
 /// Unsubscribes an inbox while still taking what the server already sent to it, and NAKs
 /// those messages (no delay) so they are redelivered at once instead of after `ack_wait`.
-async fn hand_back(sub: &mut async_nats::Subscriber, js: &jetstream::Context) {
+pub(crate) async fn hand_back(sub: &mut async_nats::Subscriber, js: &jetstream::Context) {
     if sub.drain().await.is_err() {
         let _ = sub.unsubscribe().await;
     }

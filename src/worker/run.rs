@@ -17,12 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
-use crate::config::Config;
+use crate::config::{Config, ScalingMode};
 use crate::nats::stream::{self, DeadLetterLayout, Layout, LayoutError};
 use crate::telemetry::metrics::{Metrics, ALL_FUNCTIONS};
 use crate::telemetry::server::{self, Health};
@@ -31,7 +31,11 @@ use crate::worker::deadletter::DeadLetters;
 use crate::worker::flow::Worker;
 use crate::worker::invoke::Invoker;
 use crate::worker::job::Decoder;
+use crate::worker::discovery::{self, Snapshot};
+use crate::worker::functions::FunctionPuller;
 use crate::worker::pull::{PullLimits, Puller};
+use crate::worker::schedule::Scheduler;
+use crate::worker::slot::{Pool, Slot};
 
 /// A worker started by [`start`].
 pub struct Running {
@@ -161,7 +165,16 @@ async fn work(
         let attempt = async {
             stream::ensure_stream(&js, &layout).await?;
             stream::ensure_dead_letter_stream(&js, &dead_layout).await?;
-            stream::ensure_consumer(&js, &layout).await
+            match config.mode {
+                // Function mode's consumers come and go with the work (`functions.rs`).
+                ScalingMode::Function => Ok(None),
+                ScalingMode::Static => match stream::ensure_consumer(&js, &layout).await {
+                    Ok(info) => Ok(Some(info)),
+                    // Function-mode consumers hold the stream: the pull loop waits for them.
+                    Err(LayoutError::Blocked(_)) => Ok(None),
+                    Err(e) => Err(e),
+                },
+            }
         };
         let result = tokio::select! {
             r = attempt => r,
@@ -170,7 +183,8 @@ async fn work(
         match result {
             Ok(info) => break info,
             Err(LayoutError::Incompatible(msg)) => anyhow::bail!(msg),
-            Err(LayoutError::Unavailable(msg)) => {
+            Err(e @ (LayoutError::Unavailable(_) | LayoutError::Blocked(_))) => {
+                let msg = e.to_string();
                 tracing::warn!(error = %msg, retry_in = ?wait, "waiting for JetStream");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -189,20 +203,39 @@ async fn work(
             "dead_letter_max_bytes is below the server's max_payload: one large dead letter could evict all the others"
         );
     }
-    tracing::info!(stream = %layout.stream, durable = %layout.durable, "Subscribed");
-
     let poller_stop = CancellationToken::new();
-    let poller = Essential::spawn(
-        "state poller",
-        poll_state(
-            js.clone(),
-            layout.clone(),
-            config.stream_poll_interval,
-            metrics.clone(),
-            health.clone(),
-            poller_stop.clone(),
-        ),
-    );
+    let (poller, snapshots) = match config.mode {
+        ScalingMode::Static => {
+            tracing::info!(stream = %layout.stream, durable = %layout.durable, "Subscribed");
+            let poller = Essential::spawn(
+                "state poller",
+                poll_state(
+                    js.clone(),
+                    layout.clone(),
+                    config.stream_poll_interval,
+                    metrics.clone(),
+                    health.clone(),
+                    poller_stop.clone(),
+                ),
+            );
+            (poller, None)
+        }
+        ScalingMode::Function => {
+            let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+            let poller = Essential::spawn(
+                "discovery",
+                discovery::run(
+                    js.clone(),
+                    layout.clone(),
+                    tx,
+                    metrics.clone(),
+                    health.clone(),
+                    poller_stop.clone(),
+                ),
+            );
+            (poller, Some(rx))
+        }
+    };
 
     // Pull slots: one per call, plus the prefetch (messages that may wait for a call slot).
     let slots = Arc::new(Semaphore::new(config.max_inflight + config.prefetch));
@@ -233,22 +266,49 @@ async fn work(
         warned: Default::default(),
     });
 
-    let puller = Puller {
-        client: client.clone(),
-        js: js.clone(),
-        layout: layout.clone(),
-        slots,
-        max_outstanding: config.pull_max_messages.min(config.max_inflight) + config.prefetch,
-        limits: PullLimits::of(&consumer_info),
-        generation: conn.generation,
-    };
     let pull_worker = worker.clone();
     let pull_stop = intake.clone();
-    let pull_task = Essential::spawn("pull loop", async move {
-        puller
-            .run(pull_stop, move |msg, slot| pull_worker.dispatch(msg, slot))
-            .await
-    });
+    let pull_task = match snapshots {
+        None => {
+            let puller = Puller {
+                client: client.clone(),
+                js: js.clone(),
+                layout: layout.clone(),
+                slots,
+                max_outstanding: config.pull_max_messages.min(config.max_inflight)
+                    + config.prefetch,
+                limits: consumer_info.as_ref().map(PullLimits::of).unwrap_or_default(),
+                generation: conn.generation,
+                consumer_ready: consumer_info.is_some(),
+            };
+            Essential::spawn("pull loop", async move {
+                puller
+                    .run(pull_stop, move |msg, slot| {
+                        pull_worker.dispatch(msg, slot.map(Slot::permit))
+                    })
+                    .await
+            })
+        }
+        Some(snapshots) => {
+            let scheduler = Scheduler::new(config.max_inflight)
+                .with_max_batch(config.pull_max_messages.min(config.max_inflight));
+            let puller = FunctionPuller {
+                client: client.clone(),
+                js: js.clone(),
+                layout: layout.clone(),
+                pool: Pool::new(scheduler),
+                snapshots,
+                inactive_threshold: config.inactive_threshold,
+                backstop: backstop(config),
+                generation: conn.generation,
+            };
+            Essential::spawn("pull loop", async move {
+                puller
+                    .run(pull_stop, move |msg, slot| pull_worker.dispatch(msg, slot))
+                    .await
+            })
+        }
+    };
 
     let mut essential = [pull_task, poller];
     let fault = supervise(shutdown, &mut essential).await.err();
@@ -295,6 +355,15 @@ async fn work(
             Ok(())
         }
     }
+}
+
+/// The function consumers' server-side `inactive_threshold`: a backstop that deletes the
+/// consumers of replicas that died. Servers before 2.11.7 do not count unacknowledged
+/// messages as activity, so it must outlast the longest call (`upstream_timeout`) and a
+/// lease period, or a long call's consumer would be deleted under it.
+fn backstop(config: &Config) -> Duration {
+    (config.inactive_threshold * 2)
+        .max(config.upstream_timeout + config.ack_wait + config.inactive_threshold)
 }
 
 /// A task the worker cannot do without ended before it was asked to stop.
@@ -398,11 +467,30 @@ async fn poll_state(
                     .set(state.pending as f64);
                 metrics.submitted.set(state.submitted as f64);
                 health.stream_ok.store(true, Ordering::Relaxed);
+                // Per-function depth too, where the subjects say it (`<queue>.<fn>.<ns>`):
+                // the shared consumer serves them all, but dashboards and the autoscaler
+                // still see each function's queue.
+                let subjects = tokio::select! {
+                    r = stream::read_subjects(&js, &layout.stream, ">") => r,
+                    _ = stop.cancelled() => return,
+                };
+                match subjects {
+                    Ok(counts) => discovery::publish_gauges(
+                        &metrics,
+                        &layout.queue,
+                        &discovery::of_queue(&layout.queue, counts.subjects),
+                    ),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot read per-subject counts");
+                        metrics.set_function_pending(std::iter::empty());
+                    }
+                }
             }
             Err(e) => {
                 // No count is better than a stale one: the autoscaler's avg() and KEDA's
                 // max() across replicas would keep acting on it.
                 let _ = metrics.pending.remove_label_values(&labels);
+                metrics.set_function_pending(std::iter::empty());
                 if health.stream_ok.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "cannot read stream state");
                 }

@@ -8,6 +8,7 @@ mod deadletter;
 mod demo;
 mod faults;
 mod flow;
+mod function_mode;
 mod frontdoor;
 mod layout;
 mod queue;

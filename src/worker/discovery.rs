@@ -1,0 +1,225 @@
+//! Function mode's discovery: which functions have work, read from the stream's own
+//! per-subject counts, never from a per-function poll or timer.
+//!
+//! Every [`TICK`] one cheap `STREAM.INFO` (no subject list) tells whether anything was
+//! stored (`last_seq` moved) or removed (`messages` changed). Only then, or at least every
+//! [`FRESH`] while anything is queued, one `STREAM.INFO` with a subjects filter returns every
+//! subject's count at once (on a WorkQueue stream: queued + unacked, on every replica). An
+//! idle stream costs one small request per tick; a busy one a subject map per tick, which
+//! the read itself paces (the next full read waits at least ten times as long as the last
+//! one took).
+//!
+//! Each read becomes a [`Snapshot`] for the function-mode pull loop (`functions.rs`), and
+//! the same counts are the per-function `queue_worker_pending_messages` gauges: the stream's
+//! whole count, so every replica reports the same value, as OpenFaaS's autoscaler rule
+//! (an average across replicas) needs.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::nats::consumers::function_label;
+use crate::nats::stream::{read_subjects, read_summary, Layout, StreamSummary};
+use crate::telemetry::metrics::{Metrics, ALL_FUNCTIONS};
+use crate::telemetry::server::Health;
+
+/// How often the stream's summary is read: a new function's first job waits at most this
+/// long (plus one read) to be seen.
+pub const TICK: Duration = Duration::from_millis(50);
+/// Longest a per-function count may be stale while anything is queued.
+pub const FRESH: Duration = Duration::from_secs(1);
+
+/// One read of the stream: every subject of the queue with messages, and its count.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Subject → queued + unacked messages; subjects with none are absent.
+    pub depths: HashMap<String, u64>,
+}
+
+/// What the loop remembers between reads to decide whether a full read is due.
+#[derive(Debug, Default)]
+struct Pace {
+    /// The summary read with the last full read.
+    last: Option<StreamSummary>,
+    last_full: Option<Instant>,
+    /// How long the last full read took.
+    cost: Duration,
+}
+
+impl Pace {
+    /// Whether `now`'s summary calls for a full per-subject read.
+    fn full_read_due(&self, summary: &StreamSummary, now: Instant) -> bool {
+        let Some(last_full) = self.last_full else {
+            return true;
+        };
+        let Some(last) = &self.last else {
+            return true;
+        };
+        if now < last_full + self.cost * 10 {
+            return false;
+        }
+        summary.last_seq != last.last_seq
+            || (summary.messages != last.messages && summary.messages == 0)
+            || (summary.messages > 0 && now >= last_full + FRESH)
+            || (summary.messages != last.messages && now >= last_full + FRESH)
+    }
+}
+
+/// Reads the stream until `stop`, publishing snapshots to `out` and the per-function
+/// pending gauges to `metrics`; `health.stream_ok` says whether the last read worked.
+pub async fn run(
+    js: jetstream::Context,
+    layout: Layout,
+    out: watch::Sender<Arc<Snapshot>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pace = Pace::default();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let read = async {
+            let summary = read_summary(&js, &layout.stream).await?;
+            let now = Instant::now();
+            if !pace.full_read_due(&summary, now) {
+                return Ok((summary, None));
+            }
+            if summary.messages == 0 {
+                return Ok((summary, Some(HashMap::new())));
+            }
+            let counts = read_subjects(&js, &layout.stream, ">").await?;
+            pace.cost = now.elapsed();
+            Ok::<_, crate::nats::stream::LayoutError>((summary, Some(counts.subjects)))
+        };
+        let result = tokio::select! {
+            r = read => r,
+            _ = stop.cancelled() => return,
+        };
+        match result {
+            Ok((summary, full)) => {
+                metrics.submitted.set(summary.last_seq as f64);
+                metrics
+                    .pending
+                    .with_label_values(&[&layout.queue, ALL_FUNCTIONS])
+                    .set(summary.messages as f64);
+                health.stream_ok.store(true, Ordering::Relaxed);
+                if let Some(subjects) = full {
+                    // Compared with the next summaries: a store seen while a full read was
+                    // not yet due still triggers one later.
+                    pace.last = Some(summary);
+                    pace.last_full = Some(Instant::now());
+                    let depths = of_queue(&layout.queue, subjects);
+                    publish_gauges(&metrics, &layout.queue, &depths);
+                    out.send_if_modified(|current| {
+                        if current.depths == depths {
+                            return false;
+                        }
+                        *current = Arc::new(Snapshot { depths });
+                        true
+                    });
+                }
+            }
+            Err(e) => {
+                // No count is better than a stale one: the autoscaler's avg() and KEDA's
+                // max() across replicas would keep acting on it.
+                metrics.set_function_pending(std::iter::empty());
+                if health.stream_ok.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "cannot read stream state");
+                }
+            }
+        }
+    }
+}
+
+/// The queue's own subjects (`<queue>` and `<queue>.…`) with messages; an existing stream
+/// may carry others, which are not ours to serve.
+pub fn of_queue(queue: &str, subjects: HashMap<String, u64>) -> HashMap<String, u64> {
+    subjects
+        .into_iter()
+        .filter(|(s, n)| {
+            *n > 0
+                && s.strip_prefix(queue)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+        .collect()
+}
+
+/// The per-function pending gauges of one read (the legacy subject has no function).
+pub fn publish_gauges(metrics: &Metrics, queue: &str, depths: &HashMap<String, u64>) {
+    metrics.set_function_pending(
+        depths
+            .iter()
+            .filter_map(|(subject, n)| Some((function_label(queue, subject)?, *n))),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(messages: u64, last_seq: u64) -> StreamSummary {
+        StreamSummary {
+            messages,
+            last_seq,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_read_follows_a_store_and_at_least_every_second_while_work_exists() {
+        let mut pace = Pace::default();
+        let t0 = Instant::now();
+        assert!(pace.full_read_due(&summary(0, 0), t0), "the first read is full");
+        pace.last = Some(summary(5, 10));
+        pace.last_full = Some(t0);
+        pace.cost = Duration::from_millis(1);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // (what the summary says, when, full read due?)
+        let cases = [
+            (summary(5, 10), 50, false),  // nothing changed
+            (summary(6, 11), 50, true),   // something was stored
+            (summary(4, 10), 50, false),  // something acked: wait for FRESH
+            (summary(4, 10), 1000, true), // ... and then read
+            (summary(5, 10), 1000, true), // still queued: refresh the counts
+            (summary(0, 10), 50, true),   // drained: say so at once
+            (summary(6, 11), 5, false),   // paced: within 10× the last read's cost
+        ];
+        for (i, (s, ms, due)) in cases.into_iter().enumerate() {
+            assert_eq!(pace.full_read_due(&s, at(ms)), due, "case {i}: {s:?} at {ms} ms");
+        }
+        let idle = Pace {
+            last: Some(summary(0, 10)),
+            last_full: Some(t0),
+            cost: Duration::from_millis(1),
+        };
+        assert!(
+            !idle.full_read_due(&summary(0, 10), at(60_000)),
+            "an empty, unchanged stream needs no subject read"
+        );
+    }
+
+    #[test]
+    fn only_the_queues_subjects_with_messages_count() {
+        let subjects = HashMap::from([
+            ("q".to_string(), 2),
+            ("q.a.ns".to_string(), 3),
+            ("q.b.ns".to_string(), 0),
+            ("qq.a.ns".to_string(), 4),
+            ("other".to_string(), 1),
+        ]);
+        let mut got: Vec<_> = of_queue("q", subjects).into_iter().collect();
+        got.sort();
+        assert_eq!(got, vec![("q".into(), 2), ("q.a.ns".into(), 3)]);
+    }
+}

@@ -1,0 +1,703 @@
+//! ① Function mode's pull loop: one durable consumer per function with work, fair slots
+//! across functions, and the reaper that deletes a function's consumer once it is idle.
+//!
+//! One task does it all, on events, with no per-function task, timer or inbox:
+//!
+//! - **Discovery** (`discovery.rs`) sends a [`Snapshot`] of every subject's count. A subject
+//!   with messages becomes a bucket: its consumer (named by [`consumer_name`]) is created if
+//!   absent, and the scheduler learns its depth.
+//! - **Fair slots** (`schedule.rs`, pure) decide which function gets each free slot. For each
+//!   grant the loop sends one `no_wait` pull request (`{"batch":n,"no_wait":true}`) to that
+//!   function's consumer. The server answers at once: up to `n` messages, then (unless the
+//!   batch was filled) a 404/408 status, so no slot is ever parked on a function that has
+//!   nothing to deliver; what a request did not fill goes back to the pool at once.
+//! - **One inbox**: every request's reply subject is `<inbox>.<request id>`, all under one
+//!   wildcard subscription. Statuses arrive on their request's subject; messages carry their
+//!   consumer's name in their ack subject. Each function has at most one request outstanding,
+//!   so both map to exactly one request.
+//! - **Slots** ([`Slot`]) are handed with each message and give themselves back on drop,
+//!   waking this loop.
+//! - **The reaper**: a function whose stream count has been zero for
+//!   `consumer_inactive_threshold` (nothing queued, unacked or running on any replica) and
+//!   that holds nothing here has its consumer deleted, after the server confirms it has no
+//!   pending, unacked or waiting work ([`delete_if_idle`]). The consumer's server-side
+//!   `inactive_threshold` is a backstop for replicas that die.
+//! - **The mode marker**: the loop keeps the [`MARKER`] consumer alive (a `no_wait` pull every
+//!   [`MARKER_TOUCH`]); while it lives, static-mode replicas do not take the stream back.
+//!
+//! A consumer that vanishes (the server's backstop, an operator) answers with a 409 or 503:
+//! the bucket goes back to "absent" and is recreated while it has work. Its messages stay
+//! in the stream (WorkQueue retention keeps them until acked), so nothing is lost; those
+//! being run here are redelivered through the new consumer (at most the calls in flight).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::StatusCode;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::nats::consumers::{
+    claim_function_mode, consumer_name, delete_if_idle, ensure_function_consumer,
+    next_subject, ConsumerError, FunctionConsumer, MARKER, MARKER_TOUCH,
+};
+use crate::nats::stream::Layout;
+use crate::worker::discovery::Snapshot;
+use crate::worker::schedule::{Delivery, FnId};
+use crate::worker::slot::{Pool, Slot};
+
+/// A request with no answer for this long is taken as lost (a reconnect we did not see).
+const REQUEST_LOST: Duration = Duration::from_secs(5);
+/// Consumer creations and deletions in flight at once, so thousands of new functions do not
+/// flood the JetStream API (its request queue holds 10,000).
+const CONSUMER_OPS: usize = 16;
+/// Wait before trying again to create a consumer the server refused.
+const CREATE_RETRY: Duration = Duration::from_secs(2);
+/// Housekeeping: lost requests, the reaper, the marker, refused creations.
+const HOUSEKEEPING: Duration = Duration::from_millis(500);
+
+/// What the function-mode pull loop needs.
+pub struct FunctionPuller {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub layout: Layout,
+    pub pool: Arc<Pool>,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// `consumer_inactive_threshold`: idle time before the worker deletes a consumer.
+    pub inactive_threshold: Duration,
+    /// The consumers' server-side `inactive_threshold`, a backstop for dead replicas: long
+    /// enough that no call can outlast it (nats-server before 2.11.7 did not count
+    /// unacknowledged messages as activity).
+    pub backstop: Duration,
+    /// Changes on every NATS reconnect.
+    pub generation: watch::Receiver<u64>,
+}
+
+/// Where a function's consumer stands, as far as this replica knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Consumer {
+    Absent,
+    Creating,
+    Ready,
+    /// Refused or unreachable: try again at this instant.
+    Failed(Instant),
+    Deleting,
+}
+
+/// One function bucket: a subject of the queue with its consumer.
+struct Bucket {
+    subject: String,
+    consumer: String,
+    state: Consumer,
+    depth: u64,
+    /// Since when the stream has held nothing for it (the reaper's clock).
+    idle_since: Option<Instant>,
+    /// The outstanding pull request, if any.
+    request: Option<(u64, Instant)>,
+}
+
+/// Results of consumer set-up tasks, back to the loop.
+enum Done {
+    Created(FnId, Result<(), ConsumerError>),
+    Deleted(FnId, Result<bool, ConsumerError>),
+    Claimed(Result<(), ConsumerError>),
+}
+
+/// The loop's state: buckets in a slab (ids are the scheduler's [`FnId`]s).
+struct Buckets {
+    slab: Vec<Option<Bucket>>,
+    free_ids: Vec<FnId>,
+    by_subject: HashMap<String, FnId>,
+    by_consumer: HashMap<String, FnId>,
+    /// Buckets with depth 0: the reaper looks only at these.
+    idle: HashSet<FnId>,
+    /// Outstanding requests by id.
+    requests: HashMap<u64, FnId>,
+}
+
+impl Buckets {
+    fn get(&self, f: FnId) -> Option<&Bucket> {
+        self.slab.get(f).and_then(Option::as_ref)
+    }
+
+    fn get_mut(&mut self, f: FnId) -> Option<&mut Bucket> {
+        self.slab.get_mut(f).and_then(Option::as_mut)
+    }
+
+    fn insert(&mut self, queue: &str, subject: &str) -> FnId {
+        let consumer = consumer_name(queue, subject);
+        let bucket = Bucket {
+            subject: subject.to_string(),
+            consumer: consumer.clone(),
+            state: Consumer::Absent,
+            depth: 0,
+            idle_since: None,
+            request: None,
+        };
+        let f = match self.free_ids.pop() {
+            Some(f) => {
+                self.slab[f] = Some(bucket);
+                f
+            }
+            None => {
+                self.slab.push(Some(bucket));
+                self.slab.len() - 1
+            }
+        };
+        self.by_subject.insert(subject.to_string(), f);
+        self.by_consumer.insert(consumer, f);
+        f
+    }
+
+    fn remove(&mut self, f: FnId) {
+        if let Some(b) = self.slab.get_mut(f).and_then(Option::take) {
+            self.by_subject.remove(&b.subject);
+            self.by_consumer.remove(&b.consumer);
+            if let Some((id, _)) = b.request {
+                self.requests.remove(&id);
+            }
+            self.idle.remove(&f);
+            self.free_ids.push(f);
+        }
+    }
+}
+
+impl FunctionPuller {
+    /// Claims the stream for function mode (waiting out an unavailable server), then pulls
+    /// until `stop`, handing each message and its slot to `dispatch`. Returns early only if
+    /// the NATS connection is closed for good.
+    pub async fn run<F>(mut self, stop: CancellationToken, mut dispatch: F)
+    where
+        F: FnMut(jetstream::Message, Option<Slot>),
+    {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            let claim = tokio::select! {
+                r = claim_function_mode(&self.js, &self.layout) => r,
+                _ = stop.cancelled() => return,
+            };
+            match claim {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?wait, "waiting to take the stream into function mode");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::info!(stream = %self.layout.stream, inactive_threshold = ?self.inactive_threshold, "Function mode: one consumer per function with work");
+
+        let inbox = self.client.new_inbox();
+        let mut sub = loop {
+            match self.client.subscribe(format!("{inbox}.*")).await {
+                Ok(sub) => break sub,
+                Err(e) => {
+                    if self.generation.has_changed().is_err() {
+                        tracing::error!("the NATS connection is closed for good; pulls stop");
+                        return;
+                    }
+                    tracing::warn!(error = %e, "cannot subscribe to the pull inbox; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                }
+            }
+        };
+        self.generation.borrow_and_update();
+
+        let queue = self.layout.queue.clone();
+        let stream = self.layout.stream.clone();
+        let mut b = Buckets {
+            slab: Vec::new(),
+            free_ids: Vec::new(),
+            by_subject: HashMap::new(),
+            by_consumer: HashMap::new(),
+            idle: HashSet::new(),
+            requests: HashMap::new(),
+        };
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+        let ops = Arc::new(Semaphore::new(CONSUMER_OPS));
+        let mut next_id: u64 = 1;
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut marker_touched = Instant::now();
+        let mut claiming = false;
+        // A snapshot is applied as soon as the loop starts.
+        self.snapshots.mark_changed();
+
+        loop {
+            // Hand out what is free, and ask for it.
+            if !stop.is_cancelled() {
+                let grants = self.pool.lock().assign(Instant::now());
+                for (f, n) in grants {
+                    let Some(bucket) = b.get_mut(f) else {
+                        // Should not happen: the scheduler knows only live buckets.
+                        self.pool.lock().request_ended(f, Instant::now());
+                        continue;
+                    };
+                    let id = next_id;
+                    next_id += 1;
+                    bucket.request = Some((id, Instant::now()));
+                    b.requests.insert(id, f);
+                    let payload = format!(r#"{{"batch":{n},"no_wait":true}}"#);
+                    if let Err(e) = self
+                        .client
+                        .publish_with_reply(
+                            next_subject(&stream, &bucket.consumer),
+                            format!("{inbox}.{id}"),
+                            payload.into(),
+                        )
+                        .await
+                    {
+                        tracing::warn!(error = %e, "pull request not sent");
+                        b.requests.remove(&id);
+                        if let Some(bucket) = b.get_mut(f) {
+                            bucket.request = None;
+                        }
+                        self.pool.lock().request_ended(f, Instant::now());
+                    }
+                }
+            }
+            let next_wake = self.pool.lock().next_wake();
+
+            tokio::select! {
+                biased;
+                _ = stop.cancelled(), if b.requests.is_empty() => break,
+                changed = self.generation.changed() => {
+                    if changed.is_err() {
+                        tracing::error!("the NATS connection is closed for good; pulls stop");
+                        return;
+                    }
+                    // Outstanding requests died with the old connection.
+                    tracing::info!("resuming pulls after reconnect");
+                    self.pool.lock().reset_requests();
+                    for (_, f) in b.requests.drain() {
+                        if let Some(bucket) = b.slab.get_mut(f).and_then(Option::as_mut) {
+                            bucket.request = None;
+                        }
+                    }
+                }
+                msg = sub.next() => {
+                    let Some(msg) = msg else {
+                        tracing::error!("the pull inbox closed; pulls stop");
+                        return;
+                    };
+                    self.on_message(msg, &inbox, &mut b, &stop, &mut dispatch, &done_tx, &mut claiming);
+                }
+                Some(done) = done_rx.recv() => self.on_done(done, &mut b, &mut claiming, &ops, &done_tx),
+                changed = self.snapshots.changed(), if !stop.is_cancelled() => {
+                    if changed.is_err() {
+                        // Discovery ended; the worker's supervision notices.
+                        tracing::error!("discovery stopped; pulls stop");
+                        return;
+                    }
+                    let snapshot = self.snapshots.borrow_and_update().clone();
+                    self.apply(&snapshot, &queue, &mut b, &ops, &done_tx);
+                }
+                _ = self.pool.wake.notified() => {}
+                _ = sleep_until(next_wake) => {}
+                _ = housekeeping.tick() => {
+                    let now = Instant::now();
+                    self.expire_requests(&mut b, now);
+                    if stop.is_cancelled() {
+                        continue;
+                    }
+                    if now >= marker_touched + MARKER_TOUCH {
+                        marker_touched = now;
+                        // Answered on request id 0, which no request has: a 503 there
+                        // means the marker is gone (see on_message).
+                        let _ = self
+                            .client
+                            .publish_with_reply(
+                                next_subject(&stream, MARKER),
+                                format!("{inbox}.0"),
+                                r#"{"batch":1,"no_wait":true}"#.into(),
+                            )
+                            .await;
+                    }
+                    self.retry_failed(&mut b, now, &ops, &done_tx);
+                    self.reap(&mut b, now, &ops, &done_tx);
+                }
+            }
+        }
+        // Stopping: no request is outstanding any more; whatever still arrives goes back.
+        crate::worker::pull::hand_back(&mut sub, &self.js).await;
+    }
+
+    /// A message or status on the inbox.
+    #[allow(clippy::too_many_arguments)]
+    fn on_message<F>(
+        &self,
+        msg: async_nats::Message,
+        inbox: &str,
+        b: &mut Buckets,
+        stop: &CancellationToken,
+        dispatch: &mut F,
+        done: &mpsc::UnboundedSender<Done>,
+        claiming: &mut bool,
+    ) where
+        F: FnMut(jetstream::Message, Option<Slot>),
+    {
+        let now = Instant::now();
+        let Some(status) = msg.status else {
+            let msg = jetstream::Message {
+                message: msg,
+                context: self.js.clone(),
+            };
+            let f = msg
+                .info()
+                .ok()
+                .and_then(|info| b.by_consumer.get(info.consumer).copied());
+            let Some(f) = f.filter(|_| !stop.is_cancelled()) else {
+                nak_now(msg);
+                return;
+            };
+            match self.pool.lock().delivered(f) {
+                Delivery::Slot { request_done } => {
+                    if request_done {
+                        if let Some(bucket) = b.get_mut(f) {
+                            if let Some((id, _)) = bucket.request.take() {
+                                b.requests.remove(&id);
+                            }
+                        }
+                    }
+                    dispatch(msg, Some(Slot::function(self.pool.clone(), f)));
+                }
+                Delivery::Unexpected => nak_now(msg),
+            }
+            return;
+        };
+        let id: Option<u64> = msg
+            .subject
+            .as_str()
+            .strip_prefix(inbox)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .and_then(|id| id.parse().ok());
+        if id == Some(0) {
+            // The marker's keep-alive.
+            if status == StatusCode::NO_RESPONDERS
+                || describes_missing_consumer(&msg)
+            {
+                self.claim(claiming, done);
+            }
+            return;
+        }
+        let Some(f) = id.and_then(|id| b.requests.remove(&id)) else {
+            return; // a request already given up on
+        };
+        if let Some(bucket) = b.get_mut(f) {
+            bucket.request = None;
+        }
+        match status {
+            StatusCode::IDLE_HEARTBEAT => {}
+            StatusCode::TIMEOUT | StatusCode::NOT_FOUND => {
+                self.pool.lock().request_ended(f, now);
+            }
+            _ if status == StatusCode::NO_RESPONDERS || describes_missing_consumer(&msg) => {
+                // The consumer is gone (the server's backstop, an operator): recreate it
+                // while the function has work.
+                let mut sched = self.pool.lock();
+                sched.request_ended(f, now);
+                sched.set_ready(f, false);
+                drop(sched);
+                if let Some(bucket) = b.get_mut(f) {
+                    tracing::warn!(consumer = %bucket.consumer, subject = %bucket.subject, "function consumer vanished; recreating it while it has work");
+                    bucket.state = Consumer::Absent;
+                }
+            }
+            _ => {
+                let what = msg.description.clone().unwrap_or_default();
+                tracing::debug!(%status, %what, "pull request ended");
+                self.pool.lock().request_ended(f, now);
+            }
+        }
+    }
+
+    /// Applies a discovery snapshot: depths to the scheduler, consumers for new work.
+    fn apply(
+        &self,
+        snapshot: &Snapshot,
+        queue: &str,
+        b: &mut Buckets,
+        ops: &Arc<Semaphore>,
+        done: &mpsc::UnboundedSender<Done>,
+    ) {
+        let now = Instant::now();
+        let mut sched = self.pool.lock();
+        for (subject, &depth) in &snapshot.depths {
+            let f = match b.by_subject.get(subject) {
+                Some(&f) => f,
+                None => b.insert(queue, subject),
+            };
+            sched.set_depth(f, depth);
+            b.idle.remove(&f);
+            let bucket = b.get_mut(f).expect("just looked up");
+            bucket.depth = depth;
+            bucket.idle_since = None;
+            if bucket.state == Consumer::Absent {
+                bucket.state = Consumer::Creating;
+                self.create(f, bucket, ops, done);
+            }
+        }
+        let gone: Vec<FnId> = b
+            .by_subject
+            .iter()
+            .filter(|(s, _)| !snapshot.depths.contains_key(*s))
+            .map(|(_, &f)| f)
+            .collect();
+        for f in gone {
+            let Some(bucket) = b.get_mut(f) else { continue };
+            if bucket.depth != 0 || bucket.idle_since.is_none() {
+                bucket.depth = 0;
+                bucket.idle_since = Some(now);
+                sched.set_depth(f, 0);
+                b.idle.insert(f);
+            }
+        }
+    }
+
+    fn create(
+        &self,
+        f: FnId,
+        bucket: &Bucket,
+        ops: &Arc<Semaphore>,
+        done: &mpsc::UnboundedSender<Done>,
+    ) {
+        let spec = FunctionConsumer {
+            stream: self.layout.stream.clone(),
+            name: bucket.consumer.clone(),
+            subject: bucket.subject.clone(),
+            ack_wait: self.layout.ack_wait,
+            inactive_threshold: self.backstop,
+        };
+        let js = self.js.clone();
+        let ops = ops.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let _op = ops.acquire_owned().await;
+            let r = ensure_function_consumer(&js, &spec).await;
+            let _ = done.send(Done::Created(f, r));
+        });
+    }
+
+    fn claim(&self, claiming: &mut bool, done: &mpsc::UnboundedSender<Done>) {
+        if std::mem::replace(claiming, true) {
+            return;
+        }
+        let js = self.js.clone();
+        let layout = self.layout.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let r = claim_function_mode(&js, &layout).await;
+            let _ = done.send(Done::Claimed(r));
+        });
+    }
+
+    fn on_done(
+        &self,
+        done: Done,
+        b: &mut Buckets,
+        claiming: &mut bool,
+        ops: &Arc<Semaphore>,
+        done_tx: &mpsc::UnboundedSender<Done>,
+    ) {
+        let now = Instant::now();
+        match done {
+            Done::Created(f, result) => {
+                let Some(bucket) = b.get_mut(f) else { return };
+                if bucket.state != Consumer::Creating {
+                    return;
+                }
+                match result {
+                    Ok(()) => {
+                        tracing::debug!(consumer = %bucket.consumer, subject = %bucket.subject, "function consumer ready");
+                        bucket.state = Consumer::Ready;
+                        self.pool.lock().set_ready(f, true);
+                    }
+                    Err(e) => {
+                        bucket.state = Consumer::Failed(now + CREATE_RETRY);
+                        match &e {
+                            ConsumerError::Blocked(_) => {
+                                tracing::warn!(consumer = %bucket.consumer, error = %e, "function consumer blocked; taking the stream into function mode again");
+                                self.claim(claiming, done_tx);
+                            }
+                            _ => {
+                                tracing::warn!(consumer = %bucket.consumer, error = %e, retry_in = ?CREATE_RETRY, "cannot create function consumer")
+                            }
+                        }
+                    }
+                }
+            }
+            Done::Deleted(f, result) => {
+                let Some(bucket) = b.get_mut(f) else { return };
+                match result {
+                    Ok(true) if bucket.depth > 0 => {
+                        // Work came back while it was being deleted: make it again.
+                        bucket.state = Consumer::Creating;
+                        let bucket = b.get(f).expect("just seen");
+                        self.create(f, bucket, ops, done_tx);
+                    }
+                    Ok(true) => {
+                        tracing::debug!(consumer = %bucket.consumer, "idle function consumer deleted");
+                        if self.pool.lock().forget(f) {
+                            b.remove(f);
+                        } else {
+                            bucket.state = Consumer::Absent;
+                        }
+                    }
+                    Ok(false) => {
+                        bucket.state = Consumer::Ready;
+                        bucket.idle_since = Some(now);
+                    }
+                    Err(e) => {
+                        tracing::debug!(consumer = %bucket.consumer, error = %e, "could not delete idle consumer; trying later");
+                        bucket.state = Consumer::Ready;
+                        bucket.idle_since = Some(now);
+                    }
+                }
+            }
+            Done::Claimed(result) => {
+                *claiming = false;
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "cannot take the stream into function mode; trying again");
+                }
+            }
+        }
+    }
+
+    /// Requests with no answer after [`REQUEST_LOST`] are given up; their slots go back.
+    fn expire_requests(&self, b: &mut Buckets, now: Instant) {
+        let lost: Vec<(u64, FnId)> = b
+            .requests
+            .iter()
+            .filter(|(_, &f)| {
+                b.get(f)
+                    .and_then(|bucket| bucket.request)
+                    .is_none_or(|(_, sent)| now >= sent + REQUEST_LOST)
+            })
+            .map(|(&id, &f)| (id, f))
+            .collect();
+        for (id, f) in lost {
+            b.requests.remove(&id);
+            if let Some(bucket) = b.get_mut(f) {
+                tracing::debug!(consumer = %bucket.consumer, "pull request unanswered; giving it up");
+                bucket.request = None;
+            }
+            self.pool.lock().request_ended(f, now);
+        }
+    }
+
+    fn retry_failed(
+        &self,
+        b: &mut Buckets,
+        now: Instant,
+        ops: &Arc<Semaphore>,
+        done: &mpsc::UnboundedSender<Done>,
+    ) {
+        let due: Vec<FnId> = b
+            .slab
+            .iter()
+            .enumerate()
+            .filter_map(|(f, bucket)| match bucket {
+                Some(Bucket {
+                    state: Consumer::Failed(at),
+                    ..
+                }) if now >= *at => Some(f),
+                _ => None,
+            })
+            .collect();
+        for f in due {
+            let Some(bucket) = b.get_mut(f) else { continue };
+            if bucket.depth == 0 {
+                bucket.state = Consumer::Absent;
+                continue;
+            }
+            bucket.state = Consumer::Creating;
+            let bucket = b.get(f).expect("just seen");
+            self.create(f, bucket, ops, done);
+        }
+    }
+
+    /// Deletes consumers idle for `inactive_threshold`; forgets buckets that never got one.
+    fn reap(
+        &self,
+        b: &mut Buckets,
+        now: Instant,
+        ops: &Arc<Semaphore>,
+        done: &mpsc::UnboundedSender<Done>,
+    ) {
+        let candidates: Vec<FnId> = b.idle.iter().copied().collect();
+        for f in candidates {
+            let Some(bucket) = b.get(f) else {
+                b.idle.remove(&f);
+                continue;
+            };
+            let Some(since) = bucket.idle_since else {
+                continue;
+            };
+            if bucket.depth > 0 || now < since + self.inactive_threshold {
+                continue;
+            }
+            if !self.pool.lock().is_idle(f) {
+                continue;
+            }
+            match bucket.state {
+                Consumer::Ready => {}
+                Consumer::Absent | Consumer::Failed(_) => {
+                    if self.pool.lock().forget(f) {
+                        b.remove(f);
+                    }
+                    continue;
+                }
+                Consumer::Creating | Consumer::Deleting => continue,
+            }
+            self.pool.lock().set_ready(f, false);
+            b.idle.remove(&f);
+            let bucket = b.get_mut(f).expect("just seen");
+            bucket.state = Consumer::Deleting;
+            let (js, stream, name) = (
+                self.js.clone(),
+                self.layout.stream.clone(),
+                bucket.consumer.clone(),
+            );
+            let (ops, done) = (ops.clone(), done.clone());
+            tokio::spawn(async move {
+                let _op = ops.acquire_owned().await;
+                let r = delete_if_idle(&js, &stream, &name).await;
+                let _ = done.send(Done::Deleted(f, r));
+            });
+        }
+    }
+}
+
+/// Whether a status says the consumer does not exist.
+fn describes_missing_consumer(msg: &async_nats::Message) -> bool {
+    let what = msg
+        .description
+        .as_deref()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    what.contains("consumer deleted") || what.contains("consumer not found")
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// NAKs a message nobody asked for (late, or after the stop) so it is redelivered at once.
+fn nak_now(msg: jetstream::Message) {
+    tokio::spawn(async move {
+        let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+    });
+}

@@ -1,0 +1,88 @@
+//! The slot: the right to run one message, held from delivery until the message is settled
+//! (and its callback has a place in the callback budget). One type for both modes, so the
+//! flow (`flow.rs`) never knows which mode pulled its message:
+//!
+//! - static mode: a permit of the replica's slot semaphore (`max_inflight`, plus the
+//!   prefetch), which the static pull loop (`pull.rs`) hands out;
+//! - function mode: one of the fair scheduler's slots (`schedule.rs`), which knows its
+//!   function and gives itself back to the scheduler when dropped, waking the function-mode
+//!   pull loop (`functions.rs`) so the freed slot goes to the next function in turn.
+//!
+//! Because the release is `Drop`, no path through the flow (a panic included) can leak a
+//! slot.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+
+use crate::worker::schedule::{FnId, Scheduler};
+
+/// The right to run one message.
+pub struct Slot(Held);
+
+enum Held {
+    Permit(OwnedSemaphorePermit),
+    Function { function: FnId, pool: Arc<Pool> },
+}
+
+impl Slot {
+    /// A static-mode slot.
+    pub fn permit(permit: OwnedSemaphorePermit) -> Slot {
+        Slot(Held::Permit(permit))
+    }
+
+    /// A function-mode slot: the scheduler has already counted it as running for `function`
+    /// ([`Scheduler::delivered`]).
+    pub fn function(pool: Arc<Pool>, function: FnId) -> Slot {
+        Slot(Held::Function { function, pool })
+    }
+
+    /// The function's own cap (`com.openfaas.queue.max_inflight`, read from its message):
+    /// function mode hands the function at most that many slots from now on. Static mode
+    /// has one queue for every function and ignores it.
+    pub fn learn_cap(&self, cap: Option<usize>) {
+        if let Held::Function { function, pool } = &self.0 {
+            let changed = {
+                let mut sched = pool.lock();
+                let before = sched.cap(*function);
+                sched.set_cap(*function, cap);
+                before != Some(cap)
+            };
+            if changed {
+                pool.wake.notify_one();
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Held::Function { function, pool } = &self.0 {
+            pool.lock().release(*function);
+            pool.wake.notify_one();
+        }
+    }
+}
+
+/// The function-mode scheduler, shared by the pull loop and the slots it hands out.
+pub struct Pool {
+    sched: Mutex<Scheduler>,
+    /// Notified whenever a slot comes back or a cap changes: the pull loop may have
+    /// something to ask for.
+    pub wake: Notify,
+}
+
+impl Pool {
+    pub fn new(sched: Scheduler) -> Arc<Pool> {
+        Arc::new(Pool {
+            sched: Mutex::new(sched),
+            wake: Notify::new(),
+        })
+    }
+
+    /// The scheduler. Held only for pure, short bookkeeping: never across an await.
+    pub fn lock(&self) -> MutexGuard<'_, Scheduler> {
+        // The scheduler's bookkeeping cannot be left half-done by a panic elsewhere.
+        self.sched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}

@@ -1,0 +1,477 @@
+//! Function mode against a real nats-server: a consumer per function with work, fair slots,
+//! the reaper, shared consumers across replicas, the per-function pending gauge, and the
+//! switch between modes on a running deployment.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use queue_worker::message::publish::Submission;
+use tokio::time::Instant;
+
+use crate::support::*;
+
+const FUNCTION: &[(&str, &str)] = &[("scaling_mode", "function")];
+
+fn with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut all = FUNCTION.to_vec();
+    all.extend_from_slice(extra);
+    all
+}
+
+/// The stream's consumers, sorted.
+async fn consumers(env: &Env) -> Vec<String> {
+    let js = env.js().await;
+    let stream = js.get_stream("OF_faas-request").await.unwrap();
+    let mut names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
+    names.sort();
+    names
+}
+
+/// Messages left in the work stream.
+async fn stream_count(env: &Env) -> u64 {
+    let js = env.js().await;
+    let mut stream = js.get_stream("OF_faas-request").await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// One job for each of `f0` … `f<n-1>`, published pipelined; returns the call ids.
+async fn one_job_each(js: &async_nats::jetstream::Context, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut acks = Vec::new();
+    for i in 0..n {
+        let id = queue_worker::message::publish::new_call_id();
+        let sub = Submission {
+            function: format!("f{i}"),
+            ..Default::default()
+        };
+        let payload = serde_json::to_vec(&sub.to_request(&id)).unwrap();
+        acks.push(
+            js.publish(format!("faas-request.f{i}.openfaas-fn"), payload.into())
+                .await
+                .unwrap(),
+        );
+        ids.push(id);
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    ids
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every published id was called at least once; returns how many calls were repeats.
+fn repeats(env: &Env, ids: &[String]) -> usize {
+    let calls = env.gateway.calls();
+    let seen: HashMap<String, usize> = calls.iter().fold(HashMap::new(), |mut m, c| {
+        *m.entry(c.call_id()).or_default() += 1;
+        m
+    });
+    let missing: Vec<&String> = ids.iter().filter(|id| !seen.contains_key(*id)).collect();
+    assert!(missing.is_empty(), "{} jobs never ran", missing.len());
+    calls.len() - seen.len()
+}
+
+/// 3,000 jobs of `a` queued, then 10 of `b`, with 8 slots: every `b` job starts before `a`
+/// has started 50 more (in static mode, `b` would wait for all of `a`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_function_is_served_behind_another_functions_backlog() {
+    let env = Env::start().await;
+    env.gateway
+        .script("a", vec![Step::status(200).delay(Duration::from_millis(10))]);
+    let config = env.config(&[]);
+    submit(&config, "a", 3000).await;
+    let worker = env.worker(&with(&[("max_inflight", "8")])).await;
+    env.gateway
+        .wait_for("a's backlog to start", Duration::from_secs(20), |g| {
+            g.calls_to("a") >= 100
+        })
+        .await;
+    let a_before = env.gateway.calls_to("a");
+    submit(&config, "b", 10).await;
+    env.gateway
+        .wait_for("every b job", Duration::from_secs(20), |g| {
+            g.calls_to("b") == 10
+        })
+        .await;
+    let calls = env.gateway.calls();
+    let last_b = calls
+        .iter()
+        .rposition(|c| c.path.starts_with("/function/b"))
+        .unwrap();
+    let a_until_last_b = calls[..last_b]
+        .iter()
+        .filter(|c| c.path.starts_with("/function/a"))
+        .count();
+    let a_started = a_until_last_b - a_before;
+    assert!(
+        a_started < 50,
+        "a started {a_started} more jobs before the last of b's 10 started"
+    );
+    assert!(
+        env.gateway.calls_to("a") < 3000,
+        "a's backlog was gone before b ran: the test proves nothing"
+    );
+    stop(worker).await;
+}
+
+/// Consumers exist only for functions with work, and the worker deletes each after
+/// `consumer_inactive_threshold` with nothing left.
+#[tokio::test]
+async fn consumers_come_with_work_and_go_after_the_threshold() {
+    let env = Env::start().await;
+    env.gateway
+        .script("slow", vec![Step::status(200).delay(Duration::from_millis(500))]);
+    let worker = env
+        .worker(&with(&[("consumer_inactive_threshold", "1s")]))
+        .await;
+    wait_until("the mode marker", Duration::from_secs(10), || async {
+        consumers(&env).await == ["function-mode"]
+    })
+    .await;
+    let config = env.config(&[]);
+    submit(&config, "slow", 3).await;
+    wait_until("slow's consumer", Duration::from_secs(10), || async {
+        consumers(&env).await == ["fn-slow_dopenfaas-fn", "function-mode"]
+    })
+    .await;
+    env.gateway
+        .wait_for("slow's jobs", Duration::from_secs(10), |g| {
+            g.calls_to("slow") == 3
+        })
+        .await;
+    // Still there while its last call runs and for the threshold after.
+    assert!(consumers(&env).await.contains(&"fn-slow_dopenfaas-fn".to_string()));
+    let drained = Instant::now();
+    wait_until("the idle consumer to go", Duration::from_secs(10), || async {
+        consumers(&env).await == ["function-mode"]
+    })
+    .await;
+    let after = drained.elapsed();
+    assert!(
+        after >= Duration::from_millis(900),
+        "deleted {after:?} after its work, before the 1 s threshold"
+    );
+    assert_eq!(stream_count(&env).await, 0);
+    assert_eq!(env.gateway.calls().len(), 3);
+    stop(worker).await;
+}
+
+/// An operator deletes a function's consumer mid-run: the worker recreates it and every job
+/// still runs (the deleted consumer's in-flight jobs may run again: at most the slots).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_deleted_mid_run_is_recreated_and_nothing_is_lost() {
+    let env = Env::start().await;
+    env.gateway
+        .script("f", vec![Step::status(200).delay(Duration::from_millis(20))]);
+    let config = env.config(&[]);
+    let ids = submit(&config, "f", 300).await;
+    let worker = env.worker(&with(&[("max_inflight", "4")])).await;
+    env.gateway
+        .wait_for("a third of the jobs", Duration::from_secs(20), |g| {
+            g.calls_to("f") >= 100
+        })
+        .await;
+    let js = env.js().await;
+    let stream = js.get_stream("OF_faas-request").await.unwrap();
+    stream.delete_consumer("fn-f_dopenfaas-fn").await.unwrap();
+    env.gateway
+        .wait_for("every job", Duration::from_secs(30), |g| {
+            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
+            ids.iter().all(|id| seen.contains(id))
+        })
+        .await;
+    wait_until("the stream to drain", Duration::from_secs(20), || async {
+        stream_count(&env).await == 0
+    })
+    .await;
+    let again = repeats(&env, &ids);
+    assert!(again <= 4, "{again} jobs ran twice; at most the 4 in flight may");
+    stop(worker).await;
+}
+
+/// Two replicas share the per-function consumers; every job runs exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_function_consumers_and_each_job_runs_once() {
+    let env = Env::start().await;
+    let config = env.config(&[]);
+    let mut ids = Vec::new();
+    for f in ["a", "b", "c"] {
+        env.gateway
+            .script(f, vec![Step::status(200).delay(Duration::from_millis(5))]);
+        ids.extend(submit(&config, f, 200).await);
+    }
+    let one = env.worker(&with(&[("max_inflight", "4")])).await;
+    let two = env.worker(&with(&[("max_inflight", "4")])).await;
+    env.gateway
+        .wait_for("every job", Duration::from_secs(30), |g| g.calls().len() >= 600)
+        .await;
+    wait_until("the stream to drain", Duration::from_secs(20), || async {
+        stream_count(&env).await == 0
+    })
+    .await;
+    assert_eq!(repeats(&env, &ids), 0, "a job ran twice");
+    assert_eq!(env.gateway.calls().len(), 600);
+    let names = consumers(&env).await;
+    for f in ["a", "b", "c"] {
+        assert!(names.contains(&format!("fn-{f}_dopenfaas-fn")), "{names:?}");
+    }
+    assert_eq!(names.len(), 4, "one consumer per function, shared: {names:?}");
+    stop(one).await;
+    stop(two).await;
+}
+
+/// Older gateways publish every function on the bare `<queue>` subject: served too.
+#[tokio::test]
+async fn the_legacy_subject_is_served_in_function_mode() {
+    let env = Env::start().await;
+    let worker = env.worker(FUNCTION).await;
+    let js = env.js().await;
+    for i in 0..3 {
+        let body = format!(r#"{{"Function":"legacy","Method":"POST","Header":{{"X-Call-Id":["legacy-{i}"]}}}}"#);
+        publish_raw(&js, "faas-request", body.into_bytes()).await;
+    }
+    env.gateway
+        .wait_for("the legacy jobs", Duration::from_secs(10), |g| {
+            g.calls_to("legacy") == 3
+        })
+        .await;
+    wait_until("the stream to drain", Duration::from_secs(10), || async {
+        stream_count(&env).await == 0
+    })
+    .await;
+    assert!(consumers(&env).await.contains(&"legacy-subject".to_string()));
+    stop(worker).await;
+}
+
+/// The pending gauge is the stream's count for the function (queued + unacked), the same
+/// on both replicas, and goes away once the function has drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_function_pending_gauge_is_the_streams_count_on_every_replica() {
+    let env = Env::start().await;
+    env.gateway
+        .script("slow", vec![Step::status(200).delay(Duration::from_secs(3))]);
+    let one = env.worker(&with(&[("max_inflight", "2")])).await;
+    let two = env.worker(&with(&[("max_inflight", "2")])).await;
+    let config = env.config(&[]);
+    submit(&config, "slow", 6).await;
+    // 4 running (2 per replica), 2 queued: the count stays 6 while the calls run.
+    env.gateway
+        .wait_for("four running", Duration::from_secs(10), |g| g.running() == 4)
+        .await;
+    let series =
+        r#"queue_worker_pending_messages{function_name="slow.openfaas-fn",queue_name="faas-request"} 6"#;
+    wait_metric(&one, series).await;
+    wait_metric(&two, series).await;
+    let js = env.js().await;
+    let counts = queue_worker::nats::stream::read_subjects(&js, "OF_faas-request", ">")
+        .await
+        .unwrap();
+    assert_eq!(
+        counts.subjects.get("faas-request.slow.openfaas-fn"),
+        Some(&6)
+    );
+    for w in [&one, &two] {
+        assert!(scrape(w).await.contains(
+            r#"queue_worker_function_invocation_inflight{function_name="slow.openfaas-fn",queue_name="faas-request"} 2"#
+        ));
+    }
+    env.gateway
+        .wait_for("every job", Duration::from_secs(20), |g| {
+            g.calls_to("slow") == 6 && g.running() == 0
+        })
+        .await;
+    for w in [&one, &two] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while scrape(w).await.lines().any(|l| {
+            l.starts_with(r#"queue_worker_pending_messages{function_name="slow.openfaas-fn""#)
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the drained function's pending series stayed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    stop(one).await;
+    stop(two).await;
+}
+
+/// Static mode exports each function's depth too, beside `all-functions`.
+#[tokio::test]
+async fn static_mode_exports_per_function_depth_beside_all_functions() {
+    let env = Env::start().await;
+    env.gateway
+        .script("slow", vec![Step::status(200).delay(Duration::from_secs(3))]);
+    let worker = env.worker(&[("max_inflight", "1")]).await;
+    submit(&env.config(&[]), "slow", 3).await;
+    wait_metric(
+        &worker,
+        r#"queue_worker_pending_messages{function_name="slow.openfaas-fn",queue_name="faas-request"} 3"#,
+    )
+    .await;
+    wait_metric(
+        &worker,
+        r#"queue_worker_pending_messages{function_name="all-functions",queue_name="faas-request"} 3"#,
+    )
+    .await;
+    stop(worker).await;
+}
+
+/// A rolling update from static to function mode with jobs queued: both modes run side by
+/// side, the function-mode replica takes the stream, the static one waits, nothing is lost,
+/// and only jobs the static replica had in flight may run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_to_function_with_both_running_loses_nothing() {
+    let env = Env::start().await;
+    let config = env.config(&[]);
+    let mut ids = Vec::new();
+    for f in ["a", "b"] {
+        env.gateway
+            .script(f, vec![Step::status(200).delay(Duration::from_millis(10))]);
+        ids.extend(submit(&config, f, 300).await);
+    }
+    let old = env.worker(&[("max_inflight", "4")]).await;
+    env.gateway
+        .wait_for("the static replica at work", Duration::from_secs(20), |g| {
+            g.calls().len() >= 50
+        })
+        .await;
+    let new = env.worker(&with(&[("max_inflight", "4")])).await;
+    env.gateway
+        .wait_for("the function-mode replica at work", Duration::from_secs(20), |g| {
+            g.calls().len() >= 200
+        })
+        .await;
+    // Side by side for a while, then the old pod goes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(old.health.readiness().is_ok(), "the waiting static replica stays ready");
+    stop(old).await;
+    env.gateway
+        .wait_for("every job", Duration::from_secs(30), |g| {
+            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
+            ids.iter().all(|id| seen.contains(id))
+        })
+        .await;
+    wait_until("the stream to drain", Duration::from_secs(20), || async {
+        stream_count(&env).await == 0
+    })
+    .await;
+    let again = repeats(&env, &ids);
+    assert!(again <= 4, "{again} jobs ran twice; at most the static replica's 4 in flight may");
+    assert!(!consumers(&env).await.contains(&"faas-workers".to_string()));
+    stop(new).await;
+}
+
+/// And back: a static replica started beside function-mode ones waits (ready) while they
+/// live, then takes the stream once they are gone; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_to_static_with_both_running_loses_nothing() {
+    let env = Env::start().await;
+    let config = env.config(&[]);
+    env.gateway
+        .script("a", vec![Step::status(200).delay(Duration::from_millis(20))]);
+    let ids = submit(&config, "a", 400).await;
+    let old = env.worker(&with(&[("max_inflight", "4")])).await;
+    env.gateway
+        .wait_for("the function-mode replica at work", Duration::from_secs(20), |g| {
+            g.calls().len() >= 50
+        })
+        .await;
+    let new = env.worker(&[("max_inflight", "4")]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(new.health.readiness().is_ok(), "the waiting static replica is ready");
+    let before = env.gateway.calls().len();
+    stop(old).await;
+    assert!(before < 400, "the queue drained before the switch: the test proves nothing");
+    env.gateway
+        .wait_for("every job", Duration::from_secs(60), |g| {
+            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
+            ids.iter().all(|id| seen.contains(id))
+        })
+        .await;
+    wait_until("the stream to drain", Duration::from_secs(20), || async {
+        stream_count(&env).await == 0
+    })
+    .await;
+    assert_eq!(repeats(&env, &ids), 0, "the drained function-mode replica left nothing in flight");
+    assert_eq!(consumers(&env).await, ["faas-workers"]);
+    stop(new).await;
+}
+
+/// Churn: 1,000 functions appear (one job each), their consumers are reaped, they appear
+/// again, while one of two replicas (a process) is killed mid-run: every job runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_functions_coming_and_going_while_a_replica_is_killed_lose_nothing() {
+    const FUNCTIONS: usize = 1000;
+    let env = Env::start().await;
+    // The stream exists before the first publish.
+    submit(&env.config(&[]), "warm-up", 1).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
+        .env_clear()
+        .env("nats_url", env.nats.url())
+        .env("gateway_url", env.gateway.url())
+        .env("metrics_port", "0")
+        .env("scaling_mode", "function")
+        .env("consumer_inactive_threshold", "1s")
+        .env("ack_wait", "2s")
+        .env("max_inflight", "16")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let worker = env
+        .worker(&with(&[
+            ("consumer_inactive_threshold", "1s"),
+            ("ack_wait", "2s"),
+            ("max_inflight", "16"),
+        ]))
+        .await;
+    let js = env.js().await;
+    let mut ids = Vec::new();
+    for round in 0..2 {
+        ids.extend(one_job_each(&js, FUNCTIONS).await);
+        if round == 0 {
+            env.gateway
+                .wait_for("half the first round", Duration::from_secs(60), |g| {
+                    g.calls().len() >= FUNCTIONS / 2
+                })
+                .await;
+            child.kill().await.unwrap();
+            env.gateway
+                .wait_for("the first round", Duration::from_secs(60), |g| {
+                    let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
+                    ids.iter().all(|id| seen.contains(id))
+                })
+                .await;
+            // Let the consumers be reaped before the functions come back.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+    }
+    env.gateway
+        .wait_for("every job", Duration::from_secs(90), |g| {
+            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
+            ids.iter().all(|id| seen.contains(id))
+        })
+        .await;
+    wait_until("the stream to drain", Duration::from_secs(30), || async {
+        stream_count(&env).await == 0
+    })
+    .await;
+    // The killed replica's in-flight jobs ran again (at most its 16 slots).
+    let again = repeats(&env, &ids);
+    assert!(again <= 16, "{again} jobs ran twice");
+    stop(worker).await;
+}
