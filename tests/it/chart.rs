@@ -192,18 +192,7 @@ fn env(deployment: &Value) -> Vec<(String, String)> {
 /// holding `<file name>-content`, after checking that a volume of the pod provides them.
 fn load(deployment: &Value, dir: &Path) -> Config {
     let pairs = env(deployment);
-    let names: BTreeSet<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(names.len(), pairs.len(), "an env var is rendered twice");
-    for (name, _) in &pairs {
-        assert!(
-            KEYS.iter().any(|k| k.name == name) || ALIASES.iter().any(|(a, _)| a == name),
-            "the chart renders {name}, which the worker does not read"
-        );
-        assert!(
-            !LEGACY_KEYS.iter().any(|(k, _)| k == name),
-            "{name} is a legacy key"
-        );
-    }
+    assert_worker_reads(&pairs);
     let mounted = mounted_files(deployment);
     let pairs = pairs.into_iter().map(|(k, v)| {
         if let Some(rest) = v.strip_prefix("/var/secrets/") {
@@ -250,6 +239,23 @@ fn load(deployment: &Value, dir: &Path) -> Config {
     );
     assert!(!stderr.contains("WARN"), "{stderr}");
     config
+}
+
+/// Each env var is rendered once, under a name the worker reads (a key or an alias, never a
+/// legacy name).
+fn assert_worker_reads(pairs: &[(String, String)]) {
+    let names: BTreeSet<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names.len(), pairs.len(), "an env var is rendered twice");
+    for (name, _) in pairs {
+        assert!(
+            KEYS.iter().any(|k| k.name == name) || ALIASES.iter().any(|(a, _)| a == name),
+            "the chart renders {name}, which the worker does not read"
+        );
+        assert!(
+            !LEGACY_KEYS.iter().any(|(k, _)| k == name),
+            "{name} is a legacy key"
+        );
+    }
 }
 
 /// Every file path the pod's volumes put in the container: `<mountPath>/<item path>`.
@@ -607,14 +613,112 @@ fn every_option_renders_objects_that_fit_together() {
     assert_eq!(data.as_deref(), Some(file.trim_end()));
 }
 
+/// `mode: function` renders `scaling_mode=function` with the consumer settings, and each KEDA
+/// trigger reads its function's own pending series, averaged across the worker's replicas as
+/// OpenFaaS's autoscaler rule does (`avg(queue_worker_pending_messages) by (function_name)`).
+#[test]
+#[cfg_attr(not(has_helm), ignore = "needs helm: set HELM (scripts/test does)")]
+fn function_mode_renders_its_settings_and_scales_each_function_on_its_own_series() {
+    let docs = render_ok(&["-f", &values_file("function-values.yaml")]);
+    assert_eq!(
+        kinds(&docs),
+        [
+            "Deployment/qw-queue-worker",
+            "ScaledObject/report-custom-request",
+            "ScaledObject/sleep-custom-request",
+        ]
+    );
+    let pairs = env(find(&docs, "Deployment", "qw-queue-worker"));
+    assert_worker_reads(&pairs);
+    let value = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(value("scaling_mode"), Some("function"));
+    assert_eq!(value("consumer_inactive_threshold"), Some("1m"));
+    assert_eq!(value("consumer_pull_max_messages"), Some("10"));
+    assert_eq!(value("max_inflight"), Some("20"));
+
+    let query = |name: &str| {
+        let so = find(&docs, "ScaledObject", name);
+        s(at(so, "spec.triggers.0.metadata.query"))
+    };
+    let sleep = query("sleep-custom-request");
+    assert_eq!(
+        sleep,
+        r#"avg(queue_worker_pending_messages{queue_name="custom-request",function_name="sleep.openfaas-fn"})"#
+    );
+    assert_eq!(metric_names(&sleep), ["queue_worker_pending_messages"]);
+    let report = query("report-custom-request");
+    assert_eq!(
+        report,
+        r#"avg(queue_worker_pending_messages{queue_name="custom-request",function_name="report.team-a"})"#
+    );
+    assert_eq!(
+        s(at(
+            find(&docs, "ScaledObject", "report-custom-request"),
+            "metadata.namespace"
+        )),
+        "team-a"
+    );
+
+    // --set mode=function on its own gives the same env, and keeps a query given by hand.
+    let docs = render_ok(&[
+        "-f",
+        &values_file("full-values.yaml"),
+        "--set",
+        "mode=function",
+    ]);
+    let worker = env(find(&docs, "Deployment", "qw-queue-worker"));
+    assert!(worker.contains(&("scaling_mode".into(), "function".into())));
+    assert!(worker.contains(&("consumer_inactive_threshold".into(), "30s".into())));
+    assert!(!worker
+        .iter()
+        .any(|(k, _)| k == "consumer_pull_max_messages"));
+    let so = find(&docs, "ScaledObject", "sleep-custom-request");
+    assert!(s(at(so, "spec.triggers.0.metadata.query"))
+        .contains(r#"function_name="sleep.openfaas-fn""#));
+    let so = find(&docs, "ScaledObject", "report-custom-request");
+    assert_eq!(
+        s(at(so, "spec.triggers.0.metadata.query")),
+        r#"max(queue_worker_pending_messages{queue_name="reports"})"#
+    );
+}
+
 #[test]
 #[cfg_attr(not(has_helm), ignore = "needs helm: set HELM (scripts/test does)")]
 fn bad_values_are_refused_naming_the_value() {
     let cases: &[(&str, &str)] = &[
         ("mode=fast", "/mode"),
+        // The worker refuses an inactive threshold under 1s, and a bare number is no duration.
         (
-            "mode=function",
-            "mode: function (one consumer per function) is not supported",
+            "consumer.inactiveThreshold=500ms",
+            "/consumer/inactiveThreshold",
+        ),
+        (
+            "consumer.inactiveThreshold=0s",
+            "/consumer/inactiveThreshold",
+        ),
+        (
+            "consumer.inactiveThreshold=0.5s",
+            "/consumer/inactiveThreshold",
+        ),
+        (
+            "consumer.inactiveThreshold=30",
+            "/consumer/inactiveThreshold",
+        ),
+        (
+            "consumer.inactiveThreshold=soon",
+            "/consumer/inactiveThreshold",
+        ),
+        ("consumer.pullMaxMessages=-1", "/consumer/pullMaxMessages"),
+        ("consumer.pullMaxMessages=abc", "/consumer/pullMaxMessages"),
+        ("consumer.pullMaxMessages=1.5", "/consumer/pullMaxMessages"),
+        (
+            "consumer.pullMaxMessages=100001",
+            "/consumer/pullMaxMessages",
         ),
         (
             "queuePartitions=4",
@@ -683,6 +787,16 @@ fn bad_values_are_refused_naming_the_value() {
                 "--set {set}: expected {expected:?} in {e}"
             ),
         }
+    }
+    // A "0" given as text is rendered (only the number 0 is false to a template), and the
+    // worker would refuse it.
+    for set in ["consumer.inactiveThreshold=0", "consumer.pullMaxMessages=0"] {
+        let e = render(&["--set-string", set]).expect_err(set);
+        let path = format!("/{}", set.split_once('=').unwrap().0.replace('.', "/"));
+        assert!(
+            e.contains(&path),
+            "--set-string {set}: expected {path} in {e}"
+        );
     }
     // Values only older OpenFaaS charts have are accepted, and render nothing.
     let docs = render_ok(&[
@@ -805,6 +919,24 @@ fn values_set_on_the_command_line_render_as_openfaas_renders_them() {
             "consumer_pull_max_messages",
             "3",
             |c| assert_eq!(c.pull_max_messages, 3),
+        ),
+        (
+            &["--set-string", "consumer.pullMaxMessages=010"],
+            "consumer_pull_max_messages",
+            "010",
+            |c| assert_eq!(c.pull_max_messages, 10),
+        ),
+        (
+            &["--set", "consumer.inactiveThreshold=2m"],
+            "consumer_inactive_threshold",
+            "2m",
+            |_| {},
+        ),
+        (
+            &["--set", "consumer.inactiveThreshold=1s"],
+            "consumer_inactive_threshold",
+            "1s",
+            |_| {},
         ),
         (
             &["--set", "upstreamTimeout=15m"],

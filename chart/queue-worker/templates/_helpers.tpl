@@ -376,9 +376,6 @@ Values the worker would refuse at start-up (exit code 2, CrashLoopBackOff), refu
 instead with the same reason.
 */}}
 {{- define "queue-worker.validate" -}}
-{{- if eq (include "queue-worker.str" .Values.mode) "function" }}
-{{- fail "mode: function (one consumer per function) is not supported by this worker yet; use mode: static" }}
-{{- end }}
 {{- if not (has (include "queue-worker.str" .Values.queuePartitions) (list "" "1")) }}
 {{- fail (printf "queuePartitions: %v is not supported yet; only 1" .Values.queuePartitions) }}
 {{- end }}
