@@ -11,6 +11,8 @@
 //! - [`lease`]: keeping a message's lease while it waits or its call runs.
 //! - [`invoke`] (over [`connector`]): ③ the HTTP call to the function.
 //! - [`retry`]: ④ the pure decision: ack, retry later, or give up.
+//! - [`schedule`]: function mode's pure fair-slot scheduler: which function may pull how
+//!   many messages.
 //! - [`deadletter`]: ⑤ give-ups, stored in `OF_<queue>-dead` before the original is
 //!   terminated; also read by the `dead` operator commands.
 //! - [`callback`]: ⑥ the result, posted to the caller's `X-Callback-Url`.
@@ -27,6 +29,7 @@ pub mod lease;
 pub mod pull;
 pub mod retry;
 pub mod run;
+pub mod schedule;
 pub mod slot;
 
 pub use run::{start, Running};

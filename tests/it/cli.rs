@@ -89,10 +89,16 @@ fn a_proxy_calls_cannot_use_exits_2_before_connecting() {
 }
 
 #[test]
-fn function_mode_is_refused_as_not_supported_yet() {
-    let (code, _, err) = check_config(&[], &[("scaling_mode", "function")]);
+fn scaling_mode_accepts_function_and_names_what_is_allowed() {
+    let (code, out, err) = check_config(&[], &[("scaling_mode", "function")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("Function"), "{out}");
+    let (code, _, err) = check_config(&[], &[("scaling_mode", "per-function")]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("not supported yet"), "{err}");
+    assert!(
+        err.contains("scaling_mode") && err.contains("static or function"),
+        "{err}"
+    );
 }
 
 /// A child process killed when the test ends, also when it fails: an orphan would keep
