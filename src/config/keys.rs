@@ -42,7 +42,7 @@ keys! {
     "consumer_prefetch" = "0": "Messages pulled beyond free call slots, to start at once when a call ends; they wait in the worker (lease renewed) and are handed back at a drain. Faster for short calls, especially at low max_inflight; 0 pulls only what can start.",
     "scaling_mode" = "static": "static (one shared consumer) or function (one consumer per function with work, fair slots).",
     "limiter_enabled" = "true": "Adaptive concurrency (also read as adaptive_concurrency); applies only in function mode; not built yet: see issue 16.",
-    "consumer_inactive_threshold" = "30s": "Function mode: how long a function's consumer may be idle (nothing pending or in flight) before it is deleted; also set as the server's inactive_threshold, a backstop. At least 1s.",
+    "consumer_inactive_threshold" = "30s": "Function mode: how long a function's consumer may be idle (nothing queued, unacked or running on any replica) before the worker deletes it. At least 1s. The server's inactive_threshold is set longer (2x, and beyond upstream_timeout + ack_wait), a backstop for replicas that die.",
     "queue_partitions" = "1": "Partitions of the queue (only 1 is supported yet).",
     "filter_partition" = "0": "Partition this worker consumes (only 0 is supported yet).",
     "upstream_timeout" = "1m": "Longest a function call may take.",

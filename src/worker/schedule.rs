@@ -208,6 +208,14 @@ impl Scheduler {
         self.touch(f);
     }
 
+    /// `f`'s cap as last set: `None` while unknown (no `set_cap` yet), `Some(None)` for no cap.
+    pub fn cap(&self, f: FnId) -> Option<Option<usize>> {
+        self.fns
+            .get(f)
+            .filter(|s| s.cap_known)
+            .map(|s| s.cap)
+    }
+
     /// Hand out free slots, then return the pull requests to send now: `(f, batch)` for every
     /// `f` that has assigned slots and no request outstanding; those slots become "requested"
     /// and `f`'s request outstanding. Dry functions whose time is up at `now` are eligible
