@@ -170,7 +170,9 @@ async fn work(
         match result {
             Ok(info) => break info,
             Err(LayoutError::Incompatible(msg)) => anyhow::bail!(msg),
-            Err(LayoutError::Unavailable(msg)) => {
+            // TODO(function mode): a blocked consumer (function mode holds the stream) should
+            // go through `nats::consumers::claim_static_mode` and wait for the marker.
+            Err(LayoutError::Unavailable(msg) | LayoutError::Blocked(msg)) => {
                 tracing::warn!(error = %msg, retry_in = ?wait, "waiting for JetStream");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
