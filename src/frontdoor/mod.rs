@@ -364,7 +364,8 @@ impl Door {
                 match self.ensure(queue).await {
                     Ok(()) => break,
                     Err(LayoutError::Incompatible(msg)) => anyhow::bail!(msg),
-                    Err(LayoutError::Unavailable(msg)) => {
+                    // Blocked is about consumers, which the front door never makes.
+                    Err(LayoutError::Unavailable(msg) | LayoutError::Blocked(msg)) => {
                         tracing::warn!(error = %msg, retry_in = ?wait, "waiting for JetStream");
                         tokio::time::sleep(wait).await;
                         wait = (wait * 2).min(Duration::from_secs(5));

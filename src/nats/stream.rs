@@ -5,9 +5,11 @@
 //! Only settings nats-server 2.9 honours are used: a single (empty) filter subject, no
 //! multi-subject filters, no 2.10+ stream fields.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, response::Response, stream};
+use serde::Deserialize;
 use serde_json::json;
 
 /// Why the layout could not be set up.
@@ -19,6 +21,11 @@ pub enum LayoutError {
     /// NATS or JetStream is not answering (yet); worth retrying.
     #[error("JetStream not available: {0}")]
     Unavailable(String),
+    /// The consumer cannot be created while other consumers hold the WorkQueue stream: an
+    /// unfiltered one (10099) or one whose filter overlaps (10100), e.g. function mode's.
+    /// Worth retrying once they are gone (see `nats::consumers::claim_static_mode`).
+    #[error("{0}")]
+    Blocked(String),
 }
 
 /// What the worker needs of the stream and consumer.
@@ -229,7 +236,7 @@ pub async fn ensure_consumer(
                     tracing::info!(consumer = %layout.durable, ack_wait = ?wanted.ack_wait, "Updated consumer (ack_wait, max_deliver=-1, max_ack_pending=-1)");
                     Ok(info)
                 }
-                Err(LayoutError::Incompatible(e)) => {
+                Err(LayoutError::Incompatible(e) | LayoutError::Blocked(e)) => {
                     tracing::warn!(consumer = %layout.durable, error = %e, "could not update the existing consumer; using it as it is");
                     Ok(info)
                 }
@@ -272,6 +279,16 @@ async fn create_consumer(
         Response::Ok(info) => Ok(info),
         Response::Err { error } if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
             Err(unavailable(format!("stream {} not found", layout.stream)))
+        }
+        Response::Err { error }
+            if error.error_code() == jetstream::ErrorCode::CONSUMER_WQ_MULTIPLE_UNFILTERED
+                || error.error_code() == jetstream::ErrorCode::CONSUMER_WQ_CONSUMER_NOT_UNIQUE =>
+        {
+            Err(LayoutError::Blocked(format!(
+                "cannot create consumer {} on {}: other consumers hold the work-queue stream \
+                 (function mode, or another unfiltered consumer): {error}",
+                layout.durable, layout.stream
+            )))
         }
         Response::Err { error } => Err(LayoutError::Incompatible(format!(
             "cannot create consumer {} on {}: {error}",
@@ -342,6 +359,140 @@ pub async fn read_state(
         submitted: stream.state.last_sequence,
         pending,
     })
+}
+
+/// The stream's totals, for discovering work without touching any consumer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamSummary {
+    /// Messages in the stream: on a WorkQueue stream, queued plus delivered-unacked.
+    pub messages: u64,
+    /// The last sequence: moves whenever anything is published.
+    pub last_seq: u64,
+    /// Distinct subjects holding messages.
+    pub num_subjects: u64,
+}
+
+/// Messages per subject (queued plus delivered-unacked on a WorkQueue stream), with the
+/// stream's totals as the first page reported them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubjectCounts {
+    pub summary: StreamSummary,
+    pub subjects: HashMap<String, u64>,
+}
+
+/// `STREAM.INFO` as we read it: only our fields, each optional, so async-nats's own type
+/// (which may not expose `state.subjects` or the paging fields) is not needed.
+#[derive(Debug, Default, Deserialize)]
+struct RawStreamInfo {
+    #[serde(default)]
+    state: RawStreamState,
+    /// Subjects matching the filter, over all pages.
+    #[serde(default)]
+    total: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawStreamState {
+    #[serde(default)]
+    messages: u64,
+    #[serde(default)]
+    last_seq: u64,
+    #[serde(default)]
+    num_subjects: u64,
+    #[serde(default)]
+    subjects: Option<HashMap<String, u64>>,
+}
+
+impl RawStreamState {
+    fn summary(&self) -> StreamSummary {
+        StreamSummary {
+            messages: self.messages,
+            last_seq: self.last_seq,
+            num_subjects: self.num_subjects,
+        }
+    }
+}
+
+async fn raw_stream_info(
+    js: &jetstream::Context,
+    stream: &str,
+    body: serde_json::Value,
+) -> Result<RawStreamInfo, LayoutError> {
+    let resp: Response<RawStreamInfo> = js
+        .request(format!("STREAM.INFO.{stream}"), &body)
+        .await
+        .map_err(unavailable)?;
+    match resp {
+        Response::Ok(info) => Ok(info),
+        Response::Err { error } if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
+            Err(unavailable(format!("stream {stream} not found")))
+        }
+        Response::Err { error } => {
+            Err(unavailable(format!("cannot read stream {stream}: {error}")))
+        }
+    }
+}
+
+/// The stream's totals (`STREAM.INFO` without subjects: one small answer), to tell cheaply
+/// whether anything changed since the last [`read_subjects`].
+pub async fn read_summary(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<StreamSummary, LayoutError> {
+    Ok(raw_stream_info(js, stream, json!({}))
+        .await?
+        .state
+        .summary())
+}
+
+/// Messages per subject matching `filter` (wildcards allowed), every page of
+/// `STREAM.INFO {"subjects_filter", "offset"}` read (the server answers at most 100,000
+/// subjects at a time).
+pub async fn read_subjects(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+) -> Result<SubjectCounts, LayoutError> {
+    let first =
+        raw_stream_info(js, stream, json!({"subjects_filter": filter, "offset": 0})).await?;
+    let mut counts = SubjectCounts {
+        summary: first.state.summary(),
+        subjects: HashMap::new(),
+    };
+    let mut page = first;
+    let mut offset = 0;
+    loop {
+        let subjects = page.state.subjects.take().unwrap_or_default();
+        match merge_page(&mut counts.subjects, subjects, offset, page.total) {
+            Some(next) => offset = next,
+            None => return Ok(counts),
+        }
+        page = raw_stream_info(
+            js,
+            stream,
+            json!({"subjects_filter": filter, "offset": offset}),
+        )
+        .await?;
+    }
+}
+
+/// Adds one page of subject counts at `offset`; returns the next page's offset, or `None`
+/// when everything is in (`total` reached) or the page added nothing (a server that ignores
+/// the offset sends the first page again; an empty page ends it too).
+fn merge_page(
+    into: &mut HashMap<String, u64>,
+    page: HashMap<String, u64>,
+    offset: u64,
+    total: u64,
+) -> Option<u64> {
+    let before = into.len();
+    let returned = page.len() as u64;
+    into.extend(page);
+    if into.len() == before || into.len() as u64 >= total {
+        None
+    } else {
+        Some(offset + returned)
+    }
 }
 
 /// The dead-letter stream `OF_<queue>-dead`: where messages go that the worker gave up on or
@@ -507,5 +658,53 @@ pub async fn ensure_dead_letter_stream(
             "dead-letter stream {} lacks subjects {missing:?} and they cannot be added: {error}",
             layout.stream
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::merge_page;
+
+    fn page(range: std::ops::Range<u32>) -> HashMap<String, u64> {
+        range
+            .map(|i| (format!("q.f{i}.ns"), u64::from(i)))
+            .collect()
+    }
+
+    #[test]
+    fn pages_are_merged_until_the_total() {
+        let mut all = HashMap::new();
+        assert_eq!(merge_page(&mut all, page(0..3), 0, 7), Some(3));
+        assert_eq!(merge_page(&mut all, page(3..6), 3, 7), Some(6));
+        assert_eq!(merge_page(&mut all, page(6..7), 6, 7), None);
+        assert_eq!(all, page(0..7));
+    }
+
+    #[test]
+    fn one_page_is_enough_when_it_holds_the_total() {
+        let mut all = HashMap::new();
+        assert_eq!(merge_page(&mut all, page(0..5), 0, 5), None);
+        // A server that reports no total (nothing matched, or an older answer).
+        let mut none = HashMap::new();
+        assert_eq!(merge_page(&mut none, HashMap::new(), 0, 0), None);
+        assert_eq!(merge_page(&mut none, page(0..2), 0, 0), None);
+        assert_eq!(none.len(), 2);
+    }
+
+    #[test]
+    fn a_server_ignoring_the_offset_ends_the_paging() {
+        let mut all = HashMap::new();
+        assert_eq!(merge_page(&mut all, page(0..3), 0, 10), Some(3));
+        // The same first page again: nothing new, stop rather than loop forever.
+        assert_eq!(merge_page(&mut all, page(0..3), 3, 10), None);
+        assert_eq!(all, page(0..3));
+    }
+
+    #[test]
+    fn an_empty_page_ends_the_paging() {
+        let mut all = page(0..3);
+        assert_eq!(merge_page(&mut all, HashMap::new(), 3, 10), None);
     }
 }

@@ -183,8 +183,7 @@ async fn work(
         match result {
             Ok(info) => break info,
             Err(LayoutError::Incompatible(msg)) => anyhow::bail!(msg),
-            Err(e @ (LayoutError::Unavailable(_) | LayoutError::Blocked(_))) => {
-                let msg = e.to_string();
+            Err(LayoutError::Unavailable(msg) | LayoutError::Blocked(msg)) => {
                 tracing::warn!(error = %msg, retry_in = ?wait, "waiting for JetStream");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}

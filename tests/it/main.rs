@@ -4,6 +4,7 @@ mod auth;
 mod chart;
 mod cli;
 mod cluster;
+mod consumers;
 mod deadletter;
 mod demo;
 mod faults;
