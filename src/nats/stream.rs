@@ -350,7 +350,9 @@ pub async fn read_state(
         Response::Ok(info) => info.num_pending + info.num_ack_pending as u64,
         // No shared consumer (a switch from function mode is waiting for function-mode
         // replicas to go): every message in the WorkQueue stream is still to be done.
-        Response::Err { error } if error.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND => {
+        Response::Err { error }
+            if error.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND =>
+        {
             stream.state.messages
         }
         Response::Err { error } => return Err(unavailable(error)),

@@ -327,7 +327,9 @@ impl Metrics {
         }
         for (label, n) in &next {
             if shown.get(label) != Some(n) {
-                self.pending.with_label_values(&[&self.queue, label]).set(*n);
+                self.pending
+                    .with_label_values(&[&self.queue, label])
+                    .set(*n);
             }
         }
         *shown = next;

@@ -180,7 +180,10 @@ mod tests {
     async fn a_full_read_follows_a_store_and_at_least_every_second_while_work_exists() {
         let mut pace = Pace::default();
         let t0 = Instant::now();
-        assert!(pace.full_read_due(&summary(0, 0), t0), "the first read is full");
+        assert!(
+            pace.full_read_due(&summary(0, 0), t0),
+            "the first read is full"
+        );
         pace.last = Some(summary(5, 10));
         pace.last_full = Some(t0);
         pace.cost = Duration::from_millis(1);
@@ -196,7 +199,11 @@ mod tests {
             (summary(6, 11), 5, false),   // paced: within 10× the last read's cost
         ];
         for (i, (s, ms, due)) in cases.into_iter().enumerate() {
-            assert_eq!(pace.full_read_due(&s, at(ms)), due, "case {i}: {s:?} at {ms} ms");
+            assert_eq!(
+                pace.full_read_due(&s, at(ms)),
+                due,
+                "case {i}: {s:?} at {ms} ms"
+            );
         }
         let idle = Pace {
             last: Some(summary(0, 10)),

@@ -343,7 +343,10 @@ impl Worker {
             Ok(n) if n > 0 => Some(n),
             _ => {
                 self.metrics.invalid_annotation(f, MAX_INFLIGHT_ANNOTATION);
-                let key = format!("{}\0{MAX_INFLIGHT_ANNOTATION}\0{value}", inv.request.function);
+                let key = format!(
+                    "{}\0{MAX_INFLIGHT_ANNOTATION}\0{value}",
+                    inv.request.function
+                );
                 if self.warned.first(key) {
                     tracing::warn!(function = %inv.request.function, annotation = MAX_INFLIGHT_ANNOTATION, value = %value, expected = "a whole number of at least 1", "Invalid annotation; the function gets no cap of its own");
                 }

@@ -42,16 +42,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::nats::consumers::{
-    claim_function_mode, consumer_name, delete_if_idle, ensure_function_consumer,
-    next_subject, ConsumerError, FunctionConsumer, MARKER, MARKER_TOUCH,
+    claim_function_mode, consumer_name, delete_if_idle, ensure_function_consumer, next_subject,
+    ConsumerError, FunctionConsumer, MARKER, MARKER_TOUCH,
 };
 use crate::nats::stream::Layout;
 use crate::worker::discovery::Snapshot;
 use crate::worker::schedule::{Delivery, FnId};
 use crate::worker::slot::{Pool, Slot};
 
-/// A request with no answer for this long is taken as lost (a reconnect we did not see).
-const REQUEST_LOST: Duration = Duration::from_secs(5);
+/// A `no_wait` request with no answer for this long is taken as lost: its consumer is gone
+/// (see `expire_requests`), or a reconnect we did not see took it.
+const REQUEST_LOST: Duration = Duration::from_secs(2);
 /// Consumer creations and deletions in flight at once, so thousands of new functions do not
 /// flood the JetStream API (its request queue holds 10,000).
 const CONSUMER_OPS: usize = 16;
@@ -238,23 +239,20 @@ impl FunctionPuller {
             if !stop.is_cancelled() {
                 let grants = self.pool.lock().assign(Instant::now());
                 for (f, n) in grants {
+                    let id = next_id;
                     let Some(bucket) = b.get_mut(f) else {
                         // Should not happen: the scheduler knows only live buckets.
                         self.pool.lock().request_ended(f, Instant::now());
                         continue;
                     };
-                    let id = next_id;
                     next_id += 1;
                     bucket.request = Some((id, Instant::now()));
+                    let to = next_subject(&stream, &bucket.consumer);
                     b.requests.insert(id, f);
                     let payload = format!(r#"{{"batch":{n},"no_wait":true}}"#);
                     if let Err(e) = self
                         .client
-                        .publish_with_reply(
-                            next_subject(&stream, &bucket.consumer),
-                            format!("{inbox}.{id}"),
-                            payload.into(),
-                        )
+                        .publish_with_reply(to, format!("{inbox}.{id}"), payload.into())
                         .await
                     {
                         tracing::warn!(error = %e, "pull request not sent");
@@ -266,7 +264,13 @@ impl FunctionPuller {
                     }
                 }
             }
-            let next_wake = self.pool.lock().next_wake();
+            // While stopping nothing is assigned, so a dry function's wake-up (then in the
+            // past) would fire on every turn.
+            let next_wake = if stop.is_cancelled() {
+                None
+            } else {
+                self.pool.lock().next_wake()
+            };
 
             tokio::select! {
                 biased;
@@ -306,7 +310,7 @@ impl FunctionPuller {
                 _ = sleep_until(next_wake) => {}
                 _ = housekeeping.tick() => {
                     let now = Instant::now();
-                    self.expire_requests(&mut b, now);
+                    self.expire_requests(&mut b, now, &ops, &done_tx);
                     if stop.is_cancelled() {
                         continue;
                     }
@@ -383,9 +387,7 @@ impl FunctionPuller {
             .and_then(|id| id.parse().ok());
         if id == Some(0) {
             // The marker's keep-alive.
-            if status == StatusCode::NO_RESPONDERS
-                || describes_missing_consumer(&msg)
-            {
+            if status == StatusCode::NO_RESPONDERS || describes_missing_consumer(&msg) {
                 self.claim(claiming, done);
             }
             return;
@@ -574,7 +576,16 @@ impl FunctionPuller {
     }
 
     /// Requests with no answer after [`REQUEST_LOST`] are given up; their slots go back.
-    fn expire_requests(&self, b: &mut Buckets, now: Instant) {
+    /// A `no_wait` pull is answered at once, unless its consumer is gone: the server's
+    /// JetStream API takes requests for a missing consumer and says nothing. So the
+    /// consumer is checked (and made again if absent) before the function pulls again.
+    fn expire_requests(
+        &self,
+        b: &mut Buckets,
+        now: Instant,
+        ops: &Arc<Semaphore>,
+        done: &mpsc::UnboundedSender<Done>,
+    ) {
         let lost: Vec<(u64, FnId)> = b
             .requests
             .iter()
@@ -587,11 +598,19 @@ impl FunctionPuller {
             .collect();
         for (id, f) in lost {
             b.requests.remove(&id);
-            if let Some(bucket) = b.get_mut(f) {
-                tracing::debug!(consumer = %bucket.consumer, "pull request unanswered; giving it up");
-                bucket.request = None;
+            {
+                let mut sched = self.pool.lock();
+                sched.request_ended(f, now);
+                sched.set_ready(f, false);
             }
-            self.pool.lock().request_ended(f, now);
+            let Some(bucket) = b.get_mut(f) else { continue };
+            tracing::debug!(consumer = %bucket.consumer, "pull request unanswered; checking the consumer");
+            bucket.request = None;
+            if bucket.state == Consumer::Ready {
+                bucket.state = Consumer::Creating;
+                let bucket = b.get(f).expect("just seen");
+                self.create(f, bucket, ops, done);
+            }
         }
     }
 

@@ -28,11 +28,11 @@ use crate::telemetry::metrics::{Metrics, ALL_FUNCTIONS};
 use crate::telemetry::server::{self, Health};
 use crate::worker::callback::Callbacks;
 use crate::worker::deadletter::DeadLetters;
+use crate::worker::discovery::{self, Snapshot};
 use crate::worker::flow::Worker;
+use crate::worker::functions::FunctionPuller;
 use crate::worker::invoke::Invoker;
 use crate::worker::job::Decoder;
-use crate::worker::discovery::{self, Snapshot};
-use crate::worker::functions::FunctionPuller;
 use crate::worker::pull::{PullLimits, Puller};
 use crate::worker::schedule::Scheduler;
 use crate::worker::slot::{Pool, Slot};
@@ -276,7 +276,10 @@ async fn work(
                 slots,
                 max_outstanding: config.pull_max_messages.min(config.max_inflight)
                     + config.prefetch,
-                limits: consumer_info.as_ref().map(PullLimits::of).unwrap_or_default(),
+                limits: consumer_info
+                    .as_ref()
+                    .map(PullLimits::of)
+                    .unwrap_or_default(),
                 generation: conn.generation,
                 consumer_ready: consumer_info.is_some(),
             };

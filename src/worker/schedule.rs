@@ -210,10 +210,7 @@ impl Scheduler {
 
     /// `f`'s cap as last set: `None` while unknown (no `set_cap` yet), `Some(None)` for no cap.
     pub fn cap(&self, f: FnId) -> Option<Option<usize>> {
-        self.fns
-            .get(f)
-            .filter(|s| s.cap_known)
-            .map(|s| s.cap)
+        self.fns.get(f).filter(|s| s.cap_known).map(|s| s.cap)
     }
 
     /// Hand out free slots, then return the pull requests to send now: `(f, batch)` for every

@@ -21,14 +21,20 @@ use crate::worker::schedule::{FnId, Scheduler};
 pub struct Slot(Held);
 
 enum Held {
-    Permit(OwnedSemaphorePermit),
-    Function { function: FnId, pool: Arc<Pool> },
+    /// Held for its drop, which gives the permit back.
+    Permit {
+        _permit: OwnedSemaphorePermit,
+    },
+    Function {
+        function: FnId,
+        pool: Arc<Pool>,
+    },
 }
 
 impl Slot {
     /// A static-mode slot.
     pub fn permit(permit: OwnedSemaphorePermit) -> Slot {
-        Slot(Held::Permit(permit))
+        Slot(Held::Permit { _permit: permit })
     }
 
     /// A function-mode slot: the scheduler has already counted it as running for `function`

@@ -163,6 +163,7 @@ async fn silent_pull_requests_are_replaced_after_the_heartbeat_watchdog() {
         max_outstanding: 4,
         limits: Default::default(),
         generation,
+        consumer_ready: true,
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(puller.run(stop.clone(), |_, _| {}));

@@ -88,8 +88,10 @@ fn repeats(env: &Env, ids: &[String]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_function_is_served_behind_another_functions_backlog() {
     let env = Env::start().await;
-    env.gateway
-        .script("a", vec![Step::status(200).delay(Duration::from_millis(10))]);
+    env.gateway.script(
+        "a",
+        vec![Step::status(200).delay(Duration::from_millis(10))],
+    );
     let config = env.config(&[]);
     submit(&config, "a", 3000).await;
     let worker = env.worker(&with(&[("max_inflight", "8")])).await;
@@ -115,6 +117,7 @@ async fn a_new_function_is_served_behind_another_functions_backlog() {
         .filter(|c| c.path.starts_with("/function/a"))
         .count();
     let a_started = a_until_last_b - a_before;
+    eprintln!("fairness: a started {a_started} jobs while b's 10 were waiting to start");
     assert!(
         a_started < 50,
         "a started {a_started} more jobs before the last of b's 10 started"
@@ -131,8 +134,10 @@ async fn a_new_function_is_served_behind_another_functions_backlog() {
 #[tokio::test]
 async fn consumers_come_with_work_and_go_after_the_threshold() {
     let env = Env::start().await;
-    env.gateway
-        .script("slow", vec![Step::status(200).delay(Duration::from_millis(500))]);
+    env.gateway.script(
+        "slow",
+        vec![Step::status(200).delay(Duration::from_millis(500))],
+    );
     let worker = env
         .worker(&with(&[("consumer_inactive_threshold", "1s")]))
         .await;
@@ -152,11 +157,15 @@ async fn consumers_come_with_work_and_go_after_the_threshold() {
         })
         .await;
     // Still there while its last call runs and for the threshold after.
-    assert!(consumers(&env).await.contains(&"fn-slow_dopenfaas-fn".to_string()));
+    assert!(consumers(&env)
+        .await
+        .contains(&"fn-slow_dopenfaas-fn".to_string()));
     let drained = Instant::now();
-    wait_until("the idle consumer to go", Duration::from_secs(10), || async {
-        consumers(&env).await == ["function-mode"]
-    })
+    wait_until(
+        "the idle consumer to go",
+        Duration::from_secs(10),
+        || async { consumers(&env).await == ["function-mode"] },
+    )
     .await;
     let after = drained.elapsed();
     assert!(
@@ -173,8 +182,10 @@ async fn consumers_come_with_work_and_go_after_the_threshold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_deleted_mid_run_is_recreated_and_nothing_is_lost() {
     let env = Env::start().await;
-    env.gateway
-        .script("f", vec![Step::status(200).delay(Duration::from_millis(20))]);
+    env.gateway.script(
+        "f",
+        vec![Step::status(200).delay(Duration::from_millis(20))],
+    );
     let config = env.config(&[]);
     let ids = submit(&config, "f", 300).await;
     let worker = env.worker(&with(&[("max_inflight", "4")])).await;
@@ -197,7 +208,10 @@ async fn a_consumer_deleted_mid_run_is_recreated_and_nothing_is_lost() {
     })
     .await;
     let again = repeats(&env, &ids);
-    assert!(again <= 4, "{again} jobs ran twice; at most the 4 in flight may");
+    assert!(
+        again <= 4,
+        "{again} jobs ran twice; at most the 4 in flight may"
+    );
     stop(worker).await;
 }
 
@@ -215,7 +229,9 @@ async fn two_replicas_share_function_consumers_and_each_job_runs_once() {
     let one = env.worker(&with(&[("max_inflight", "4")])).await;
     let two = env.worker(&with(&[("max_inflight", "4")])).await;
     env.gateway
-        .wait_for("every job", Duration::from_secs(30), |g| g.calls().len() >= 600)
+        .wait_for("every job", Duration::from_secs(30), |g| {
+            g.calls().len() >= 600
+        })
         .await;
     wait_until("the stream to drain", Duration::from_secs(20), || async {
         stream_count(&env).await == 0
@@ -227,7 +243,11 @@ async fn two_replicas_share_function_consumers_and_each_job_runs_once() {
     for f in ["a", "b", "c"] {
         assert!(names.contains(&format!("fn-{f}_dopenfaas-fn")), "{names:?}");
     }
-    assert_eq!(names.len(), 4, "one consumer per function, shared: {names:?}");
+    assert_eq!(
+        names.len(),
+        4,
+        "one consumer per function, shared: {names:?}"
+    );
     stop(one).await;
     stop(two).await;
 }
@@ -239,7 +259,9 @@ async fn the_legacy_subject_is_served_in_function_mode() {
     let worker = env.worker(FUNCTION).await;
     let js = env.js().await;
     for i in 0..3 {
-        let body = format!(r#"{{"Function":"legacy","Method":"POST","Header":{{"X-Call-Id":["legacy-{i}"]}}}}"#);
+        let body = format!(
+            r#"{{"Function":"legacy","Method":"POST","Header":{{"X-Call-Id":["legacy-{i}"]}}}}"#
+        );
         publish_raw(&js, "faas-request", body.into_bytes()).await;
     }
     env.gateway
@@ -251,7 +273,9 @@ async fn the_legacy_subject_is_served_in_function_mode() {
         stream_count(&env).await == 0
     })
     .await;
-    assert!(consumers(&env).await.contains(&"legacy-subject".to_string()));
+    assert!(consumers(&env)
+        .await
+        .contains(&"legacy-subject".to_string()));
     stop(worker).await;
 }
 
@@ -260,18 +284,21 @@ async fn the_legacy_subject_is_served_in_function_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_per_function_pending_gauge_is_the_streams_count_on_every_replica() {
     let env = Env::start().await;
-    env.gateway
-        .script("slow", vec![Step::status(200).delay(Duration::from_secs(3))]);
+    env.gateway.script(
+        "slow",
+        vec![Step::status(200).delay(Duration::from_secs(3))],
+    );
     let one = env.worker(&with(&[("max_inflight", "2")])).await;
     let two = env.worker(&with(&[("max_inflight", "2")])).await;
     let config = env.config(&[]);
     submit(&config, "slow", 6).await;
     // 4 running (2 per replica), 2 queued: the count stays 6 while the calls run.
     env.gateway
-        .wait_for("four running", Duration::from_secs(10), |g| g.running() == 4)
+        .wait_for("four running", Duration::from_secs(10), |g| {
+            g.running() == 4
+        })
         .await;
-    let series =
-        r#"queue_worker_pending_messages{function_name="slow.openfaas-fn",queue_name="faas-request"} 6"#;
+    let series = r#"queue_worker_pending_messages{function_name="slow.openfaas-fn",queue_name="faas-request"} 6"#;
     wait_metric(&one, series).await;
     wait_metric(&two, series).await;
     let js = env.js().await;
@@ -312,8 +339,10 @@ async fn the_per_function_pending_gauge_is_the_streams_count_on_every_replica() 
 #[tokio::test]
 async fn static_mode_exports_per_function_depth_beside_all_functions() {
     let env = Env::start().await;
-    env.gateway
-        .script("slow", vec![Step::status(200).delay(Duration::from_secs(3))]);
+    env.gateway.script(
+        "slow",
+        vec![Step::status(200).delay(Duration::from_secs(3))],
+    );
     let worker = env.worker(&[("max_inflight", "1")]).await;
     submit(&env.config(&[]), "slow", 3).await;
     wait_metric(
@@ -350,13 +379,18 @@ async fn static_to_function_with_both_running_loses_nothing() {
         .await;
     let new = env.worker(&with(&[("max_inflight", "4")])).await;
     env.gateway
-        .wait_for("the function-mode replica at work", Duration::from_secs(20), |g| {
-            g.calls().len() >= 200
-        })
+        .wait_for(
+            "the function-mode replica at work",
+            Duration::from_secs(20),
+            |g| g.calls().len() >= 200,
+        )
         .await;
     // Side by side for a while, then the old pod goes.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(old.health.readiness().is_ok(), "the waiting static replica stays ready");
+    assert!(
+        old.health.readiness().is_ok(),
+        "the waiting static replica stays ready"
+    );
     stop(old).await;
     env.gateway
         .wait_for("every job", Duration::from_secs(30), |g| {
@@ -369,7 +403,10 @@ async fn static_to_function_with_both_running_loses_nothing() {
     })
     .await;
     let again = repeats(&env, &ids);
-    assert!(again <= 4, "{again} jobs ran twice; at most the static replica's 4 in flight may");
+    assert!(
+        again <= 4,
+        "{again} jobs ran twice; at most the static replica's 4 in flight may"
+    );
     assert!(!consumers(&env).await.contains(&"faas-workers".to_string()));
     stop(new).await;
 }
@@ -380,21 +417,31 @@ async fn static_to_function_with_both_running_loses_nothing() {
 async fn function_to_static_with_both_running_loses_nothing() {
     let env = Env::start().await;
     let config = env.config(&[]);
-    env.gateway
-        .script("a", vec![Step::status(200).delay(Duration::from_millis(20))]);
+    env.gateway.script(
+        "a",
+        vec![Step::status(200).delay(Duration::from_millis(20))],
+    );
     let ids = submit(&config, "a", 400).await;
     let old = env.worker(&with(&[("max_inflight", "4")])).await;
     env.gateway
-        .wait_for("the function-mode replica at work", Duration::from_secs(20), |g| {
-            g.calls().len() >= 50
-        })
+        .wait_for(
+            "the function-mode replica at work",
+            Duration::from_secs(20),
+            |g| g.calls().len() >= 50,
+        )
         .await;
     let new = env.worker(&[("max_inflight", "4")]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(new.health.readiness().is_ok(), "the waiting static replica is ready");
+    assert!(
+        new.health.readiness().is_ok(),
+        "the waiting static replica is ready"
+    );
     let before = env.gateway.calls().len();
     stop(old).await;
-    assert!(before < 400, "the queue drained before the switch: the test proves nothing");
+    assert!(
+        before < 400,
+        "the queue drained before the switch: the test proves nothing"
+    );
     env.gateway
         .wait_for("every job", Duration::from_secs(60), |g| {
             let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
@@ -405,7 +452,11 @@ async fn function_to_static_with_both_running_loses_nothing() {
         stream_count(&env).await == 0
     })
     .await;
-    assert_eq!(repeats(&env, &ids), 0, "the drained function-mode replica left nothing in flight");
+    assert_eq!(
+        repeats(&env, &ids),
+        0,
+        "the drained function-mode replica left nothing in flight"
+    );
     assert_eq!(consumers(&env).await, ["faas-workers"]);
     stop(new).await;
 }
