@@ -34,6 +34,8 @@ const HEARTBEAT: Duration = Duration::from_secs(2);
 const HEARTBEAT_LOST: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest a stopping pull loop waits for its outstanding requests to end (`wind_down`).
+const WIND_DOWN: Duration = Duration::from_millis(500);
 /// While function-mode replicas hold the stream: how often to look again, and to say so.
 const STATIC_CLAIM_EVERY: Duration = Duration::from_secs(2);
 const WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
@@ -308,6 +310,9 @@ impl Puller {
                 }
             };
 
+            if matches!(reset, Reset::Stop) {
+                wind_down(&mut sub, &mut slots.reserved, &self.js).await;
+            }
             // Every outstanding request dies with this inbox; release its slots, and hand
             // back whatever was already on its way to it.
             drop(slots.reserved.take());
@@ -396,6 +401,48 @@ impl Puller {
                 return false;
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+/// At a stop, before the inbox goes: lets the outstanding requests end while handing back
+/// (NAK) whatever they deliver, for at most [`WIND_DOWN`].
+///
+/// Why: async-nats forgets a drained subscription as soon as its UNSUB is written, so a
+/// message the server sent before it read the UNSUB is dropped on arrival and waits out
+/// `ack_wait` on a worker that is gone. During a burst the outstanding requests fill within
+/// milliseconds (a filled request gets no status: its slots are counted down as messages
+/// arrive); an idle worker's requests expire later, but nothing is on its way to them.
+async fn wind_down(
+    sub: &mut async_nats::Subscriber,
+    reserved: &mut Option<OwnedSemaphorePermit>,
+    js: &jetstream::Context,
+) {
+    let deadline = Instant::now() + WIND_DOWN;
+    while count(reserved) > 0 {
+        let msg = tokio::select! {
+            msg = sub.next() => msg,
+            _ = tokio::time::sleep_until(deadline) => return,
+        };
+        let Some(msg) = msg else { return };
+        match msg.status {
+            None => {
+                drop(take(reserved, 1));
+                if msg.reply.is_some() {
+                    let msg = jetstream::Message {
+                        message: msg,
+                        context: js.clone(),
+                    };
+                    let _ = msg.ack_with(jetstream::AckKind::Nak(None)).await;
+                }
+            }
+            Some(StatusCode::IDLE_HEARTBEAT) => {}
+            Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => match pending_messages(&msg)
+            {
+                Some(n) => drop(take(reserved, n)),
+                None => return,
+            },
+            Some(_) => return,
         }
     }
 }
