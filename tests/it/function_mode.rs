@@ -526,3 +526,32 @@ async fn a_thousand_functions_coming_and_going_while_a_replica_is_killed_lose_no
     assert!(again <= 16, "{again} jobs ran twice");
     stop(worker).await;
 }
+
+/// `com.openfaas.queue.max_inflight` caps how many of a function's calls one replica runs,
+/// whatever `max_inflight` leaves free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_functions_max_inflight_annotation_caps_its_calls() {
+    let env = Env::start().await;
+    env.gateway
+        .script("capped", vec![Step::status(200).delay(Duration::from_millis(100))]);
+    let sub = Submission {
+        function: "capped".into(),
+        annotations: vec![("com.openfaas.queue.max_inflight".into(), "2".into())],
+        ..Default::default()
+    };
+    queue_worker::message::publish::publish(&env.config(&[]), &sub, 12)
+        .await
+        .unwrap();
+    let worker = env.worker(&with(&[("max_inflight", "8")])).await;
+    env.gateway
+        .wait_for("every job", Duration::from_secs(20), |g| {
+            g.calls_to("capped") == 12 && g.running() == 0
+        })
+        .await;
+    assert_eq!(
+        env.gateway.max_running(),
+        2,
+        "the annotation allows 2 at once (8 slots were free)"
+    );
+    stop(worker).await;
+}
