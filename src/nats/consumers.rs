@@ -515,6 +515,14 @@ pub async fn delete_if_idle(
     Ok(true)
 }
 
+/// Whether the [`MARKER`] consumer exists (function-mode replicas hold the stream).
+pub async fn marker_exists(
+    js: &jetstream::Context,
+    layout: &Layout,
+) -> Result<bool, ConsumerError> {
+    Ok(info(js, &layout.stream, MARKER).await?.is_some())
+}
+
 #[derive(Debug, Deserialize)]
 struct ConsumerPage {
     #[serde(default)]

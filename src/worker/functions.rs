@@ -22,8 +22,12 @@
 //!   that holds nothing here has its consumer deleted, after the server confirms it has no
 //!   pending, unacked or waiting work ([`delete_if_idle`]). The consumer's server-side
 //!   `inactive_threshold` is a backstop for replicas that die.
-//! - **The mode marker**: the loop keeps the [`MARKER`] consumer alive (a `no_wait` pull every
-//!   [`MARKER_TOUCH`]); while it lives, static-mode replicas do not take the stream back.
+//! - **Keep-alives**: a function waiting for its turn longer than its consumer's server-side
+//!   `inactive_threshold` gets an unfillable pull now and then, so the server keeps its
+//!   consumer (`keep_alive`).
+//! - **The mode marker**: [`keep_marker`] (its own task, stopped after the drain) keeps the
+//!   [`MARKER`] consumer alive; while it lives, static-mode replicas do not take the stream
+//!   back.
 //!
 //! A consumer that vanishes (the server's backstop, an operator) answers with a 409 or 503:
 //! the bucket goes back to "absent" and is recreated while it has work. Its messages stay
@@ -42,8 +46,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::nats::consumers::{
-    claim_function_mode, consumer_name, delete_if_idle, ensure_function_consumer, next_subject,
-    ConsumerError, FunctionConsumer, MARKER, MARKER_TOUCH,
+    claim_function_mode, consumer_name, delete_if_idle, ensure_function_consumer, marker_exists,
+    next_subject, ConsumerError, FunctionConsumer, MARKER, MARKER_TOUCH,
 };
 use crate::nats::stream::Layout;
 use crate::worker::discovery::Snapshot;
@@ -52,7 +56,7 @@ use crate::worker::slot::{Pool, Slot};
 
 /// A `no_wait` request with no answer for this long is taken as lost: its consumer is gone
 /// (see `expire_requests`), or a reconnect we did not see took it.
-const REQUEST_LOST: Duration = Duration::from_secs(2);
+const REQUEST_LOST: Duration = Duration::from_secs(1);
 /// Consumer creations and deletions in flight at once, so thousands of new functions do not
 /// flood the JetStream API (its request queue holds 10,000).
 const CONSUMER_OPS: usize = 16;
@@ -92,6 +96,9 @@ enum Consumer {
 /// One function bucket: a subject of the queue with its consumer.
 struct Bucket {
     subject: String,
+    /// The bare `<queue>` subject: every function of older gateways shares it, so no one
+    /// function's cap annotation applies to it.
+    legacy: bool,
     consumer: String,
     state: Consumer,
     depth: u64,
@@ -99,6 +106,8 @@ struct Bucket {
     idle_since: Option<Instant>,
     /// The outstanding pull request, if any.
     request: Option<(u64, Instant)>,
+    /// When a pull or keep-alive last reached its consumer (see `keep_alive`).
+    last_pull: Instant,
 }
 
 /// Results of consumer set-up tasks, back to the loop.
@@ -132,12 +141,14 @@ impl Buckets {
     fn insert(&mut self, queue: &str, subject: &str) -> FnId {
         let consumer = consumer_name(queue, subject);
         let bucket = Bucket {
+            legacy: subject == queue,
             subject: subject.to_string(),
             consumer: consumer.clone(),
             state: Consumer::Absent,
             depth: 0,
             idle_since: None,
             request: None,
+            last_pull: Instant::now(),
         };
         let f = match self.free_ids.pop() {
             Some(f) => {
@@ -168,31 +179,13 @@ impl Buckets {
 }
 
 impl FunctionPuller {
-    /// Claims the stream for function mode (waiting out an unavailable server), then pulls
-    /// until `stop`, handing each message and its slot to `dispatch`. Returns early only if
-    /// the NATS connection is closed for good.
+    /// Pulls until `stop` (the stream was claimed for function mode at start-up, and
+    /// [`keep_marker`] keeps it so), handing each message and its slot to `dispatch`.
+    /// Returns early only if the NATS connection is closed for good.
     pub async fn run<F>(mut self, stop: CancellationToken, mut dispatch: F)
     where
         F: FnMut(jetstream::Message, Option<Slot>),
     {
-        let mut wait = Duration::from_millis(200);
-        loop {
-            let claim = tokio::select! {
-                r = claim_function_mode(&self.js, &self.layout) => r,
-                _ = stop.cancelled() => return,
-            };
-            match claim {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?wait, "waiting to take the stream into function mode");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
         tracing::info!(stream = %self.layout.stream, inactive_threshold = ?self.inactive_threshold, "Function mode: one consumer per function with work");
 
         let inbox = self.client.new_inbox();
@@ -229,14 +222,16 @@ impl FunctionPuller {
         let mut next_id: u64 = 1;
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut marker_touched = Instant::now();
         let mut claiming = false;
         // A snapshot is applied as soon as the loop starts.
         self.snapshots.mark_changed();
 
         loop {
-            // Hand out what is free, and ask for it.
-            if !stop.is_cancelled() {
+            // Hand out what is free, and ask for it. Not while disconnected: async-nats would
+            // queue the requests and send them after the reconnect, when their ids are void.
+            let connected =
+                self.client.connection_state() == async_nats::connection::State::Connected;
+            if connected && !stop.is_cancelled() {
                 let grants = self.pool.lock().assign(Instant::now());
                 for (f, n) in grants {
                     let id = next_id;
@@ -247,6 +242,7 @@ impl FunctionPuller {
                     };
                     next_id += 1;
                     bucket.request = Some((id, Instant::now()));
+                    bucket.last_pull = Instant::now();
                     let to = next_subject(&stream, &bucket.consumer);
                     b.requests.insert(id, f);
                     let payload = format!(r#"{{"batch":{n},"no_wait":true}}"#);
@@ -289,12 +285,22 @@ impl FunctionPuller {
                         }
                     }
                 }
+                _ = housekeeping.tick() => {
+                    let now = Instant::now();
+                    self.expire_requests(&mut b, now, &ops, &done_tx);
+                    if stop.is_cancelled() || !connected {
+                        continue;
+                    }
+                    self.keep_alive(&mut b, now, &inbox).await;
+                    self.retry_failed(&mut b, now, &ops, &done_tx);
+                    self.reap(&mut b, now, &ops, &done_tx);
+                }
                 msg = sub.next() => {
                     let Some(msg) = msg else {
                         tracing::error!("the pull inbox closed; pulls stop");
                         return;
                     };
-                    self.on_message(msg, &inbox, &mut b, &stop, &mut dispatch, &done_tx, &mut claiming);
+                    self.on_message(msg, &inbox, &mut b, &stop, &mut dispatch);
                 }
                 Some(done) = done_rx.recv() => self.on_done(done, &mut b, &mut claiming, &ops, &done_tx),
                 changed = self.snapshots.changed(), if !stop.is_cancelled() => {
@@ -308,28 +314,6 @@ impl FunctionPuller {
                 }
                 _ = self.pool.wake.notified() => {}
                 _ = sleep_until(next_wake) => {}
-                _ = housekeeping.tick() => {
-                    let now = Instant::now();
-                    self.expire_requests(&mut b, now, &ops, &done_tx);
-                    if stop.is_cancelled() {
-                        continue;
-                    }
-                    if now >= marker_touched + MARKER_TOUCH {
-                        marker_touched = now;
-                        // Answered on request id 0, which no request has: a 503 there
-                        // means the marker is gone (see on_message).
-                        let _ = self
-                            .client
-                            .publish_with_reply(
-                                next_subject(&stream, MARKER),
-                                format!("{inbox}.0"),
-                                r#"{"batch":1,"no_wait":true}"#.into(),
-                            )
-                            .await;
-                    }
-                    self.retry_failed(&mut b, now, &ops, &done_tx);
-                    self.reap(&mut b, now, &ops, &done_tx);
-                }
             }
         }
         // Stopping: no request is outstanding any more; whatever still arrives goes back.
@@ -337,7 +321,6 @@ impl FunctionPuller {
     }
 
     /// A message or status on the inbox.
-    #[allow(clippy::too_many_arguments)]
     fn on_message<F>(
         &self,
         msg: async_nats::Message,
@@ -345,8 +328,6 @@ impl FunctionPuller {
         b: &mut Buckets,
         stop: &CancellationToken,
         dispatch: &mut F,
-        done: &mpsc::UnboundedSender<Done>,
-        claiming: &mut bool,
     ) where
         F: FnMut(jetstream::Message, Option<Slot>),
     {
@@ -360,11 +341,13 @@ impl FunctionPuller {
                 .info()
                 .ok()
                 .and_then(|info| b.by_consumer.get(info.consumer).copied());
-            let Some(f) = f.filter(|_| !stop.is_cancelled()) else {
+            let Some(f) = f else {
                 nak_now(msg);
                 return;
             };
-            match self.pool.lock().delivered(f) {
+            // Counted even while stopping, so a filled request still ends by its count.
+            let delivery = self.pool.lock().delivered(f);
+            match delivery {
                 Delivery::Slot { request_done } => {
                     if request_done {
                         if let Some(bucket) = b.get_mut(f) {
@@ -373,7 +356,15 @@ impl FunctionPuller {
                             }
                         }
                     }
-                    dispatch(msg, Some(Slot::function(self.pool.clone(), f)));
+                    let slot =
+                        Slot::function(self.pool.clone(), f, b.get(f).is_some_and(|b| !b.legacy));
+                    if stop.is_cancelled() {
+                        // Asked for before the stop: it goes back, and so does its slot.
+                        drop(slot);
+                        nak_now(msg);
+                    } else {
+                        dispatch(msg, Some(slot));
+                    }
                 }
                 Delivery::Unexpected => nak_now(msg),
             }
@@ -385,13 +376,6 @@ impl FunctionPuller {
             .strip_prefix(inbox)
             .and_then(|rest| rest.strip_prefix('.'))
             .and_then(|id| id.parse().ok());
-        if id == Some(0) {
-            // The marker's keep-alive.
-            if status == StatusCode::NO_RESPONDERS || describes_missing_consumer(&msg) {
-                self.claim(claiming, done);
-            }
-            return;
-        }
         let Some(f) = id.and_then(|id| b.requests.remove(&id)) else {
             return; // a request already given up on
         };
@@ -412,7 +396,8 @@ impl FunctionPuller {
                 drop(sched);
                 if let Some(bucket) = b.get_mut(f) {
                     tracing::warn!(consumer = %bucket.consumer, subject = %bucket.subject, "function consumer vanished; recreating it while it has work");
-                    bucket.state = Consumer::Absent;
+                    // Made again on the next housekeeping turn (discovery may see no change).
+                    bucket.state = Consumer::Failed(now);
                 }
             }
             _ => {
@@ -437,7 +422,14 @@ impl FunctionPuller {
         for (subject, &depth) in &snapshot.depths {
             let f = match b.by_subject.get(subject) {
                 Some(&f) => f,
-                None => b.insert(queue, subject),
+                None => {
+                    let f = b.insert(queue, subject);
+                    if subject == queue {
+                        // The legacy subject mixes functions: no message's cap is its cap.
+                        sched.set_cap(f, None);
+                    }
+                    f
+                }
             };
             sched.set_depth(f, depth);
             b.idle.remove(&f);
@@ -553,16 +545,23 @@ impl FunctionPuller {
                             b.remove(f);
                         } else {
                             bucket.state = Consumer::Absent;
+                            bucket.idle_since = Some(now);
+                            b.idle.insert(f);
                         }
                     }
-                    Ok(false) => {
+                    kept => {
+                        // Someone has work on it after all (a new message, another
+                        // replica's pull), or the server did not answer: keep serving it.
+                        if let Err(e) = kept {
+                            tracing::debug!(consumer = %bucket.consumer, error = %e, "could not delete idle consumer; trying later");
+                        }
                         bucket.state = Consumer::Ready;
-                        bucket.idle_since = Some(now);
-                    }
-                    Err(e) => {
-                        tracing::debug!(consumer = %bucket.consumer, error = %e, "could not delete idle consumer; trying later");
-                        bucket.state = Consumer::Ready;
-                        bucket.idle_since = Some(now);
+                        let idle = bucket.depth == 0;
+                        if idle {
+                            bucket.idle_since = Some(now);
+                            b.idle.insert(f);
+                        }
+                        self.pool.lock().set_ready(f, true);
                     }
                 }
             }
@@ -611,6 +610,35 @@ impl FunctionPuller {
                 let bucket = b.get(f).expect("just seen");
                 self.create(f, bucket, ops, done);
             }
+        }
+    }
+
+    /// Keeps the consumers of functions waiting for their turn alive on the server: a
+    /// consumer counts as active only when pulled, and with many functions queued a turn can
+    /// come later than the server-side `inactive_threshold`. The keep-alive is a `no_wait`
+    /// pull that cannot be filled (`max_bytes` 1: the server answers 409 and delivers
+    /// nothing, checked on 2.9 and 2.15), sent once per third of the backstop to each
+    /// consumer not pulled for that long. Its answer goes to request id 0, which no request
+    /// has.
+    async fn keep_alive(&self, b: &mut Buckets, now: Instant, inbox: &str) {
+        let every = (self.backstop / 3).max(Duration::from_secs(1));
+        for bucket in b.slab.iter_mut().flatten() {
+            if bucket.state != Consumer::Ready
+                || bucket.depth == 0
+                || bucket.request.is_some()
+                || now < bucket.last_pull + every
+            {
+                continue;
+            }
+            bucket.last_pull = now;
+            let _ = self
+                .client
+                .publish_with_reply(
+                    next_subject(&self.layout.stream, &bucket.consumer),
+                    format!("{inbox}.0"),
+                    r#"{"batch":1,"no_wait":true,"max_bytes":1}"#.into(),
+                )
+                .await;
         }
     }
 
@@ -693,6 +721,55 @@ impl FunctionPuller {
                 let r = delete_if_idle(&js, &stream, &name).await;
                 let _ = done.send(Done::Deleted(f, r));
             });
+        }
+    }
+}
+
+/// Keeps the [`MARKER`] consumer alive while this replica runs, draining included: a
+/// `no_wait` pull every [`MARKER_TOUCH`] (the marker matches no message, so nothing is ever
+/// delivered), and a look at it; if it is gone (an operator, a long disconnection), the
+/// stream is claimed again. Stopped only once the drain has finished, so static replicas
+/// waiting to take the stream back never delete the consumers of calls still running here.
+pub async fn keep_marker(
+    client: async_nats::Client,
+    js: jetstream::Context,
+    layout: Layout,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(MARKER_TOUCH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let touch = next_subject(&layout.stream, MARKER);
+    let reply = client.new_inbox();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if client.connection_state() != async_nats::connection::State::Connected {
+            continue;
+        }
+        let _ = client
+            .publish_with_reply(
+                touch.clone(),
+                reply.clone(),
+                r#"{"batch":1,"no_wait":true}"#.into(),
+            )
+            .await;
+        let check = async {
+            match marker_exists(&js, &layout).await {
+                Ok(false) => {
+                    tracing::warn!(stream = %layout.stream, "the function-mode marker is gone; claiming the stream again");
+                    if let Err(e) = claim_function_mode(&js, &layout).await {
+                        tracing::warn!(error = %e, "cannot claim the stream for function mode; trying again");
+                    }
+                }
+                Ok(true) => {}
+                Err(e) => tracing::debug!(error = %e, "cannot look at the function-mode marker"),
+            }
+        };
+        tokio::select! {
+            _ = check => {}
+            _ = stop.cancelled() => return,
         }
     }
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::config::{Config, ScalingMode};
+use crate::nats::consumers::claim_function_mode;
 use crate::nats::stream::{self, DeadLetterLayout, Layout, LayoutError};
 use crate::telemetry::metrics::{Metrics, ALL_FUNCTIONS};
 use crate::telemetry::server::{self, Health};
@@ -30,7 +31,7 @@ use crate::worker::callback::Callbacks;
 use crate::worker::deadletter::DeadLetters;
 use crate::worker::discovery::{self, Snapshot};
 use crate::worker::flow::Worker;
-use crate::worker::functions::FunctionPuller;
+use crate::worker::functions::{keep_marker, FunctionPuller};
 use crate::worker::invoke::Invoker;
 use crate::worker::job::Decoder;
 use crate::worker::pull::{PullLimits, Puller};
@@ -166,8 +167,14 @@ async fn work(
             stream::ensure_stream(&js, &layout).await?;
             stream::ensure_dead_letter_stream(&js, &dead_layout).await?;
             match config.mode {
-                // Function mode's consumers come and go with the work (`functions.rs`).
-                ScalingMode::Function => Ok(None),
+                // Function mode's consumers come and go with the work (`functions.rs`); the
+                // stream is claimed first (static mode's durable goes, the marker comes).
+                ScalingMode::Function => match claim_function_mode(&js, &layout).await {
+                    Ok(()) => Ok(None),
+                    Err(e) => Err(LayoutError::Unavailable(format!(
+                        "cannot take the stream into function mode: {e}"
+                    ))),
+                },
                 ScalingMode::Static => match stream::ensure_consumer(&js, &layout).await {
                     Ok(info) => Ok(Some(info)),
                     // Function-mode consumers hold the stream: the pull loop waits for them.
@@ -221,17 +228,25 @@ async fn work(
         }
         ScalingMode::Function => {
             let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
-            let poller = Essential::spawn(
-                "discovery",
-                discovery::run(
-                    js.clone(),
-                    layout.clone(),
-                    tx,
-                    metrics.clone(),
-                    health.clone(),
-                    poller_stop.clone(),
-                ),
+            // Both stop only after the drain: the gauges stay fresh and the marker alive
+            // while calls finish.
+            let read = discovery::run(
+                js.clone(),
+                layout.clone(),
+                tx,
+                metrics.clone(),
+                health.clone(),
+                poller_stop.clone(),
             );
+            let marker = keep_marker(
+                client.clone(),
+                js.clone(),
+                layout.clone(),
+                poller_stop.clone(),
+            );
+            let poller = Essential::spawn("discovery", async move {
+                tokio::join!(read, marker);
+            });
             (poller, Some(rx))
         }
     };

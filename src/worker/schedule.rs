@@ -38,7 +38,7 @@
 //!   next request. One request per function at a time.
 //! - **Dry**: a request that ends with a status (`no_wait`: nothing more deliverable now)
 //!   makes its function dry, so it is not asked again at once. Empty: 200 ms, doubling per
-//!   consecutive empty request up to 2 s. Partly filled: 200 ms, and the doubling starts
+//!   consecutive empty request up to 5 s (what an idle replica pays to probe functions whose work runs elsewhere: one empty pull per 5 s each). Partly filled: 200 ms, and the doubling starts
 //!   over. Any delivery (even an unexpected one) or a depth increase means there is work
 //!   and clears it. A request filled completely ends without a status and dries nothing.
 //! - **Cost**: O(1) amortised per slot handed out and per event, never O(functions): the
@@ -65,7 +65,7 @@ pub type FnId = usize;
 /// How long a function stays dry after a request that delivered something but not all.
 const DRY_BASE: Duration = Duration::from_millis(200);
 /// The longest a function stays dry, however many empty requests in a row.
-const DRY_MAX: Duration = Duration::from_secs(2);
+const DRY_MAX: Duration = Duration::from_secs(5);
 
 /// What happened to a delivered message, see [`Scheduler::delivered`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,7 +284,7 @@ impl Scheduler {
     /// `f`'s outstanding request ended with a status (`no_wait` answered 404/408: nothing
     /// more deliverable now). Its unfilled slots return to the free pool, and so do slots
     /// assigned to `f` but not yet requested. `f` becomes dry until `now` + backoff: 200 ms
-    /// doubling per consecutive empty request up to 2 s; a partly filled request dries it for
+    /// doubling per consecutive empty request up to 5 s; a partly filled request dries it for
     /// 200 ms and starts the doubling over. Without an outstanding request (a late or
     /// duplicate status) nothing happens.
     pub fn request_ended(&mut self, f: FnId, now: Instant) {
@@ -653,7 +653,7 @@ mod tests {
     async fn empty_requests_dry_a_function_for_longer_and_longer() {
         let mut s = Scheduler::new(4);
         add(&mut s, A, 100, None);
-        for want in [200, 400, 800, 1600, 2000, 2000, 2000] {
+        for want in [200, 400, 800, 1600, 3200, 5000, 5000] {
             assert_eq!(s.assign(Instant::now()), vec![(A, 4)]);
             let ended = Instant::now();
             s.request_ended(A, ended);

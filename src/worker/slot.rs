@@ -22,12 +22,13 @@ pub struct Slot(Held);
 
 enum Held {
     /// Held for its drop, which gives the permit back.
-    Permit {
-        _permit: OwnedSemaphorePermit,
-    },
+    Permit { _permit: OwnedSemaphorePermit },
     Function {
         function: FnId,
         pool: Arc<Pool>,
+        /// Whether the function's messages may set its cap (not for the legacy subject,
+        /// which every function of older gateways shares).
+        caps: bool,
     },
 }
 
@@ -39,15 +40,24 @@ impl Slot {
 
     /// A function-mode slot: the scheduler has already counted it as running for `function`
     /// ([`Scheduler::delivered`]).
-    pub fn function(pool: Arc<Pool>, function: FnId) -> Slot {
-        Slot(Held::Function { function, pool })
+    pub fn function(pool: Arc<Pool>, function: FnId, caps: bool) -> Slot {
+        Slot(Held::Function {
+            function,
+            pool,
+            caps,
+        })
     }
 
     /// The function's own cap (`com.openfaas.queue.max_inflight`, read from its message):
     /// function mode hands the function at most that many slots from now on. Static mode
     /// has one queue for every function and ignores it.
     pub fn learn_cap(&self, cap: Option<usize>) {
-        if let Held::Function { function, pool } = &self.0 {
+        if let Held::Function {
+            function,
+            pool,
+            caps: true,
+        } = &self.0
+        {
             let changed = {
                 let mut sched = pool.lock();
                 let before = sched.cap(*function);
@@ -63,7 +73,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Held::Function { function, pool } = &self.0 {
+        if let Held::Function { function, pool, .. } = &self.0 {
             pool.lock().release(*function);
             pool.wake.notify_one();
         }

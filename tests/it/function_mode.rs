@@ -532,8 +532,10 @@ async fn a_thousand_functions_coming_and_going_while_a_replica_is_killed_lose_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_functions_max_inflight_annotation_caps_its_calls() {
     let env = Env::start().await;
-    env.gateway
-        .script("capped", vec![Step::status(200).delay(Duration::from_millis(100))]);
+    env.gateway.script(
+        "capped",
+        vec![Step::status(200).delay(Duration::from_millis(100))],
+    );
     let sub = Submission {
         function: "capped".into(),
         annotations: vec![("com.openfaas.queue.max_inflight".into(), "2".into())],

@@ -11,6 +11,7 @@ mod faults;
 mod flow;
 mod frontdoor;
 mod function_mode;
+mod function_mode_faults;
 mod layout;
 mod queue;
 mod retry;
