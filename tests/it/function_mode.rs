@@ -11,16 +11,16 @@ use tokio::time::Instant;
 
 use crate::support::*;
 
-const FUNCTION: &[(&str, &str)] = &[("scaling_mode", "function")];
+pub(crate) const FUNCTION: &[(&str, &str)] = &[("scaling_mode", "function")];
 
-fn with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+pub(crate) fn with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     let mut all = FUNCTION.to_vec();
     all.extend_from_slice(extra);
     all
 }
 
 /// The stream's consumers, sorted.
-async fn consumers(env: &Env) -> Vec<String> {
+pub(crate) async fn consumers(env: &Env) -> Vec<String> {
     let js = env.js().await;
     let stream = js.get_stream("OF_faas-request").await.unwrap();
     let mut names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
@@ -29,7 +29,7 @@ async fn consumers(env: &Env) -> Vec<String> {
 }
 
 /// Messages left in the work stream.
-async fn stream_count(env: &Env) -> u64 {
+pub(crate) async fn stream_count(env: &Env) -> u64 {
     let js = env.js().await;
     let mut stream = js.get_stream("OF_faas-request").await.unwrap();
     stream.info().await.unwrap().state.messages
@@ -59,7 +59,7 @@ async fn one_job_each(js: &async_nats::jetstream::Context, n: usize) -> Vec<Stri
     ids
 }
 
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+pub(crate) async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -69,6 +69,22 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until every id in `ids` was called and the stream is empty, then returns how many
+/// calls were repeats.
+async fn all_ran(env: &Env, ids: &[String], timeout: Duration) -> usize {
+    env.gateway
+        .wait_for("every job", timeout, |g| {
+            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
+            ids.iter().all(|id| seen.contains(id))
+        })
+        .await;
+    wait_until("the stream to drain", Duration::from_secs(30), || async {
+        stream_count(env).await == 0
+    })
+    .await;
+    repeats(env, ids)
 }
 
 /// Every published id was called at least once; returns how many calls were repeats.
@@ -197,17 +213,7 @@ async fn a_consumer_deleted_mid_run_is_recreated_and_nothing_is_lost() {
     let js = env.js().await;
     let stream = js.get_stream("OF_faas-request").await.unwrap();
     stream.delete_consumer("fn-f_dopenfaas-fn").await.unwrap();
-    env.gateway
-        .wait_for("every job", Duration::from_secs(30), |g| {
-            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
-            ids.iter().all(|id| seen.contains(id))
-        })
-        .await;
-    wait_until("the stream to drain", Duration::from_secs(20), || async {
-        stream_count(&env).await == 0
-    })
-    .await;
-    let again = repeats(&env, &ids);
+    let again = all_ran(&env, &ids, Duration::from_secs(30)).await;
     assert!(
         again <= 4,
         "{again} jobs ran twice; at most the 4 in flight may"
@@ -228,16 +234,11 @@ async fn two_replicas_share_function_consumers_and_each_job_runs_once() {
     }
     let one = env.worker(&with(&[("max_inflight", "4")])).await;
     let two = env.worker(&with(&[("max_inflight", "4")])).await;
-    env.gateway
-        .wait_for("every job", Duration::from_secs(30), |g| {
-            g.calls().len() >= 600
-        })
-        .await;
-    wait_until("the stream to drain", Duration::from_secs(20), || async {
-        stream_count(&env).await == 0
-    })
-    .await;
-    assert_eq!(repeats(&env, &ids), 0, "a job ran twice");
+    assert_eq!(
+        all_ran(&env, &ids, Duration::from_secs(30)).await,
+        0,
+        "a job ran twice"
+    );
     assert_eq!(env.gateway.calls().len(), 600);
     let names = consumers(&env).await;
     for f in ["a", "b", "c"] {
@@ -392,17 +393,7 @@ async fn static_to_function_with_both_running_loses_nothing() {
         "the waiting static replica stays ready"
     );
     stop(old).await;
-    env.gateway
-        .wait_for("every job", Duration::from_secs(30), |g| {
-            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
-            ids.iter().all(|id| seen.contains(id))
-        })
-        .await;
-    wait_until("the stream to drain", Duration::from_secs(20), || async {
-        stream_count(&env).await == 0
-    })
-    .await;
-    let again = repeats(&env, &ids);
+    let again = all_ran(&env, &ids, Duration::from_secs(30)).await;
     assert!(
         again <= 4,
         "{again} jobs ran twice; at most the static replica's 4 in flight may"
@@ -442,19 +433,9 @@ async fn function_to_static_with_both_running_loses_nothing() {
         before < 400,
         "the queue drained before the switch: the test proves nothing"
     );
-    env.gateway
-        .wait_for("every job", Duration::from_secs(60), |g| {
-            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
-            ids.iter().all(|id| seen.contains(id))
-        })
-        .await;
-    wait_until("the stream to drain", Duration::from_secs(20), || async {
-        stream_count(&env).await == 0
-    })
-    .await;
+    let again = all_ran(&env, &ids, Duration::from_secs(60)).await;
     assert_eq!(
-        repeats(&env, &ids),
-        0,
+        again, 0,
         "the drained function-mode replica left nothing in flight"
     );
     assert_eq!(consumers(&env).await, ["faas-workers"]);
@@ -511,18 +492,8 @@ async fn a_thousand_functions_coming_and_going_while_a_replica_is_killed_lose_no
             tokio::time::sleep(Duration::from_secs(3)).await;
         }
     }
-    env.gateway
-        .wait_for("every job", Duration::from_secs(90), |g| {
-            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
-            ids.iter().all(|id| seen.contains(id))
-        })
-        .await;
-    wait_until("the stream to drain", Duration::from_secs(30), || async {
-        stream_count(&env).await == 0
-    })
-    .await;
+    let again = all_ran(&env, &ids, Duration::from_secs(90)).await;
     // The killed replica's in-flight jobs ran again (at most its 16 slots).
-    let again = repeats(&env, &ids);
     assert!(again <= 16, "{again} jobs ran twice");
     stop(worker).await;
 }

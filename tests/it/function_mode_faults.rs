@@ -3,32 +3,12 @@
 
 use std::time::Duration;
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use tokio::time::Instant;
 
 use crate::support::*;
 
-const FUNCTION: &[(&str, &str)] = &[("scaling_mode", "function")];
-
-fn with<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-    let mut all = FUNCTION.to_vec();
-    all.extend_from_slice(extra);
-    all
-}
-
-async fn consumers(env: &Env) -> Vec<String> {
-    let js = env.js().await;
-    let stream = js.get_stream("OF_faas-request").await.unwrap();
-    let mut names: Vec<String> = stream.consumer_names().try_collect().await.unwrap();
-    names.sort();
-    names
-}
-
-async fn stream_count(env: &Env) -> u64 {
-    let js = env.js().await;
-    let mut stream = js.get_stream("OF_faas-request").await.unwrap();
-    stream.info().await.unwrap().state.messages
-}
+use crate::function_mode::{consumers, stream_count, with, FUNCTION};
 
 /// The reaper finds the consumer busy (here: someone else's waiting pull) and keeps it: the
 /// function must still be served afterwards (it was not, before: never pulled again).
