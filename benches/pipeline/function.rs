@@ -12,9 +12,9 @@
 //! so a backlog lasts) and record when the first call of each function named with a given
 //! prefix arrived ([`FakeFunction::track`], for "time from stored to called").
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -145,8 +145,15 @@ impl Options {
                         .split(',')
                         .map(|s| s.trim().to_string())
                         .collect();
-                    if let Some(bad) = o.scenarios.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
-                        anyhow::bail!("--scenarios: unknown {bad:?}; any of {}", SCENARIOS.join(","));
+                    if let Some(bad) = o
+                        .scenarios
+                        .iter()
+                        .find(|s| !SCENARIOS.contains(&s.as_str()))
+                    {
+                        anyhow::bail!(
+                            "--scenarios: unknown {bad:?}; any of {}",
+                            SCENARIOS.join(",")
+                        );
                     }
                 }
                 "--backlog" => o.backlog = value("--backlog")?.parse().context("--backlog")?,
@@ -567,35 +574,35 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
 
     let static_levels = r.levels.iter().any(|(_, l)| !l.e2e.0.is_empty());
     if static_levels {
-    out.push_str("### Throughput, static mode (invocations/s)\n\n");
-    let mut t = Table::new(&[
-        "max_inflight",
-        "(a) raw JetStream",
-        "(b) raw HTTP",
-        "end to end",
-        "÷ lower baseline",
-        "worker CPU µs/call",
-        "nats-server CPU µs/msg: (a) / end to end",
-    ]);
-    for (level, l) in &r.levels {
-        t.row(vec![
-            level.to_string(),
-            l.jetstream.show(count),
-            l.http.show(count),
-            l.e2e.show(count),
-            l.ratio.show(ratio),
-            l.cpu_us.show(micros),
-            medians(&l.server_raw_us, &l.server_e2e_us),
+        out.push_str("### Throughput, static mode (invocations/s)\n\n");
+        let mut t = Table::new(&[
+            "max_inflight",
+            "(a) raw JetStream",
+            "(b) raw HTTP",
+            "end to end",
+            "÷ lower baseline",
+            "worker CPU µs/call",
+            "nats-server CPU µs/msg: (a) / end to end",
         ]);
-    }
-    out.push_str(&t.render());
-    let extra: u64 = r.levels.iter().map(|(_, l)| l.extra_calls).sum::<u64>() + r.many_extra;
-    out.push_str(&format!(
+        for (level, l) in &r.levels {
+            t.row(vec![
+                level.to_string(),
+                l.jetstream.show(count),
+                l.http.show(count),
+                l.e2e.show(count),
+                l.ratio.show(ratio),
+                l.cpu_us.show(micros),
+                medians(&l.server_raw_us, &l.server_e2e_us),
+            ]);
+        }
+        out.push_str(&t.render());
+        let extra: u64 = r.levels.iter().map(|(_, l)| l.extra_calls).sum::<u64>() + r.many_extra;
+        out.push_str(&format!(
         "\nEvery job was acknowledged and the stream left empty after each run; calls beyond one per job: {extra}.\n\n"
     ));
 
-    out.push_str("### Whole-machine CPU per message (µs, all processes on both cores)\n\n");
-    out.push_str(
+        out.push_str("### Whole-machine CPU per message (µs, all processes on both cores)\n\n");
+        out.push_str(
         "End to end does the work of both baselines for every job (the JetStream client's, the \
          HTTP client's, the server's and the function's), on the same two cores. \"added\" is \
          what it spends beyond (a) + (b): the worker's own work. With every core busy and \
@@ -604,35 +611,35 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
          could be on this machine. It binds only where the baselines keep the machine busy: \
          at max_inflight 1 everything waits on round trips.\n\n",
     );
-    let mut t = Table::new(&[
-        "max_inflight",
-        "(a) raw JetStream",
-        "(b) raw HTTP",
-        "end to end",
-        "added",
-        "machine busy: (a) / (b) / end to end",
-        "ceiling ÷ lower baseline",
-    ]);
-    for (level, l) in &r.levels {
-        let added =
-            l.machine_e2e_us.median() - (l.machine_js_us.median() + l.machine_http_us.median());
-        t.row(vec![
-            level.to_string(),
-            l.machine_js_us.show(micros),
-            l.machine_http_us.show(micros),
-            l.machine_e2e_us.show(micros),
-            micros(added),
-            format!(
-                "{} / {} / {}",
-                percent(l.busy_js.median()),
-                percent(l.busy_http.median()),
-                percent(l.busy_e2e.median())
-            ),
-            l.ceiling.show(ratio),
+        let mut t = Table::new(&[
+            "max_inflight",
+            "(a) raw JetStream",
+            "(b) raw HTTP",
+            "end to end",
+            "added",
+            "machine busy: (a) / (b) / end to end",
+            "ceiling ÷ lower baseline",
         ]);
-    }
-    out.push_str(&t.render());
-    out.push('\n');
+        for (level, l) in &r.levels {
+            let added =
+                l.machine_e2e_us.median() - (l.machine_js_us.median() + l.machine_http_us.median());
+            t.row(vec![
+                level.to_string(),
+                l.machine_js_us.show(micros),
+                l.machine_http_us.show(micros),
+                l.machine_e2e_us.show(micros),
+                micros(added),
+                format!(
+                    "{} / {} / {}",
+                    percent(l.busy_js.median()),
+                    percent(l.busy_http.median()),
+                    percent(l.busy_e2e.median())
+                ),
+                l.ceiling.show(ratio),
+            ]);
+        }
+        out.push_str(&t.render());
+        out.push('\n');
     }
 
     if r.levels.iter().any(|(_, l)| !l.fn_e2e.0.is_empty()) {
@@ -674,35 +681,35 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
     }
 
     if !r.p50_ms.0.is_empty() {
-    out.push_str(&format!(
+        out.push_str(&format!(
         "### Latency, enqueue → invoke start, at a steady {} jobs/s (ms, {} s per run, default settings)\n\n",
         count(o.rate as f64),
         o.latency_secs
     ));
-    let mut t = Table::new(&["p50", "p99", "max"]);
-    t.row(vec![
-        r.p50_ms.show(millis),
-        r.p99_ms.show(millis),
-        r.max_ms.show(millis),
-    ]);
-    out.push_str(&t.render());
-    out.push('\n');
+        let mut t = Table::new(&["p50", "p99", "max"]);
+        t.row(vec![
+            r.p50_ms.show(millis),
+            r.p99_ms.show(millis),
+            r.max_ms.show(millis),
+        ]);
+        out.push_str(&t.render());
+        out.push('\n');
     }
 
     if !r.idle_rss.0.is_empty() {
-    out.push_str("### Worker memory (RSS, MiB)\n\n");
-    let mut t = Table::new(&[
-        "idle (default settings)",
-        &format!("{} calls in flight", count(o.in_flight as f64)),
-        "peak (VmHWM) of that run",
-    ]);
-    t.row(vec![
-        r.idle_rss.show(mib),
-        r.busy_rss.show(mib),
-        r.busy_hwm.show(mib),
-    ]);
-    out.push_str(&t.render());
-    out.push('\n');
+        out.push_str("### Worker memory (RSS, MiB)\n\n");
+        let mut t = Table::new(&[
+            "idle (default settings)",
+            &format!("{} calls in flight", count(o.in_flight as f64)),
+            "peak (VmHWM) of that run",
+        ]);
+        t.row(vec![
+            r.idle_rss.show(mib),
+            r.busy_rss.show(mib),
+            r.busy_hwm.show(mib),
+        ]);
+        out.push_str(&t.render());
+        out.push('\n');
     }
 
     out.push_str("### Targets\n\n");
@@ -762,7 +769,11 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
         );
     }
     // Function mode (issue 15).
-    for (level, l) in r.levels.iter().filter(|(_, l)| !l.fn_vs_static.0.is_empty()) {
+    for (level, l) in r
+        .levels
+        .iter()
+        .filter(|(_, l)| !l.fn_vs_static.0.is_empty())
+    {
         let v = l.fn_vs_static.median();
         check(
             &format!("function mode ≥ 0.9 × static mode, one function, max_inflight {level}"),
@@ -910,11 +921,20 @@ fn render_new_function(out: &mut String, o: &Options, r: &Results) {
         let (p99, missed) = pooled_quantile(&runs.samples, 0.99);
         let (max, _) = pooled_quantile(&runs.samples, 1.0);
         let cap = format!("> {} s", o.new_function_cap.as_secs());
-        let show = |v: f64| if v.is_finite() && v < 1e12 { millis(v) } else { cap.clone() };
+        let show = |v: f64| {
+            if v.is_finite() && v < 1e12 {
+                millis(v)
+            } else {
+                cap.clone()
+            }
+        };
         t.row(vec![
             format!("{} mode", mode.name()),
             if missed > 0 {
-                format!("{} ({missed} not called within the cap)", runs.samples.len())
+                format!(
+                    "{} ({missed} not called within the cap)",
+                    runs.samples.len()
+                )
             } else {
                 runs.samples.len().to_string()
             },
