@@ -7,7 +7,12 @@
 //! `X-Start-Time` its publisher stamped (Unix nanoseconds, as the gateway writes it) to its
 //! arrival here. In `hold` mode every call waits for [`FakeFunction::release`], so the bench
 //! can keep a known number of calls in flight while it reads the worker's memory.
+//!
+//! For the function-mode scenarios it can also take a set time per call ([`FakeFunction::set_delay`],
+//! so a backlog lasts) and record when the first call of each function named with a given
+//! prefix arrived ([`FakeFunction::track`], for "time from stored to called").
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,6 +47,13 @@ pub struct Stats {
     latencies: Mutex<Vec<u64>>,
     hold: AtomicBool,
     gate: watch::Sender<bool>,
+    /// Nanoseconds each call takes before it is answered.
+    delay: AtomicU64,
+    /// Record the first arrival of each function whose name starts with this prefix.
+    tracking: AtomicBool,
+    track_prefix: Mutex<String>,
+    arrivals: Mutex<HashMap<String, Instant>>,
+    arrived: Notify,
 }
 
 /// What one measurement saw.
@@ -68,6 +80,11 @@ impl Stats {
             latencies: Mutex::new(Vec::new()),
             hold: AtomicBool::new(false),
             gate: watch::channel(false).0,
+            delay: AtomicU64::new(0),
+            tracking: AtomicBool::new(false),
+            track_prefix: Mutex::new(String::new()),
+            arrivals: Mutex::new(HashMap::new()),
+            arrived: Notify::new(),
         }
     }
 
@@ -123,7 +140,54 @@ impl FakeFunction {
         s.latencies.lock().unwrap().clear();
         s.hold.store(false, Ordering::SeqCst);
         s.gate.send_replace(false);
+        s.delay.store(0, Ordering::SeqCst);
+        s.tracking.store(false, Ordering::SeqCst);
+        s.arrivals.lock().unwrap().clear();
         s.target.store(target, Ordering::SeqCst);
+    }
+
+    /// Every call from now on takes `delay` before it is answered (until the next `reset`).
+    pub fn set_delay(&self, delay: Duration) {
+        self.stats
+            .delay
+            .store(delay.as_nanos() as u64, Ordering::SeqCst);
+    }
+
+    /// Records, from now on, when the first call of each function whose name starts with
+    /// `prefix` arrives (see [`FakeFunction::arrival`]).
+    pub fn track(&self, prefix: &str) {
+        *self.stats.track_prefix.lock().unwrap() = prefix.to_string();
+        self.stats.tracking.store(true, Ordering::SeqCst);
+    }
+
+    /// When the first call of `function` arrived, waiting up to `until` for it.
+    pub async fn arrival(&self, function: &str, until: Instant) -> Option<Instant> {
+        let s = &self.stats;
+        let seen = || s.arrivals.lock().unwrap().get(function).copied();
+        let deadline = tokio::time::Instant::from_std(until);
+        loop {
+            let notified = s.arrived.notified();
+            if let Some(at) = seen() {
+                return Some(at);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return seen();
+            }
+        }
+    }
+
+    /// Calls being served right now.
+    pub fn in_flight_now(&self) -> u64 {
+        self.stats.inflight.load(Ordering::SeqCst)
+    }
+
+    /// Waits (up to `limit`) until no call is being served: after a worker is killed, its
+    /// calls still sleeping out a delay end before the next measurement counts.
+    pub async fn quiet(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while self.in_flight_now() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Records the enqueue → arrival latency of each call from now on.
@@ -209,7 +273,12 @@ async fn serve(
 ) -> Result<Response<Empty<Bytes>>, Infallible> {
     let start = s.now();
     s.first_start.fetch_min(start, Ordering::SeqCst);
+    if s.tracking.load(Ordering::Relaxed) {
+        track(&s, req.uri().path());
+    }
     let inflight = s.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+    // Counted down however the call ends: hyper drops it if the worker goes away.
+    let _guard = InFlight(&s);
     s.peak.fetch_max(inflight, Ordering::SeqCst);
     if inflight >= s.inflight_target.load(Ordering::SeqCst) {
         s.reached.notify_waiters();
@@ -232,15 +301,45 @@ async fn serve(
         }
     }
     let _ = req.into_body().collect().await;
+    let delay = s.delay.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_nanos(delay)).await;
+    }
     if s.hold.load(Ordering::SeqCst) {
         let mut gate = s.gate.subscribe();
         let _ = gate.wait_for(|open| *open).await;
     }
-    s.inflight.fetch_sub(1, Ordering::SeqCst);
     s.last_end.fetch_max(s.now(), Ordering::SeqCst);
     let count = s.count.fetch_add(1, Ordering::SeqCst) + 1;
     if count >= s.target.load(Ordering::SeqCst) {
         s.done.notify_waiters();
     }
     Ok(Response::new(Empty::new()))
+}
+
+/// Decrements the calls in flight when a call ends or is dropped.
+struct InFlight<'a>(&'a Stats);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Records the first arrival of a tracked function (`/function/<name>[/…]`).
+fn track(s: &Stats, path: &str) {
+    let Some(name) = path.strip_prefix("/function/") else {
+        return;
+    };
+    let name = name.split('/').next().unwrap_or_default();
+    if !name.starts_with(s.track_prefix.lock().unwrap().as_str()) {
+        return;
+    }
+    let now = Instant::now();
+    s.arrivals
+        .lock()
+        .unwrap()
+        .entry(name.to_string())
+        .or_insert(now);
+    s.arrived.notify_waiters();
 }

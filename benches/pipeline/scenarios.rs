@@ -18,10 +18,13 @@ use http_body_util::{BodyExt, Full};
 use queue_worker::dev::natsd::NatsServer;
 use queue_worker::message::function::FunctionName;
 use queue_worker::message::publish::{new_call_id, Submission};
-use queue_worker::nats::stream::{ensure_consumer, ensure_stream, Layout};
+use queue_worker::nats::stream::{ensure_consumer, ensure_stream, read_subjects, Layout};
 
 use crate::function::FakeFunction;
 use crate::proc::{CpuMeter, MachineCpu, MachineUse, WorkerProc, WorkerSpec};
+
+mod function_mode;
+pub use function_mode::{ManyConsumers, Phase, DEFAULT_MAX_INFLIGHT};
 
 /// The body of every job: small, as a no-op invocation's would be.
 const BODY: &[u8] = b"hello";
@@ -31,17 +34,34 @@ const DURABLE: &str = "faas-workers";
 /// Longest any single measurement may take before the bench gives up on it.
 const LIMIT: Duration = Duration::from_secs(600);
 
-/// How the worker consumes. Function mode (a consumer per function) will be a second variant;
-/// scenarios take the mode so that adding it needs no new plumbing.
+/// How the worker consumes: one shared consumer (`scaling_mode=static`), or a consumer per
+/// function with work and fair slots (`scaling_mode=function`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Static,
+    Function,
 }
 
 impl Mode {
     fn env(self) -> Vec<(&'static str, String)> {
         match self {
             Mode::Static => vec![("scaling_mode", "static".into())],
+            Mode::Function => vec![("scaling_mode", "function".into())],
+        }
+    }
+
+    /// What the worker logs once it is consuming.
+    fn ready_log(self) -> &'static str {
+        match self {
+            Mode::Static => "Subscribed",
+            Mode::Function => "Function mode: one consumer per function",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Static => "static",
+            Mode::Function => "function",
         }
     }
 }
@@ -165,7 +185,17 @@ impl Bench {
     /// Publishes `n` jobs the way the gateway does, round-robin over `functions` names, and
     /// waits until JetStream has stored them all.
     async fn prefill(&self, layout: &Layout, n: usize, functions: usize) -> anyhow::Result<()> {
-        let names = function_names(functions);
+        self.prefill_names(layout, n, &function_names(functions))
+            .await
+    }
+
+    /// [`Bench::prefill`] over the given names.
+    async fn prefill_names(
+        &self,
+        layout: &Layout,
+        n: usize,
+        names: &[String],
+    ) -> anyhow::Result<()> {
         let subjects: Vec<String> = names
             .iter()
             .map(|f| Ok(FunctionName::parse(f, NAMESPACE)?.subject(&layout.queue)))
@@ -192,10 +222,24 @@ impl Bench {
     }
 
     /// Waits until the consumer has nothing pending or unacknowledged and the work stream is
-    /// empty: every job was acked. Returns how many were redelivered.
-    async fn drained(&self, layout: &Layout) -> anyhow::Result<u64> {
+    /// empty: every job was acked. Returns how many were redelivered (static mode; in
+    /// function mode, where the consumers are the worker's, only that the stream is empty,
+    /// which on a WorkQueue stream means every job was acked: duplicates show as extra calls).
+    async fn drained(&self, layout: &Layout, mode: Mode) -> anyhow::Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let stream = self.js.get_stream(&layout.stream).await?;
+        let mut stream = self.js.get_stream(&layout.stream).await?;
+        if mode == Mode::Function {
+            loop {
+                let messages = stream.info().await?.state.messages;
+                if messages == 0 {
+                    return Ok(0);
+                }
+                if Instant::now() > deadline {
+                    anyhow::bail!("jobs left behind: {messages} in the stream");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         loop {
             let info = stream.consumer_info(&layout.durable).await?;
             let messages = stream.get_info().await?.state.messages;
@@ -228,6 +272,17 @@ impl Bench {
         mode: Mode,
         max_inflight: Option<usize>,
     ) -> anyhow::Result<WorkerProc> {
+        self.spawn_worker_with(layout, mode, max_inflight, &[])
+    }
+
+    /// [`Bench::spawn_worker`] with settings of the scenario's own (before `--worker-env`'s).
+    fn spawn_worker_with(
+        &self,
+        layout: &Layout,
+        mode: Mode,
+        max_inflight: Option<usize>,
+        settings: &[(&str, &str)],
+    ) -> anyhow::Result<WorkerProc> {
         let url = self.nats.url();
         let gateway = self.function.url();
         let spec = WorkerSpec {
@@ -239,6 +294,7 @@ impl Bench {
                 .env()
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
+                .chain(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())))
                 .chain(self.worker_env.iter().cloned())
                 .collect(),
         };
@@ -302,7 +358,7 @@ impl Bench {
         let elapsed = started.elapsed();
         let machine = machine.stop()?;
         drop(sub);
-        self.drained(&layout).await?;
+        self.drained(&layout, Mode::Static).await?;
         let server = self.server.now()? - server_before;
         self.drop_queue(&layout).await;
         Ok(RawJetStream {
@@ -373,7 +429,7 @@ impl Bench {
         };
         let window = done?;
         let machine = machine.stop()?;
-        let redelivered = self.drained(&layout).await?;
+        let redelivered = self.drained(&layout, mode).await?;
         let cpu = worker.cpu()?;
         let server = self.server.now()? - server_before;
         let calls = self.function.window().count;
@@ -438,7 +494,7 @@ impl Bench {
         acks.await??;
         self.function.done(LIMIT).await?;
         let samples = self.function.latencies();
-        self.drained(&layout).await?;
+        self.drained(&layout, Mode::Static).await?;
         self.stop(worker).await;
         self.drop_queue(&layout).await;
         Ok(Latency { samples })
@@ -476,7 +532,7 @@ impl Bench {
         let (rss, hwm) = worker.rss()?;
         self.function.release();
         self.function.done(LIMIT).await?;
-        self.drained(&layout).await?;
+        self.drained(&layout, Mode::Static).await?;
         self.stop(worker).await;
         self.drop_queue(&layout).await;
         Ok(Memory { rss, hwm })
