@@ -201,17 +201,13 @@ impl FunctionConsumer {
     /// our filter and the inactivity backstop.
     pub fn config(&self) -> consumer::Config {
         consumer::Config {
-            durable_name: Some(self.name.clone()),
-            description: Some(format!("queue-worker function mode: {}", self.subject)),
             filter_subject: self.subject.clone(),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: self.ack_wait,
-            max_deliver: -1,
-            max_ack_pending: -1,
-            deliver_policy: consumer::DeliverPolicy::All,
-            replay_policy: consumer::ReplayPolicy::Instant,
             inactive_threshold: self.inactive_threshold,
-            ..Default::default()
+            ..crate::nats::stream::work_consumer(
+                &self.name,
+                format!("queue-worker function mode: {}", self.subject),
+                self.ack_wait,
+            )
         }
     }
 }

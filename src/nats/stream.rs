@@ -76,21 +76,35 @@ impl Layout {
     }
 
     fn consumer_config(&self) -> consumer::Config {
-        consumer::Config {
-            durable_name: Some(self.durable.clone()),
-            description: Some("queue-worker shared consumer (static mode)".into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: self.ack_wait,
-            // The worker decides when to give up, from the delivery count.
-            max_deliver: -1,
-            // Messages waiting for a delayed retry count as ack-pending; a finite limit would
-            // let a pile of retries stall the whole queue. Flow control is the worker's own
-            // (it pulls only what it can start).
-            max_ack_pending: -1,
-            deliver_policy: consumer::DeliverPolicy::All,
-            replay_policy: consumer::ReplayPolicy::Instant,
-            ..Default::default()
-        }
+        work_consumer(
+            &self.durable,
+            "queue-worker shared consumer (static mode)".into(),
+            self.ack_wait,
+        )
+    }
+}
+
+/// The settings every consumer the worker pulls from relies on, in either mode (function
+/// mode adds a filter and an inactivity backstop).
+pub(crate) fn work_consumer(
+    durable: &str,
+    description: String,
+    ack_wait: Duration,
+) -> consumer::Config {
+    consumer::Config {
+        durable_name: Some(durable.to_string()),
+        description: Some(description),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        // The worker decides when to give up, from the delivery count.
+        max_deliver: -1,
+        // Messages waiting for a delayed retry count as ack-pending; a finite limit would
+        // let a pile of retries stall the whole queue. Flow control is the worker's own
+        // (it pulls only what it can start).
+        max_ack_pending: -1,
+        deliver_policy: consumer::DeliverPolicy::All,
+        replay_policy: consumer::ReplayPolicy::Instant,
+        ..Default::default()
     }
 }
 
