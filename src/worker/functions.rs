@@ -260,9 +260,9 @@ impl FunctionPuller {
                     }
                 }
             }
-            // While stopping nothing is assigned, so a dry function's wake-up (then in the
-            // past) would fire on every turn.
-            let next_wake = if stop.is_cancelled() {
+            // While stopping or disconnected nothing is assigned, so a dry function's wake-up
+            // (then in the past) would fire on every turn.
+            let next_wake = if stop.is_cancelled() || !connected {
                 None
             } else {
                 self.pool.lock().next_wake()
