@@ -25,13 +25,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::nats::consumers::function_label;
-use crate::nats::stream::{read_subjects, read_summary, Layout, StreamSummary};
+use crate::nats::stream::{ensure_stream, read_subjects, read_summary, Layout, StreamSummary};
 use crate::telemetry::metrics::{Metrics, ALL_FUNCTIONS};
 use crate::telemetry::server::Health;
 
 /// How often the stream's summary is read: a new function's first job waits at most this
 /// long (plus one read) to be seen.
 pub const TICK: Duration = Duration::from_millis(50);
+/// How often a stream that cannot be read is looked at (and made again if it is gone).
+const REPAIR_EVERY: Duration = Duration::from_secs(2);
 /// Longest a per-function count may be stale while anything is queued.
 pub const FRESH: Duration = Duration::from_secs(1);
 
@@ -84,6 +86,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pace = Pace::default();
+    let mut next_repair = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -136,6 +139,19 @@ pub async fn run(
                 metrics.set_function_pending(std::iter::empty());
                 if health.stream_ok.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "cannot read stream state");
+                }
+                // An operator may have deleted the stream to reset the queue (OpenFaaS's
+                // documented recipe): make it again, as static mode's pull loop does, so
+                // publishers are not refused. Its consumers follow with the next work.
+                if Instant::now() >= next_repair {
+                    next_repair = Instant::now() + REPAIR_EVERY;
+                    let repair = tokio::select! {
+                        r = ensure_stream(&js, &layout) => r,
+                        _ = stop.cancelled() => return,
+                    };
+                    if let Err(e) = repair {
+                        tracing::debug!(error = %e, "cannot set up the stream yet");
+                    }
                 }
             }
         }

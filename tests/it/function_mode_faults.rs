@@ -243,3 +243,34 @@ async fn waiting_for_a_turn_longer_than_the_backstop_keeps_the_consumer() {
     stop(worker).await;
     assert!(vanished.is_empty());
 }
+
+/// An operator resets the queue by deleting the stream (OpenFaaS's documented recipe): the
+/// function-mode worker makes it again (so the gateway's publishes are stored) and serves
+/// what comes next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_stream_is_made_again_and_served() {
+    let env = Env::start().await;
+    let worker = env.worker(FUNCTION).await;
+    submit(&env.config(&[]), "f", 1).await;
+    env.gateway
+        .wait_for("the first job", Duration::from_secs(10), |g| {
+            g.calls_to("f") == 1
+        })
+        .await;
+    let js = env.js().await;
+    js.delete_stream("OF_faas-request").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while js.get_stream("OF_faas-request").await.is_err() {
+        assert!(Instant::now() < deadline, "the stream was not made again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // As the gateway publishes: straight to the subject, no stream set-up.
+    let body = br#"{"Function":"f","Method":"POST","Header":{"X-Call-Id":["after-reset"]}}"#;
+    publish_raw(&js, "faas-request.f.openfaas-fn", body.to_vec()).await;
+    env.gateway
+        .wait_for("the job after the reset", Duration::from_secs(10), |g| {
+            g.calls_to("f") == 2
+        })
+        .await;
+    stop(worker).await;
+}
