@@ -41,7 +41,7 @@ keys! {
     "consumer_pull_max_messages" = "": "Most messages requested from NATS but not yet received (at most max_inflight); in function mode, most messages in one pull of one function. Empty means max_inflight.",
     "consumer_prefetch" = "0": "Messages pulled beyond free call slots, to start at once when a call ends; they wait in the worker (lease renewed) and are handed back at a drain. Faster for short calls, especially at low max_inflight; 0 pulls only what can start.",
     "scaling_mode" = "static": "static (one shared consumer) or function (one consumer per function with work, fair slots).",
-    "limiter_enabled" = "true": "Adaptive concurrency (also read as adaptive_concurrency); applies only in function mode; not built yet: see issue 16.",
+    "limiter_enabled" = "true": "Adaptive concurrency (also read as adaptive_concurrency): each function's calls at once are learned from its 2xx and 429 answers, and held-back work stays queued; applies only in function mode.",
     "consumer_inactive_threshold" = "30s": "Function mode: how long a function's consumer may be idle (nothing queued, unacked or running on any replica) before the worker deletes it. At least 1s. The server's inactive_threshold is set longer (2x, and beyond upstream_timeout + ack_wait), a backstop for replicas that die.",
     "queue_partitions" = "1": "Partitions of the queue (only 1 is supported yet).",
     "filter_partition" = "0": "Partition this worker consumes (only 0 is supported yet).",

@@ -75,7 +75,7 @@ impl Config {
         // Adaptive concurrency applies only in function mode, as in OpenFaaS; in static mode the
         // value is checked and has no effect. No warning: both OpenFaaS charts render it (true
         // by default) on every install.
-        r.boolean("limiter_enabled")?;
+        let limiter = r.boolean("limiter_enabled")? && mode == ScalingMode::Function;
         let inactive_threshold =
             r.duration("consumer_inactive_threshold", Duration::from_secs(1), None)?;
         if mode == ScalingMode::Function && prefetch > 0 {
@@ -185,6 +185,7 @@ impl Config {
             prefetch,
             mode,
             inactive_threshold,
+            limiter,
             upstream_timeout,
             retry,
             max_message_bytes,

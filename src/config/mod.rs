@@ -194,6 +194,9 @@ pub struct Config {
     /// Function mode: how long a function's consumer stays with nothing queued, unacked or
     /// running before the worker deletes it (`consumer_inactive_threshold`).
     pub inactive_threshold: Duration,
+    /// Adaptive concurrency per function (`limiter_enabled`, function mode only; false in
+    /// static mode whatever the setting).
+    pub limiter: bool,
     pub upstream_timeout: Duration,
     pub retry: RetryPolicy,
     /// Largest payload decoded; larger messages are dead-lettered as `too_large`.
@@ -441,6 +444,17 @@ mod tests {
             err.contains("scaling_mode") && err.contains("static or function"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_limiter_is_on_by_default_in_function_mode_only() {
+        let function = [("scaling_mode", "function")];
+        assert!(load(&function).unwrap().limiter);
+        assert!(!load(&[]).unwrap().limiter);
+        assert!(!load(&[("limiter_enabled", "true")]).unwrap().limiter);
+        for off in [("limiter_enabled", "false"), ("adaptive_concurrency", "0")] {
+            assert!(!load(&[function[0], off]).unwrap().limiter, "{off:?}");
+        }
     }
 
     #[test]

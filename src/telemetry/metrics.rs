@@ -6,6 +6,7 @@
 //! so a flood of made-up function names cannot exhaust memory or the scraper.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, LazyLock, Mutex};
 
 use prometheus::{
@@ -33,6 +34,9 @@ pub const NAMES: &[&str] = &[
     "queue_worker_invocations_total",
     "queue_worker_invocation_duration_seconds",
     "queue_worker_retries_total",
+    "queue_worker_rejections_total",
+    "queue_worker_concurrency_limit",
+    "queue_worker_concurrency_probes_total",
     "queue_worker_dead_lettered_total",
     "queue_worker_dead_letter_failures_total",
     "queue_worker_invalid_annotations_total",
@@ -67,6 +71,12 @@ pub struct FunctionMetrics {
     pub inflight: Gauge,
     pub duration: Histogram,
     pub retries: Counter,
+    /// Calls the function (or its platform) refused for want of room: 429s, and 503s with
+    /// `X-OpenFaaS-Internal` or `Retry-After`.
+    pub rejections: Counter,
+    pub probes: Counter,
+    /// The concurrency limit last exported, so the series is set only when it changes.
+    pub limit_shown: AtomicUsize,
 }
 
 pub struct Metrics {
@@ -80,6 +90,9 @@ pub struct Metrics {
     invocations: CounterVec,
     duration: HistogramVec,
     retries: CounterVec,
+    rejections: CounterVec,
+    concurrency_limit: GaugeVec,
+    probes: CounterVec,
     dead_lettered: CounterVec,
     pub dead_letter_failures: Counter,
     invalid_annotations: CounterVec,
@@ -164,6 +177,30 @@ impl Metrics {
             qf,
         )
         .unwrap();
+        let rejections = CounterVec::new(
+            Opts::new(
+                "queue_worker_rejections_total",
+                "Calls refused for want of room: 429, or 503 with X-OpenFaaS-Internal or Retry-After (the adaptive limiter's signal).",
+            ),
+            qf,
+        )
+        .unwrap();
+        let concurrency_limit = GaugeVec::new(
+            Opts::new(
+                "queue_worker_concurrency_limit",
+                "Adaptive concurrency (function mode, limiter_enabled): calls of the function this replica runs at once at most, learned from its 2xx and 429 answers.",
+            ),
+            qf,
+        )
+        .unwrap();
+        let probes = CounterVec::new(
+            Opts::new(
+                "queue_worker_concurrency_probes_total",
+                "Adaptive concurrency: times a function was given one slot above its learned limit to look for room (more replicas).",
+            ),
+            qf,
+        )
+        .unwrap();
         let dead_lettered = CounterVec::new(
             Opts::new(
                 "queue_worker_dead_lettered_total",
@@ -237,6 +274,9 @@ impl Metrics {
             Box::new(invocations.clone()),
             Box::new(duration.clone()),
             Box::new(retries.clone()),
+            Box::new(rejections.clone()),
+            Box::new(concurrency_limit.clone()),
+            Box::new(probes.clone()),
             Box::new(dead_lettered.clone()),
             Box::new(dead_letter_failures.clone()),
             Box::new(invalid_annotations.clone()),
@@ -272,6 +312,9 @@ impl Metrics {
             invocations,
             duration,
             retries,
+            rejections,
+            concurrency_limit,
+            probes,
             dead_lettered,
             dead_letter_failures,
             invalid_annotations,
@@ -304,9 +347,20 @@ impl Metrics {
             inflight: self.inflight.with_label_values(&values),
             duration: self.duration.with_label_values(&values),
             retries: self.retries.with_label_values(&values),
+            rejections: self.rejections.with_label_values(&values),
+            probes: self.probes.with_label_values(&values),
+            limit_shown: AtomicUsize::new(0),
         });
         map.insert(label.to_string(), f.clone());
         f
+    }
+
+    /// Function mode with `limiter_enabled`: `f`'s learned limit on this replica. The series
+    /// exists only once a limit was learned (static mode shows none rather than zeros).
+    pub fn set_concurrency_limit(&self, f: &FunctionMetrics, allowed: usize) {
+        self.concurrency_limit
+            .with_label_values(&[self.queue.as_str(), f.label.as_str()])
+            .set(allowed as f64);
     }
 
     /// Sets the per-function `queue_worker_pending_messages` series from one read of the
@@ -514,6 +568,9 @@ mod tests {
         f.inflight.inc();
         m.invocation(&f, "200");
         f.retries.inc();
+        f.rejections.inc();
+        f.probes.inc();
+        m.set_concurrency_limit(&f, 3);
         f.duration.observe(0.1);
         m.dead_lettered("sleep.openfaas-fn", "attempts_exhausted");
         m.dead_letter_failures.inc();

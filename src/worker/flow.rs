@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,7 +27,8 @@ use crate::worker::deadletter::{DeadLetters, Entry, Reason};
 use crate::worker::invoke::Invoker;
 use crate::worker::job::{Decoder, Invocation, Job, Settle};
 use crate::worker::lease::with_lease;
-use crate::worker::retry::{decide, Decision, GiveUpReason, RetryPolicy};
+use crate::worker::limiter::Signal;
+use crate::worker::retry::{decide, held_back, CallResult, Decision, GiveUpReason, RetryPolicy};
 use crate::worker::slot::Slot;
 
 /// How long a dead-letter store may go on after the drain deadline before the message is
@@ -64,6 +66,9 @@ pub struct Worker {
     pub deadline: CancellationToken,
     /// Log request and response bodies.
     pub debug: bool,
+    /// Adaptive concurrency is on (function mode, `limiter_enabled`): 429s are always
+    /// retried.
+    pub limiter: bool,
     pub warned: WarnOnce,
 }
 
@@ -201,7 +206,26 @@ impl Worker {
         let status = resp.status_label();
         f.duration.observe(resp.duration.as_secs_f64());
         self.metrics.invocation(&f, &status);
-        let decision = decide(&resp.call_result(), job.attempt, &policy, fastrand::f64());
+        let result = resp.call_result();
+        let signal = self.learn(&result, slot.as_ref(), &f);
+        let decision = match decide(&result, job.attempt, &policy, fastrand::f64()) {
+            Decision::Retry { .. }
+                if self.limiter
+                    && signal == Signal::Rejected
+                    && !matches!(
+                        result,
+                        CallResult::Status {
+                            retry_after: Some(_),
+                            ..
+                        }
+                    ) =>
+            {
+                Decision::Retry {
+                    after: held_back(&policy, fastrand::f64()),
+                }
+            }
+            d => d,
+        };
         match &resp.error {
             None => {
                 tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, status = %status, duration = resp.duration.as_secs_f64(), "Invoked")
@@ -321,10 +345,43 @@ impl Worker {
         }
     }
 
+    /// What the call's answer says about the function's room: counted, and fed to function
+    /// mode's adaptive limit through the slot (which still counts as running).
+    fn learn(&self, result: &CallResult, slot: Option<&Slot>, f: &FunctionMetrics) -> Signal {
+        let signal = match *result {
+            CallResult::Status {
+                code,
+                internal,
+                retry_after,
+            } => Signal::of(Some(code), internal, retry_after.is_some()),
+            CallResult::NoResponse => Signal::Neutral,
+        };
+        if signal == Signal::Rejected {
+            f.rejections.inc();
+        }
+        let Some(seen) = slot.and_then(|s| s.report(signal)) else {
+            return signal;
+        };
+        if seen.change.probe {
+            f.probes.inc();
+        }
+        if f.limit_shown.swap(seen.allowed, Ordering::Relaxed) != seen.allowed {
+            self.metrics.set_concurrency_limit(f, seen.allowed);
+        }
+        signal
+    }
+
     /// The retry policy for this message: the worker's, with the function's annotations
-    /// applied. Invalid annotations are counted per message and logged once per value.
+    /// applied. Invalid annotations are counted per message and logged once per value. With
+    /// the limiter on, a 429 is always retried: it is the limiter's signal, and the message
+    /// only waits for room (within the attempts allowed, like any retry).
     fn policy_for(&self, inv: &Invocation, f: &FunctionMetrics) -> Cow<'_, RetryPolicy> {
-        let (policy, invalid) = self.retry.with_annotations(&inv.request.annotations);
+        let (mut policy, invalid) = self.retry.with_annotations(&inv.request.annotations);
+        if self.limiter {
+            if let Err(at) = policy.codes.binary_search(&429) {
+                policy.to_mut().codes.insert(at, 429);
+            }
+        }
         for bad in invalid {
             self.metrics.invalid_annotation(f, bad.key);
             let key = format!("{}\0{}\0{}", inv.request.function, bad.key, bad.value);

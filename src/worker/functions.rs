@@ -426,6 +426,7 @@ impl FunctionPuller {
                     let f = b.insert(queue, subject);
                     if subject == queue {
                         // The legacy subject mixes functions: no message's cap is its cap.
+                        sched.exempt(f);
                         sched.set_cap(f, None);
                     }
                     f

@@ -26,6 +26,7 @@ pub mod functions;
 pub mod invoke;
 pub mod job;
 pub mod lease;
+pub mod limiter;
 pub mod pull;
 pub mod retry;
 pub mod run;

@@ -269,9 +269,28 @@ pub fn decide(result: &CallResult, attempt: u32, policy: &RetryPolicy, jitter: f
     Decision::Retry { after }
 }
 
+/// The wait of a message whose call was rejected (429) while adaptive concurrency is on.
+/// The rejection is not the message's failure: the limiter already paces its function, and
+/// the message only must not come straight back. So the wait stays at the first one,
+/// `initial_wait` with equal jitter (so rejected messages do not return in step), whatever
+/// the attempt, instead of doubling into minutes at the tail of a backlog. A `Retry-After`
+/// is honoured by [`decide`] before this applies.
+pub fn held_back(policy: &RetryPolicy, jitter: f64) -> Duration {
+    let d = policy.initial_wait;
+    d / 2 + (d / 2).mul_f64(jitter.clamp(0.0, 1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_back_message_waits_about_the_first_wait_whatever_the_attempt() {
+        let p = policy(Backoff::Exponential);
+        assert_eq!(held_back(&p, 0.0), Duration::from_secs(5));
+        assert_eq!(held_back(&p, 1.0), Duration::from_secs(10));
+        assert_eq!(held_back(&p, 7.0), Duration::from_secs(10));
+    }
 
     fn policy(backoff: Backoff) -> RetryPolicy {
         RetryPolicy {

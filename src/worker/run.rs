@@ -277,6 +277,7 @@ async fn work(
         tracker: tracker.clone(),
         deadline: deadline.clone(),
         debug: config.debug,
+        limiter: config.limiter,
         warned: Default::default(),
     });
 
@@ -308,7 +309,8 @@ async fn work(
         }
         Some(snapshots) => {
             let scheduler = Scheduler::new(config.max_inflight)
-                .with_max_batch(config.pull_max_messages.min(config.max_inflight));
+                .with_max_batch(config.pull_max_messages.min(config.max_inflight))
+                .with_limiter(config.limiter);
             let puller = FunctionPuller {
                 client: client.clone(),
                 js: js.clone(),

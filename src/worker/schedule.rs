@@ -58,6 +58,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::worker::limiter::{Change, Limiter, Load, Signal};
+
 /// A function's id: dense, chosen by the caller (a slab index), so state is a `Vec` lookup.
 /// The scheduler grows its `Vec` to the largest id it is told about.
 pub type FnId = usize;
@@ -96,6 +98,16 @@ struct Func {
     empty_streak: u32,
     /// The function has an entry in the ring (kept across `forget`, as the entry is).
     in_ring: bool,
+    /// Adaptive concurrency: its learned limit (created once its cap is known, when the
+    /// scheduler has a limiter and the function is not exempt).
+    limiter: Option<Limiter>,
+    /// Never gets a learned limit (the legacy subject, which mixes functions).
+    exempt: bool,
+    /// `dry_until` is a cool-down after a rejection at a limit of 1: only its time ends it,
+    /// not new work or a delivery.
+    cooling: bool,
+    /// Rejections at a limit of 1 since the last success: the cool-down's exponent.
+    cool_streak: u32,
 }
 
 impl Func {
@@ -106,10 +118,14 @@ impl Func {
     }
 
     fn limit(&self) -> usize {
-        match (self.cap_known, self.cap) {
+        let cap = match (self.cap_known, self.cap) {
             (false, _) => 1,
             (true, Some(cap)) => cap,
             (true, None) => usize::MAX,
+        };
+        match &self.limiter {
+            Some(l) => cap.min(l.allowed()),
+            None => cap,
         }
     }
 
@@ -146,6 +162,18 @@ pub struct Scheduler {
     wakes: BinaryHeap<Reverse<(Instant, FnId)>>,
     /// Functions that may hold assigned slots and no outstanding request; drained by `assign`.
     to_request: Vec<FnId>,
+    /// Adaptive concurrency is on (`limiter_enabled`).
+    adaptive: bool,
+    /// Seeds each new limiter's probe jitter differently.
+    seeds: u64,
+}
+
+/// What [`Scheduler::observe`] learned, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    /// Calls the function may have at once now.
+    pub allowed: usize,
+    pub change: Change,
 }
 
 impl Scheduler {
@@ -159,7 +187,67 @@ impl Scheduler {
             ring: VecDeque::new(),
             wakes: BinaryHeap::new(),
             to_request: Vec::new(),
+            adaptive: false,
+            seeds: 0,
         }
+    }
+
+    /// Adaptive concurrency: each function's slots are also bounded by a limit learned from
+    /// its answers (`limiter.rs`), fed by [`Scheduler::observe`].
+    pub fn with_limiter(mut self, on: bool) -> Scheduler {
+        self.adaptive = on;
+        self
+    }
+
+    /// `f` never gets a learned limit (the legacy subject, whose messages belong to many
+    /// functions: one function's 429s must not hold back the others).
+    pub fn exempt(&mut self, f: FnId) {
+        let s = self.entry(f);
+        s.exempt = true;
+        s.limiter = None;
+        self.touch(f);
+    }
+
+    /// One of `f`'s running calls ended with `signal` at `now` (its slot is still running:
+    /// call this before the release). Feeds `f`'s limiter; `None` when `f` has none.
+    ///
+    /// A rejection with the limit already at 1 also cools `f` down: no new slot for 200 ms,
+    /// doubling per such rejection up to 5 s, until a success. A rejected call returns at
+    /// once, so without it a function that rejects everything (crashed, over quota) would be
+    /// called at network speed, one message after another, even at a limit of 1.
+    pub fn observe(&mut self, f: FnId, signal: Signal, now: Instant) -> Option<Observed> {
+        let s = self.fns.get_mut(f)?;
+        let held = s.held();
+        let backlog = s
+            .depth
+            .saturating_sub(u64::try_from(held).unwrap_or(u64::MAX));
+        let l = s.limiter.as_mut()?;
+        let running = s.running;
+        let change = l.observe(
+            signal,
+            Load {
+                held,
+                running,
+                backlog,
+            },
+        );
+        let allowed = l.allowed();
+        match signal {
+            Signal::Success => s.cool_streak = 0,
+            Signal::Rejected if allowed == 1 => {
+                let until = now.checked_add(empty_backoff(s.cool_streak)).unwrap_or(now);
+                s.cool_streak = s.cool_streak.saturating_add(1);
+                if s.dry_until.is_none_or(|t| t < until) {
+                    s.dry_until = Some(until);
+                    s.cooling = true;
+                    self.wakes.push(Reverse((until, f)));
+                }
+            }
+            _ => {}
+        }
+        self.touch(f);
+        self.prune_wakes();
+        Some(Observed { allowed, change })
     }
 
     /// Upper bound on one request's batch (`consumer_pull_max_messages`); default = slots.
@@ -175,10 +263,18 @@ impl Scheduler {
     /// until released.
     pub fn set_depth(&mut self, f: FnId, depth: u64) {
         let s = self.entry(f);
+        let mut rewake = None;
         if depth > s.depth {
-            s.dry_until = None;
+            match (s.cooling, s.dry_until) {
+                // Its wake-up may have been pruned while the depth was 0.
+                (true, Some(t)) => rewake = Some(t),
+                _ => s.dry_until = None,
+            }
         }
         s.depth = depth;
+        if let Some(t) = rewake {
+            self.wakes.push(Reverse((t, f)));
+        }
         self.touch(f);
         self.prune_wakes();
     }
@@ -202,9 +298,18 @@ impl Scheduler {
     /// tell us its cap). `None` = no cap. Lowering a cap below what `f` holds takes nothing
     /// back: it gets no more until it is below again.
     pub fn set_cap(&mut self, f: FnId, cap: Option<usize>) {
+        let (slots, adaptive) = (self.slots, self.adaptive);
+        self.seeds = self.seeds.wrapping_add(1);
+        let seed = self.seeds;
         let s = self.entry(f);
         s.cap_known = true;
         s.cap = cap;
+        let max = cap.unwrap_or(slots).min(slots);
+        match &mut s.limiter {
+            Some(l) => l.set_max(max),
+            None if adaptive && !s.exempt => s.limiter = Some(Limiter::new(max, seed)),
+            None => {}
+        }
         self.touch(f);
     }
 
@@ -262,7 +367,9 @@ impl Scheduler {
         let Some(s) = self.fns.get_mut(f) else {
             return Delivery::Unexpected;
         };
-        s.dry_until = None;
+        if !s.cooling {
+            s.dry_until = None;
+        }
         s.empty_streak = 0;
         let delivery = if s.requested == 0 {
             Delivery::Unexpected
@@ -308,8 +415,15 @@ impl Scheduler {
         };
         s.delivered_in_request = false;
         let until = now.checked_add(backoff).unwrap_or(now);
-        s.dry_until = Some(until);
-        self.wakes.push(Reverse((until, f)));
+        match s.dry_until {
+            // A longer cool-down stands.
+            Some(t) if s.cooling && t >= until => self.wakes.push(Reverse((t, f))),
+            _ => {
+                s.dry_until = Some(until);
+                s.cooling = false;
+                self.wakes.push(Reverse((until, f)));
+            }
+        }
         self.prune_wakes();
     }
 
@@ -386,6 +500,7 @@ impl Scheduler {
         // getting a second one.
         *s = Func {
             in_ring: s.in_ring,
+            exempt: false,
             ..Func::default()
         };
         self.prune_wakes();
@@ -421,6 +536,7 @@ impl Scheduler {
             if let Some(s) = self.fns.get_mut(f) {
                 if s.dry_until == Some(t) {
                     s.dry_until = None;
+                    s.cooling = false;
                 }
             }
             self.touch(f);
@@ -515,6 +631,81 @@ mod tests {
             }
         }
         started
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_the_limiter_a_function_at_its_limit_gets_no_slot_and_its_work_stays_queued() {
+        let mut s = Scheduler::new(8).with_limiter(true);
+        add(&mut s, A, 100, None);
+        // The limiter starts at 1: one message pulled of a's 100, the rest stays queued.
+        assert_eq!(assign_and_fill(&mut s), vec![A]);
+        assert_eq!(assign_and_fill(&mut s), Vec::<FnId>::new());
+        assert_eq!(s.free(), 7);
+        // b, without a limit of its own learned yet, still gets its slot.
+        add(&mut s, B, 5, None);
+        assert_eq!(assign_and_fill(&mut s), vec![B]);
+        // a's call succeeds at its limit with work queued: the limit grows to 2 (slow start)
+        // and a gets two slots once its first is released.
+        let seen = s.observe(A, Signal::Success, Instant::now()).unwrap();
+        assert_eq!(seen.allowed, 2);
+        assert!(seen.change.grew);
+        s.release(A);
+        s.check();
+        assert_eq!(assign_and_fill(&mut s), vec![A, A]);
+        // A rejection at the limit cuts nothing below 1 and takes no slot back.
+        assert_eq!(s.running(A), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejection_at_a_limit_of_one_cools_the_function_down_until_its_time() {
+        let mut s = Scheduler::new(4).with_limiter(true);
+        add(&mut s, A, 100, None);
+        assert_eq!(assign_and_fill(&mut s), vec![A]);
+        let t0 = Instant::now();
+        s.observe(A, Signal::Rejected, t0).unwrap();
+        s.release(A);
+        s.check();
+        // No slot during the cool-down, not even when new work arrives.
+        assert_eq!(assign_and_fill(&mut s), Vec::<FnId>::new());
+        s.set_depth(A, 200);
+        assert_eq!(assign_and_fill(&mut s), Vec::<FnId>::new());
+        assert_eq!(s.next_wake(), Some(t0 + ms(200)));
+        tokio::time::advance(ms(200)).await;
+        assert_eq!(assign_and_fill(&mut s), vec![A]);
+        // The next one in a row cools it for twice as long; a success ends the streak.
+        let t1 = Instant::now();
+        s.observe(A, Signal::Rejected, t1).unwrap();
+        s.release(A);
+        assert_eq!(s.next_wake(), Some(t1 + ms(400)));
+        // Its depth falling to 0 and rising again keeps the wake-up.
+        s.set_depth(A, 0);
+        s.set_depth(A, 50);
+        assert_eq!(s.next_wake(), Some(t1 + ms(400)));
+        tokio::time::advance(ms(400)).await;
+        assert_eq!(assign_and_fill(&mut s), vec![A]);
+        s.observe(A, Signal::Success, Instant::now()).unwrap();
+        s.release(A);
+        s.check();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_limit_never_exceeds_the_cap_and_an_exempt_function_has_none() {
+        let mut s = Scheduler::new(8).with_limiter(true);
+        add(&mut s, A, 100, Some(2));
+        let mut started = assign_and_fill(&mut s).len();
+        for _ in 0..20 {
+            s.observe(A, Signal::Success, Instant::now());
+            s.release(A);
+            started += assign_and_fill(&mut s).len();
+            assert!(s.running(A) <= 2, "over the cap: {}", s.running(A));
+        }
+        assert!(started > 2);
+        // The legacy subject: no learned limit, no cap: every slot at once.
+        s.exempt(B);
+        add(&mut s, B, 100, None);
+        assert!(s.observe(B, Signal::Success, Instant::now()).is_none());
+        let b = assign_and_fill(&mut s).iter().filter(|&&f| f == B).count();
+        assert_eq!(b, 8 - s.running(A));
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
-use crate::worker::schedule::{FnId, Scheduler};
+use crate::worker::limiter::Signal;
+use crate::worker::schedule::{FnId, Observed, Scheduler};
 
 /// The right to run one message.
 pub struct Slot(Held);
@@ -68,6 +69,24 @@ impl Slot {
                 pool.wake.notify_one();
             }
         }
+    }
+}
+
+impl Slot {
+    /// The call this slot ran ended with `signal`: function mode's adaptive limit learns
+    /// from it (while the slot still counts as running). `None` in static mode, for the
+    /// legacy subject, or with the limiter off. A raised limit wakes the pull loop.
+    pub fn report(&self, signal: Signal) -> Option<Observed> {
+        let Held::Function { function, pool, .. } = &self.0 else {
+            return None;
+        };
+        let observed = pool
+            .lock()
+            .observe(*function, signal, tokio::time::Instant::now())?;
+        if observed.change.grew {
+            pool.wake.notify_one();
+        }
+        Some(observed)
     }
 }
 

@@ -292,8 +292,10 @@ async fn the_per_function_pending_gauge_is_the_streams_count_on_every_replica() 
         "slow",
         vec![Step::status(200).delay(Duration::from_secs(3))],
     );
-    let one = env.worker(&with(&[("max_inflight", "2")])).await;
-    let two = env.worker(&with(&[("max_inflight", "2")])).await;
+    // Greedy: both slots of each replica at once (the limiter would start at 1 per replica).
+    let greedy = [("max_inflight", "2"), ("limiter_enabled", "false")];
+    let one = env.worker(&with(&greedy)).await;
+    let two = env.worker(&with(&greedy)).await;
     let config = env.config(&[]);
     submit(&config, "slow", 6).await;
     // 4 running (2 per replica), 2 queued: the count stays 6 while the calls run.

@@ -13,6 +13,7 @@ mod frontdoor;
 mod function_mode;
 mod function_mode_faults;
 mod layout;
+mod limiter;
 mod queue;
 mod retry;
 mod shutdown;

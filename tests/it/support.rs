@@ -109,6 +109,11 @@ struct Inner {
     lookups: Vec<Recorded>,
     /// Names `/system/function/<name>` answers 500 for.
     broken: Vec<String>,
+    /// A function's hard `max_inflight`: past it, 429 with `X-OpenFaaS-Internal` at once,
+    /// as OpenFaaS's watchdog answers.
+    limits: HashMap<String, usize>,
+    running_per_fn: HashMap<String, usize>,
+    rejected: HashMap<String, usize>,
 }
 
 /// The fake gateway: `/function/<name>...` answers from the script of `<name>` (the last step
@@ -174,6 +179,34 @@ impl FakeGateway {
     /// Requests the gateway API received at `/system/function/...`.
     pub fn lookups(&self) -> Vec<Recorded> {
         self.inner.lock().unwrap().lookups.clone()
+    }
+
+    /// Gives `function` a hard limit of `max_inflight` calls at once (429 beyond it).
+    pub fn limit(&self, function: &str, max_inflight: usize) {
+        self.inner
+            .lock()
+            .unwrap()
+            .limits
+            .insert(function.to_string(), max_inflight);
+    }
+
+    /// Calls of `function` refused with 429 by its limit.
+    pub fn rejected(&self, function: &str) -> usize {
+        let inner = self.inner.lock().unwrap();
+        inner.rejected.get(function).copied().unwrap_or(0)
+    }
+
+    /// Calls of `function` that ran (not refused by its limit), by call id.
+    pub fn ran(&self, function: &str) -> HashMap<String, usize> {
+        let inner = self.inner.lock().unwrap();
+        let mut ran = HashMap::new();
+        let prefix = format!("/function/{function}");
+        for c in &inner.calls {
+            if c.path.starts_with(&prefix) && c.header("x-test-rejected").is_empty() {
+                *ran.entry(c.call_id()).or_default() += 1;
+            }
+        }
+        ran
     }
 
     pub fn script_callbacks(&self, statuses: Vec<u16>) {
@@ -280,6 +313,26 @@ async fn function(
     body: Bytes,
 ) -> Response {
     let name = rest.split('/').next().unwrap_or_default().to_string();
+    {
+        let mut inner = fake.inner.lock().unwrap();
+        let limit = inner.limits.get(&name).copied();
+        let running = inner.running_per_fn.get(&name).copied().unwrap_or(0);
+        if limit.is_some_and(|l| running >= l) {
+            *inner.rejected.entry(name.clone()).or_default() += 1;
+            let mut headers = headers;
+            headers.insert("x-test-rejected", "1".parse().unwrap());
+            inner.calls.push(Recorded::new(method, &uri, headers, body));
+            drop(inner);
+            fake.bump();
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("X-OpenFaaS-Internal", "true")],
+                "Concurrent request limit exceeded",
+            )
+                .into_response();
+        }
+        *inner.running_per_fn.entry(name.clone()).or_default() += 1;
+    }
     let (step, index) = {
         let mut inner = fake.inner.lock().unwrap();
         let n = inner.calls_per_fn.entry(name.clone()).or_default();
@@ -300,6 +353,9 @@ async fn function(
     {
         let mut inner = fake.inner.lock().unwrap();
         inner.running -= 1;
+        if let Some(n) = inner.running_per_fn.get_mut(&name) {
+            *n -= 1;
+        }
         inner.calls[index].finished = Some(Instant::now());
     }
     fake.bump();
