@@ -125,15 +125,28 @@ mod layout_rules {
     }
 
     #[test]
-    fn the_scheduler_stays_pure() {
+    fn the_scheduler_and_limiter_stay_pure() {
         // Function mode's scheduler decides; the engine around it does the I/O. Keeping NATS
         // and HTTP out of it keeps it a table-tested value with no runtime to set up.
-        for io in ["async_nats", "crate::nats", "hyper", "reqwest"] {
-            assert_eq!(
-                mentioning("worker/schedule.rs", io),
-                Vec::<String>::new(),
-                "worker/schedule.rs uses {io}"
-            );
+        for file in ["worker/schedule.rs", "worker/limiter.rs"] {
+            for io in [
+                "async_nats",
+                "crate::nats",
+                "hyper",
+                "reqwest",
+                "tokio::time::sleep",
+            ] {
+                assert_eq!(
+                    mentioning(file, io),
+                    Vec::<String>::new(),
+                    "{file} uses {io}"
+                );
+            }
         }
+        // The limiter counts events: no clock at all.
+        assert_eq!(
+            mentioning("worker/limiter.rs", "Instant"),
+            Vec::<String>::new()
+        );
     }
 }
