@@ -1108,10 +1108,21 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn random_operations_keep_the_books_and_leak_no_slot() {
+        random_operations(false).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn random_operations_with_the_limiter_keep_the_books_and_leak_no_slot() {
+        random_operations(true).await;
+    }
+
+    async fn random_operations(limiter: bool) {
         const SLOTS: usize = 6;
         const FNS: usize = 5;
         let mut rng = fastrand::Rng::with_seed(0x5eed);
-        let mut s = Scheduler::new(SLOTS).with_max_batch(4);
+        let mut s = Scheduler::new(SLOTS)
+            .with_max_batch(4)
+            .with_limiter(limiter);
         let mut running: Vec<FnId> = Vec::new();
         // What actually happened, so a quiet run (everything refused) cannot pass.
         #[derive(Debug, Default)]
@@ -1152,6 +1163,10 @@ mod tests {
                 }
                 8 | 9 if !running.is_empty() => {
                     let f = running.swap_remove(rng.usize(..running.len()));
+                    let signal =
+                        [Signal::Success, Signal::Rejected, Signal::Neutral][rng.usize(..3)];
+                    s.observe(f, signal, Instant::now());
+                    s.check();
                     s.release(f);
                     seen.released += 1;
                 }
