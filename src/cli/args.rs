@@ -257,11 +257,17 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 200)]
     pub jobs: usize,
     /// The worker's max_inflight.
-    #[arg(long = "inflight", default_value_t = 16)]
+    #[arg(long = "inflight", default_value_t = 50)]
     pub inflight: usize,
-    /// The sample function's own limit; calls above it get 429 and are retried.
-    #[arg(long, default_value_t = 10)]
+    /// Each replica's own limit (OpenFaaS's max_inflight); calls above it get 429.
+    #[arg(long, default_value_t = 5)]
     pub function_inflight: u64,
+    /// Most replicas of the function; it starts with one and is scaled on in-flight load.
+    #[arg(long, default_value_t = 4)]
+    pub replicas: u32,
+    /// Adaptive concurrency off: pull as fast as slots allow and retry the 429s, the old way.
+    #[arg(long)]
+    pub greedy: bool,
     /// Front door address (try `hey -m POST -n 500 -c 4 http://ADDR/async-function/sleep`).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: std::net::SocketAddr,

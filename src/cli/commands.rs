@@ -92,6 +92,8 @@ pub async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Re
                 jobs: a.jobs,
                 max_inflight: a.inflight.max(1),
                 function_inflight: a.function_inflight,
+                replicas: a.replicas,
+                greedy: a.greedy,
                 listen: a.listen,
                 stay: a.stay,
             })

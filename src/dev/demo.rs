@@ -1,8 +1,10 @@
 //! `queue-worker demo`: everything on one machine. A nats-server child on a temp store, the
-//! sample gateway with a `sleep` function (random run time, a `max_inflight` that answers
-//! 429 like OpenFaaS's watchdog), the worker, the front door, then a burst of jobs POSTed to
-//! the front door as `hey` would, live progress, a summary, and a clean stop (also on
-//! Ctrl-C).
+//! load simulator ([`crate::dev::platform`]) with a `sleep` function (random run time;
+//! replicas with a hard `max_inflight` that answer 429 like OpenFaaS's watchdog, behind a
+//! random balancer, scaled by in-flight load like OpenFaaS's capacity mode), the worker in
+//! function mode with adaptive concurrency (or greedy, `--greedy`), the front door, then a
+//! burst of jobs POSTed to the front door as `hey` would, live progress, a summary with the
+//! 429s and calls per job, and a clean stop (also on Ctrl-C).
 
 use std::io::IsTerminal as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -14,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Sources};
 use crate::dev::natsd::NatsServer;
-use crate::dev::sample::{self, SampleOptions, SampleStats};
+use crate::dev::platform::{
+    self, FunctionSnapshot, FunctionSpec, PlatformOptions, RunTime, Scaling,
+};
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -22,8 +26,12 @@ pub struct DemoOptions {
     pub jobs: usize,
     /// The worker's `max_inflight`.
     pub max_inflight: usize,
-    /// The sample function's limit (429 above it).
+    /// Each replica's limit (429 above it).
     pub function_inflight: u64,
+    /// Most replicas the autoscaler gives the function (it starts with one).
+    pub replicas: u32,
+    /// Adaptive concurrency off: pull as fast as slots allow, as before.
+    pub greedy: bool,
     /// The front door's address; an ephemeral port is used when it is taken.
     pub listen: SocketAddr,
     /// Keep running after the burst until Ctrl-C.
@@ -32,6 +40,8 @@ pub struct DemoOptions {
 
 /// Clients posting at once, as in OpenFaaS's `hey -c 4` example.
 const CLIENTS: usize = 4;
+/// The demo's function.
+const FUNCTION: &str = "sleep";
 
 /// Submission counters of the burst.
 #[derive(Default)]
@@ -52,10 +62,16 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         }
     });
     crate::outln!(
-        "queue-worker demo: {} jobs, worker max_inflight {}, function max_inflight {}\n",
+        "queue-worker demo: {} jobs, worker max_inflight {}, function max_inflight {} per replica, 1-{} replicas, {}\n",
         opts.jobs,
         opts.max_inflight,
-        opts.function_inflight
+        opts.function_inflight,
+        opts.replicas.max(1),
+        if opts.greedy {
+            "greedy (adaptive concurrency off)"
+        } else {
+            "adaptive concurrency on (--greedy turns it off)"
+        }
     );
     let nats = tokio::task::spawn_blocking(NatsServer::start).await??;
     crate::outln!(
@@ -64,21 +80,41 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     );
 
     let stop = CancellationToken::new();
-    let (gateway, stats) = sample::serve(
+    let per_replica = u32::try_from(opts.function_inflight.max(1)).unwrap_or(u32::MAX);
+    let replicas = opts.replicas.max(1);
+    let platform = platform::start(
         SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        SampleOptions {
-            min_delay: Duration::from_millis(100),
-            max_delay: Duration::from_millis(800),
-            fail_every: 0,
-            max_inflight: opts.function_inflight,
-            functions: vec!["sleep".into()],
+        PlatformOptions {
+            functions: vec![FunctionSpec {
+                name: FUNCTION.into(),
+                max_inflight: per_replica,
+                run_time: RunTime::Uniform {
+                    min: Duration::from_millis(100),
+                    max: Duration::from_millis(800),
+                },
+                replicas: 1,
+                min_replicas: 1,
+                max_replicas: replicas,
+                // OpenFaaS's docs example: target = max_inflight, proportion 0.9.
+                scaling: Scaling::Capacity {
+                    target: per_replica,
+                    proportion: 0.9,
+                },
+                interval: Duration::from_secs(1),
+                ready_delay: Duration::from_millis(500),
+                scale_down_delay: Duration::from_secs(10),
+                jobs: opts.jobs as u64,
+            }],
+            metrics_url: None,
+            sample_every: Duration::from_millis(20),
         },
         stop.clone(),
     )
     .await?;
+    let gateway = platform.addr;
     crate::outln!(
-        "  gateway       http://{gateway} (function sleep: 100-800ms; 429 above {} at once)",
-        opts.function_inflight
+        "  gateway       http://{gateway} (function sleep: 100-800ms; each replica answers 429 above {} at once; 1-{replicas} replicas behind a random balancer, scaled on in-flight)",
+        per_replica
     );
 
     let listen = match std::net::TcpListener::bind(opts.listen) {
@@ -92,6 +128,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         ("nats_url", nats.url()),
         ("gateway_url", format!("http://{gateway}")),
         ("metrics_port", "0".into()),
+        ("scaling_mode", "function".into()),
+        ("limiter_enabled", (!opts.greedy).to_string()),
         ("max_inflight", opts.max_inflight.to_string()),
         ("initial_retry_wait", "500ms".into()),
         ("max_retry_wait", "4s".into()),
@@ -148,16 +186,20 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     let mut interrupted = interrupt.is_cancelled();
     let tty = std::io::stdout().is_terminal();
-    let retries = worker.metrics.function("sleep.openfaas-fn").retries.clone();
     let mut last_line = Instant::now() - Duration::from_secs(10);
+    let snapshot = || {
+        platform
+            .snapshot(FUNCTION)
+            .expect("the platform runs sleep")
+    };
     loop {
         let done = worker.metrics.processed.get() as u64;
         let accepted = burst.accepted.load(Ordering::Relaxed);
-        let callbacks = stats.callbacks.load(Ordering::Relaxed);
+        let callbacks = platform.callbacks();
         let finished = submit.is_finished() && callbacks >= accepted && done >= accepted;
         // On a terminal the line is redrawn in place; in a log, one line a second.
         if tty || finished || last_line.elapsed() >= Duration::from_secs(1) {
-            let line = progress_line(opts.jobs, accepted, done, &stats, retries.get() as u64);
+            let line = progress_line(opts.jobs, accepted, done, &snapshot());
             if tty {
                 crate::out!("\r{line}");
             } else {
@@ -181,21 +223,37 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let elapsed = started.elapsed();
 
     let accepted = burst.accepted.load(Ordering::Relaxed);
+    let seen = snapshot();
     crate::outln!(
-        "\n{} after {:.1}s: {accepted} jobs accepted ({} refused), {} processed, {} calls to the function ({} answered 429 and were retried later), {} callbacks.",
+        "\n{} after {:.1}s: {accepted} jobs accepted ({} refused), {} processed, {} callbacks.",
         if interrupted { "Interrupted" } else { "Done" },
         elapsed.as_secs_f64(),
         burst.refused.load(Ordering::Relaxed),
         worker.metrics.processed.get(),
-        stats.calls.load(Ordering::Relaxed),
-        stats.limited.load(Ordering::Relaxed),
-        stats.callbacks.load(Ordering::Relaxed),
+        platform.callbacks(),
     );
+    crate::outln!(
+        "{} calls to the function: {:.2} calls per job, {} answered 429 ({}).",
+        seen.calls,
+        seen.calls as f64 / accepted.max(1) as f64,
+        seen.rejected,
+        if opts.greedy {
+            "greedy: each one a wasted call and a retry delay"
+        } else {
+            "adaptive concurrency; scripts/demo --greedy shows the old way"
+        }
+    );
+    let timeline: Vec<String> = seen
+        .timeline
+        .iter()
+        .map(|(t, n)| format!("{n}@{:.1}s", t.as_secs_f64()))
+        .collect();
+    crate::outln!("Replicas: {}.", timeline.join(" "));
     if !interrupted && elapsed.as_secs_f64() > 0.0 {
         crate::outln!(
-            "Throughput: {:.0} jobs/s with the function limited to {} at once.",
+            "Throughput: {:.0} jobs/s; the replicas' slots were {:.0}% busy while the jobs left could fill them.",
             accepted as f64 / elapsed.as_secs_f64(),
-            opts.function_inflight
+            100.0 * seen.utilisation.mean()
         );
     }
     crate::outln!("\nSome of the worker's metrics:");
@@ -215,7 +273,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
         interrupt.cancelled().await;
     }
 
-    crate::outln!("\nStopping: front door, worker (drain), sample gateway, nats-server.");
+    crate::outln!("\nStopping: front door, worker (drain), function platform, nats-server.");
     door.shutdown();
     worker.shutdown();
     let (d, w) = tokio::join!(door.wait(), worker.wait());
@@ -226,22 +284,18 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `[#####-----] queued 12 | in flight 10 | done 150/200 | retried 31`
-fn progress_line(
-    jobs: usize,
-    accepted: u64,
-    done: u64,
-    stats: &SampleStats,
-    retried: u64,
-) -> String {
-    let running = stats.running.load(Ordering::Relaxed);
+/// `[#####-----] queued 12 | in flight 10 on 2 replicas | done 150/200 | 429s 31`
+fn progress_line(jobs: usize, accepted: u64, done: u64, seen: &FunctionSnapshot) -> String {
+    let running = seen.inflight;
     let queued = accepted.saturating_sub(done + running);
     let width = 30;
     let filled = ((done as usize).min(jobs) * width) / jobs.max(1);
     format!(
-        "[{}{}] queued {queued:>4} | in flight {running:>3} | done {done:>4}/{jobs} | retried {retried:>4}",
+        "[{}{}] queued {queued:>4} | in flight {running:>3} on {:>2} replicas | done {done:>4}/{jobs} | 429s {:>4}",
         "#".repeat(filled),
-        "-".repeat(width - filled)
+        "-".repeat(width - filled),
+        seen.ready,
+        seen.rejected
     )
 }
 
