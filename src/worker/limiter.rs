@@ -161,7 +161,7 @@ impl Limiter {
             probing: false,
             rng: fastrand::Rng::with_seed(seed),
         };
-        l.schedule_probe();
+        l.schedule_probe(0);
         l
     }
 
@@ -205,21 +205,22 @@ impl Limiter {
                     self.edge = None;
                 }
                 if self.probing && load.running > floor {
-                    // The probe slot ran and succeeded: the function has room for it.
+                    // The probe slot ran and succeeded: the function has room for it, and
+                    // likely more (a replica was added): grow as after two clean rounds.
                     self.limit = self.limit.max((floor + 1) as f64);
-                    self.end_probe();
+                    self.clean = self.clean.max((2.0 * self.limit) as u64);
+                    self.end_probe(load.backlog);
                 } else if used {
                     self.clean += 1;
                     self.grow(load.backlog);
                 }
             }
             Signal::Rejected => {
+                self.reject_at(load.running.max(2));
                 if self.probing && load.running > floor {
                     // The probe found the edge; the learned limit stands.
-                    self.edge = Some(load.running.max(2));
-                    self.end_probe();
+                    self.end_probe(load.backlog);
                 } else {
-                    self.edge = Some(load.running.max(2));
                     self.cut();
                     change.cut = true;
                 }
@@ -260,6 +261,13 @@ impl Limiter {
         };
     }
 
+    /// A rejection at `height` calls out: the lowest since a success at or above it is the
+    /// edge. One replica full at 5 rejects at 6 and never succeeds there; a balancer that
+    /// picked a full replica among idle ones soon sees a success at that height.
+    fn reject_at(&mut self, height: usize) {
+        self.edge = Some(self.edge.map_or(height, |e| e.min(height)));
+    }
+
     fn cut(&mut self) {
         self.run += 1;
         self.clean = 0;
@@ -269,18 +277,25 @@ impl Limiter {
         let k = self.run.min(MAX_RUN) as f64;
         self.limit = (self.limit - CUT * k).max(1.0);
         if self.probing {
-            self.end_probe();
+            self.end_probe(0);
         }
     }
 
-    fn end_probe(&mut self) {
+    fn end_probe(&mut self, backlog: u64) {
         self.probing = false;
-        self.schedule_probe();
+        self.schedule_probe(backlog);
     }
 
-    fn schedule_probe(&mut self) {
+    /// The next probe in `PROBE_ROUNDS` limits of successes, a third of that while the
+    /// backlog is large (replicas are likely being added), jittered ×0.5–1.5.
+    fn schedule_probe(&mut self, backlog: u64) {
+        let rounds = if backlog as f64 >= BACKLOG_ROUNDS * self.limit {
+            PROBE_ROUNDS / 3.0
+        } else {
+            PROBE_ROUNDS
+        };
         let jitter = 0.5 + self.rng.f64();
-        self.until_probe = ((PROBE_ROUNDS * self.limit * jitter).round() as u64).max(1);
+        self.until_probe = ((rounds * self.limit * jitter).round() as u64).max(1);
     }
 }
 
@@ -471,7 +486,7 @@ mod tests {
             let mut l = Limiter::new(1000, seed);
             l.limit = 10.0;
             l.starting = false;
-            l.schedule_probe();
+            l.schedule_probe(0);
             let mut gaps = Vec::new();
             let mut since = 0;
             while gaps.len() < 20 {
