@@ -17,17 +17,24 @@
 //! backlog (stored → invoke start, static mode for contrast), and one worker with 5,000
 //! function consumers, first busy, then idle.
 //!
+//! Adaptive concurrency (issue 16, `benches/pipeline/adaptive.rs`) runs OpenFaaS's own load
+//! tests against a simulated platform (`queue_worker::dev::platform`: replicas that answer
+//! 429 above their `max_inflight`, an autoscaler), each with the limiter off and on.
+//!
 //! Options: `--n N` (jobs per throughput run, default 100000), `--runs R` (default 3),
 //! `--levels 1,16,256`, `--functions 1000`, `--rate 1000` and `--latency-secs 10`,
 //! `--in-flight 1000`, `--mode static|function|both` (which modes the throughput and
 //! many-function runs measure, default both), `--backlog 10000` and `--new-functions 60`
 //! (the backlog ahead of the new functions, and new functions per run), `--consumers 5000`
 //! and `--consumer-secs 10` (function consumers, and each phase's window), `--scenarios
-//! LIST` (any of throughput,many,latency,memory,new-function,consumers; default all),
+//! LIST` (any of throughput,many,latency,memory,new-function,consumers,adaptive; default all),
+//! `--adaptive-scenarios docs,blog,two` (default all) and `--adaptive-runs R` (default 1),
 //! `--keep-logs`, `--worker PATH` (measure another build), `--worker-env key=value` (a
 //! setting for every worker), `--quick` (N = 10000, one run, 20 new functions, 1,000
-//! consumers for 3 s, no file written), `--no-write`, `--output PATH`.
+//! consumers for 3 s, a fifth of the adaptive scenarios' jobs at half their time scale, no
+//! file written), `--no-write`, `--output PATH`.
 
+mod adaptive;
 mod function;
 mod proc;
 mod report;
@@ -42,13 +49,14 @@ use report::{count, mib, micros, millis, quantile, ratio, Samples, Table};
 use scenarios::{Bench, ManyConsumers, Mode, DEFAULT_MAX_INFLIGHT};
 
 /// The scenarios `--scenarios` can pick.
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "throughput",
     "many",
     "latency",
     "memory",
     "new-function",
     "consumers",
+    "adaptive",
 ];
 /// A new function's job is published this often behind the backlog.
 const NEW_FUNCTION_SPACING: Duration = Duration::from_millis(100);
@@ -75,6 +83,11 @@ struct Options {
     /// Another worker binary to measure (an older build, for before/after).
     worker: Option<PathBuf>,
     worker_env: Vec<(String, String)>,
+    /// The adaptive-concurrency scenarios (`--adaptive-scenarios`), their repetitions
+    /// (`--adaptive-runs`), and whether they run with fewer jobs (`--quick`).
+    adaptive_scenarios: Vec<String>,
+    adaptive_runs: usize,
+    quick: bool,
 }
 
 impl Options {
@@ -99,6 +112,9 @@ impl Options {
             keep_logs: false,
             worker: None,
             worker_env: Vec::new(),
+            adaptive_scenarios: adaptive::SCENARIOS.iter().map(|s| s.to_string()).collect(),
+            adaptive_runs: 1,
+            quick: false,
         };
         let mut write = None;
         // `cargo test --benches` (or `--all-targets`) runs this target without `--bench`:
@@ -178,7 +194,29 @@ impl Options {
                     o.new_function_cap = Duration::from_secs(10);
                     o.consumers = 1000;
                     o.consumer_secs = 3;
+                    o.quick = true;
                     write.get_or_insert(false);
+                }
+                "--adaptive-runs" => {
+                    o.adaptive_runs = value("--adaptive-runs")?
+                        .parse()
+                        .context("--adaptive-runs")?
+                }
+                "--adaptive-scenarios" => {
+                    o.adaptive_scenarios = value("--adaptive-scenarios")?
+                        .split(',')
+                        .map(|s| s.trim().to_string())
+                        .collect();
+                    if let Some(bad) = o
+                        .adaptive_scenarios
+                        .iter()
+                        .find(|s| !adaptive::SCENARIOS.contains(&s.as_str()))
+                    {
+                        anyhow::bail!(
+                            "--adaptive-scenarios: unknown {bad:?}; any of {}",
+                            adaptive::SCENARIOS.join(",")
+                        );
+                    }
                 }
                 "--no-write" => write = Some(false),
                 "--keep-logs" => o.keep_logs = true,
@@ -205,6 +243,7 @@ impl Options {
             "--n, --runs and --rate must be positive"
         );
         anyhow::ensure!(o.levels.iter().all(|&l| l > 0), "--levels must be positive");
+        anyhow::ensure!(o.adaptive_runs > 0, "--adaptive-runs must be positive");
         anyhow::ensure!(
             o.backlog > 0 && o.new_functions > 0 && o.consumers > 1 && o.consumer_secs > 0,
             "--backlog, --new-functions and --consumer-secs must be positive, --consumers above 1"
@@ -275,6 +314,7 @@ struct Results {
     /// called within the cap), the backlog left at the last sample, the backlog's call time.
     new_fn: Vec<(Mode, NewFunctionRuns)>,
     consumers: Vec<ManyConsumers>,
+    adaptive: Option<adaptive::Results>,
 }
 
 #[derive(Default)]
@@ -518,6 +558,19 @@ async fn run() -> anyhow::Result<()> {
         }
         eprintln!("  run took {:.0} s", started.elapsed().as_secs_f64());
     }
+    if o.runs("adaptive") {
+        eprintln!("adaptive concurrency ({} run(s))", o.adaptive_runs);
+        let started = std::time::Instant::now();
+        let opts = adaptive::Options {
+            scenarios: o.adaptive_scenarios.clone(),
+            runs: o.adaptive_runs,
+            quick: o.quick,
+            keep_logs: o.keep_logs,
+            worker_env: o.worker_env.clone(),
+        };
+        r.adaptive = Some(adaptive::run(&bench.nats.url(), &worker_binary(&o), &opts).await?);
+        eprintln!("  took {:.0} s", started.elapsed().as_secs_f64());
+    }
 
     let text = render(&o, &r, &bench)?;
     println!("{text}");
@@ -712,7 +765,10 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
         out.push('\n');
     }
 
-    out.push_str("### Targets\n\n");
+    if let Some(a) = &r.adaptive {
+        out.push_str(&adaptive::render(a));
+    }
+
     let mut t = Table::new(&["target", "measured (median)", "met"]);
     let mut check = |name: &str, shown: String, ok: bool| {
         t.row(vec![
@@ -808,7 +864,10 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
             p99 <= 100.0 && missed == 0,
         );
     }
-    out.push_str(&t.render());
+    if !t.is_empty() {
+        out.push_str("### Targets\n\n");
+        out.push_str(&t.render());
+    }
     Ok(out)
 }
 

@@ -28,7 +28,7 @@ pub use function_mode::{ManyConsumers, Phase, DEFAULT_MAX_INFLIGHT};
 
 /// The body of every job: small, as a no-op invocation's would be.
 const BODY: &[u8] = b"hello";
-const NAMESPACE: &str = "openfaas-fn";
+pub(crate) const NAMESPACE: &str = "openfaas-fn";
 /// The durable of static mode (the worker's default).
 const DURABLE: &str = "faas-workers";
 /// Longest any single measurement may take before the bench gives up on it.
@@ -558,7 +558,7 @@ fn function_names(n: usize) -> Vec<String> {
 
 /// One job as the gateway publishes it: a `QueueRequest` with `X-Call-Id` and `X-Start-Time`
 /// (stamped now), and `Nats-Msg-Id` = call id.
-fn job(
+pub(crate) fn job(
     function: &str,
     subject: &str,
 ) -> anyhow::Result<(String, async_nats::HeaderMap, bytes::Bytes)> {
