@@ -28,7 +28,8 @@
 //! (the backlog ahead of the new functions, and new functions per run), `--consumers 5000`
 //! and `--consumer-secs 10` (function consumers, and each phase's window), `--scenarios
 //! LIST` (any of throughput,many,latency,memory,new-function,consumers,adaptive; default all),
-//! `--adaptive-scenarios docs,blog,two` (default all) and `--adaptive-runs R` (default 1),
+//! `--adaptive-scenarios docs,blog,two` (default all), `--adaptive-runs R` (default 1) and
+//! `--adaptive-scale F` (multiplies the scenarios' time scales; default 1),
 //! `--keep-logs`, `--worker PATH` (measure another build), `--worker-env key=value` (a
 //! setting for every worker), `--quick` (N = 10000, one run, 20 new functions, 1,000
 //! consumers for 3 s, a fifth of the adaptive scenarios' jobs at half their time scale, no
@@ -87,6 +88,7 @@ struct Options {
     /// (`--adaptive-runs`), and whether they run with fewer jobs (`--quick`).
     adaptive_scenarios: Vec<String>,
     adaptive_runs: usize,
+    adaptive_scale: f64,
     quick: bool,
 }
 
@@ -114,6 +116,7 @@ impl Options {
             worker_env: Vec::new(),
             adaptive_scenarios: adaptive::SCENARIOS.iter().map(|s| s.to_string()).collect(),
             adaptive_runs: 1,
+            adaptive_scale: 1.0,
             quick: false,
         };
         let mut write = None;
@@ -202,6 +205,11 @@ impl Options {
                         .parse()
                         .context("--adaptive-runs")?
                 }
+                "--adaptive-scale" => {
+                    o.adaptive_scale = value("--adaptive-scale")?
+                        .parse()
+                        .context("--adaptive-scale")?
+                }
                 "--adaptive-scenarios" => {
                     o.adaptive_scenarios = value("--adaptive-scenarios")?
                         .split(',')
@@ -243,7 +251,10 @@ impl Options {
             "--n, --runs and --rate must be positive"
         );
         anyhow::ensure!(o.levels.iter().all(|&l| l > 0), "--levels must be positive");
-        anyhow::ensure!(o.adaptive_runs > 0, "--adaptive-runs must be positive");
+        anyhow::ensure!(
+            o.adaptive_runs > 0 && o.adaptive_scale > 0.0,
+            "--adaptive-runs and --adaptive-scale must be positive"
+        );
         anyhow::ensure!(
             o.backlog > 0 && o.new_functions > 0 && o.consumers > 1 && o.consumer_secs > 0,
             "--backlog, --new-functions and --consumer-secs must be positive, --consumers above 1"
@@ -565,6 +576,7 @@ async fn run() -> anyhow::Result<()> {
             scenarios: o.adaptive_scenarios.clone(),
             runs: o.adaptive_runs,
             quick: o.quick,
+            scale: o.adaptive_scale,
             keep_logs: o.keep_logs,
             worker_env: o.worker_env.clone(),
         };
