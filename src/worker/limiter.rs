@@ -161,7 +161,7 @@ impl Limiter {
             probing: false,
             rng: fastrand::Rng::with_seed(seed),
         };
-        l.schedule_probe(0);
+        l.schedule_probe();
         l
     }
 
@@ -209,7 +209,7 @@ impl Limiter {
                     // likely more (a replica was added): grow as after two clean rounds.
                     self.limit = self.limit.max((floor + 1) as f64);
                     self.clean = self.clean.max((2.0 * self.limit) as u64);
-                    self.end_probe(load.backlog);
+                    self.end_probe();
                 } else if used {
                     self.clean += 1;
                     self.grow(load.backlog);
@@ -219,7 +219,7 @@ impl Limiter {
                 self.reject_at(load.running.max(2));
                 if self.probing && load.running > floor {
                     // The probe found the edge; the learned limit stands.
-                    self.end_probe(load.backlog);
+                    self.end_probe();
                 } else {
                     self.cut();
                     change.cut = true;
@@ -277,25 +277,21 @@ impl Limiter {
         let k = self.run.min(MAX_RUN) as f64;
         self.limit = (self.limit - CUT * k).max(1.0);
         if self.probing {
-            self.end_probe(0);
+            self.end_probe();
         }
     }
 
-    fn end_probe(&mut self, backlog: u64) {
+    fn end_probe(&mut self) {
         self.probing = false;
-        self.schedule_probe(backlog);
+        self.schedule_probe();
     }
 
-    /// The next probe in `PROBE_ROUNDS` limits of successes, a third of that while the
-    /// backlog is large (replicas are likely being added), jittered ×0.5–1.5.
-    fn schedule_probe(&mut self, backlog: u64) {
-        let rounds = if backlog as f64 >= BACKLOG_ROUNDS * self.limit {
-            PROBE_ROUNDS / 3.0
-        } else {
-            PROBE_ROUNDS
-        };
+    /// The next probe in `PROBE_ROUNDS` limits of successes, jittered ×0.5–1.5. (Probing
+    /// three times as often while the backlog is large filled new replicas barely faster in
+    /// the model, 80-82% busy instead of 77-80%, and doubled the 429s of a lone replica.)
+    fn schedule_probe(&mut self) {
         let jitter = 0.5 + self.rng.f64();
-        self.until_probe = ((rounds * self.limit * jitter).round() as u64).max(1);
+        self.until_probe = ((PROBE_ROUNDS * self.limit * jitter).round() as u64).max(1);
     }
 }
 
@@ -486,7 +482,7 @@ mod tests {
             let mut l = Limiter::new(1000, seed);
             l.limit = 10.0;
             l.starting = false;
-            l.schedule_probe(0);
+            l.schedule_probe();
             let mut gaps = Vec::new();
             let mut since = 0;
             while gaps.len() < 20 {
