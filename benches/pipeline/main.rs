@@ -30,6 +30,7 @@
 //! LIST` (any of throughput,many,latency,memory,new-function,consumers,adaptive; default all),
 //! `--adaptive-scenarios docs,blog,two` (default all), `--adaptive-runs R` (default 1) and
 //! `--adaptive-scale F` (multiplies the scenarios' time scales; default 1),
+//! `--adaptive-limiter-only` (skip the greedy baselines, for tuning; no targets then),
 //! `--keep-logs`, `--worker PATH` (measure another build), `--worker-env key=value` (a
 //! setting for every worker), `--quick` (N = 10000, one run, 20 new functions, 1,000
 //! consumers for 3 s, a fifth of the adaptive scenarios' jobs at half their time scale, no
@@ -89,6 +90,8 @@ struct Options {
     adaptive_scenarios: Vec<String>,
     adaptive_runs: usize,
     adaptive_scale: f64,
+    /// Only the limiter's runs (`--adaptive-limiter-only`), for tuning: no greedy baseline.
+    adaptive_limiter_only: bool,
     quick: bool,
 }
 
@@ -117,6 +120,7 @@ impl Options {
             adaptive_scenarios: adaptive::SCENARIOS.iter().map(|s| s.to_string()).collect(),
             adaptive_runs: 1,
             adaptive_scale: 1.0,
+            adaptive_limiter_only: false,
             quick: false,
         };
         let mut write = None;
@@ -205,6 +209,7 @@ impl Options {
                         .parse()
                         .context("--adaptive-runs")?
                 }
+                "--adaptive-limiter-only" => o.adaptive_limiter_only = true,
                 "--adaptive-scale" => {
                     o.adaptive_scale = value("--adaptive-scale")?
                         .parse()
@@ -577,6 +582,7 @@ async fn run() -> anyhow::Result<()> {
             runs: o.adaptive_runs,
             quick: o.quick,
             scale: o.adaptive_scale,
+            limiter_only: o.adaptive_limiter_only,
             keep_logs: o.keep_logs,
             worker_env: o.worker_env.clone(),
         };

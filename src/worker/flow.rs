@@ -367,6 +367,7 @@ impl Worker {
         }
         if f.limit_shown.swap(seen.allowed, Ordering::Relaxed) != seen.allowed {
             self.metrics.set_concurrency_limit(f, seen.allowed);
+            tracing::debug!(function = %f.label, limit = seen.allowed, probe = seen.change.probe, "Concurrency limit");
         }
         signal
     }

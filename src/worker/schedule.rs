@@ -108,6 +108,9 @@ struct Func {
     cooling: bool,
     /// Rejections at a limit of 1 since the last success: the cool-down's exponent.
     cool_streak: u32,
+    /// Running calls already observed (answered) and not yet released: not out at the
+    /// function any more, so not part of the height the limiter sees.
+    answered: usize,
 }
 
 impl Func {
@@ -222,7 +225,9 @@ impl Scheduler {
             .depth
             .saturating_sub(u64::try_from(held).unwrap_or(u64::MAX));
         let l = s.limiter.as_mut()?;
-        let running = s.running;
+        // This call, and the others still out at the function.
+        let running = s.running.saturating_sub(s.answered);
+        s.answered = s.answered.saturating_add(1).min(s.running);
         let change = l.observe(
             signal,
             Load {
@@ -456,6 +461,7 @@ impl Scheduler {
             return;
         }
         s.running -= 1;
+        s.answered = s.answered.saturating_sub(1).min(s.running);
         self.free = self.free.saturating_add(1);
         self.touch(f);
     }
@@ -644,16 +650,16 @@ mod tests {
         // b, without a limit of its own learned yet, still gets its slot.
         add(&mut s, B, 5, None);
         assert_eq!(assign_and_fill(&mut s), vec![B]);
-        // a's call succeeds at its limit with work queued: the limit grows to 2 (slow start)
-        // and a gets two slots once its first is released.
+        // a's call succeeds at its limit with work queued (a large backlog): the limit grows
+        // to 5 (slow start) and a gets five slots once its first is released; b keeps its.
         let seen = s.observe(A, Signal::Success, Instant::now()).unwrap();
-        assert_eq!(seen.allowed, 2);
+        assert_eq!(seen.allowed, 5);
         assert!(seen.change.grew);
         s.release(A);
         s.check();
-        assert_eq!(assign_and_fill(&mut s), vec![A, A]);
-        // A rejection at the limit cuts nothing below 1 and takes no slot back.
-        assert_eq!(s.running(A), 2);
+        assert_eq!(assign_and_fill(&mut s), vec![A; 5]);
+        assert_eq!(s.running(A), 5);
+        assert_eq!(s.running(B), 1);
     }
 
     #[tokio::test(start_paused = true)]
