@@ -270,13 +270,14 @@ pub fn decide(result: &CallResult, attempt: u32, policy: &RetryPolicy, jitter: f
 }
 
 /// The wait of a message whose call was rejected (429) while adaptive concurrency is on.
-/// The rejection is not the message's failure: the limiter already paces its function, and
-/// the message only must not come straight back. So the wait stays at the first one,
-/// `initial_wait` with equal jitter (so rejected messages do not return in step), whatever
-/// the attempt, instead of doubling into minutes at the tail of a backlog. A `Retry-After`
-/// is honoured by [`decide`] before this applies.
+/// The rejection is not the message's failure: the limiter already paces its function (a
+/// returning message waits for a slot like any other), and the message only must not come
+/// straight back. So the wait is a tenth of `initial_wait` (1 s by default, at least
+/// [`MIN_RETRY_WAIT`]) with equal jitter (so rejected messages do not return in step),
+/// whatever the attempt, instead of doubling into minutes at the tail of a backlog. A
+/// `Retry-After` is honoured by [`decide`] before this applies.
 pub fn held_back(policy: &RetryPolicy, jitter: f64) -> Duration {
-    let d = policy.initial_wait;
+    let d = (policy.initial_wait / 10).max(MIN_RETRY_WAIT);
     d / 2 + (d / 2).mul_f64(jitter.clamp(0.0, 1.0))
 }
 
@@ -285,11 +286,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_held_back_message_waits_about_the_first_wait_whatever_the_attempt() {
-        let p = policy(Backoff::Exponential);
-        assert_eq!(held_back(&p, 0.0), Duration::from_secs(5));
-        assert_eq!(held_back(&p, 1.0), Duration::from_secs(10));
-        assert_eq!(held_back(&p, 7.0), Duration::from_secs(10));
+    fn a_held_back_message_waits_a_tenth_of_the_first_wait_whatever_the_attempt() {
+        let mut p = policy(Backoff::Exponential);
+        assert_eq!(held_back(&p, 0.0), Duration::from_millis(500));
+        assert_eq!(held_back(&p, 1.0), Duration::from_secs(1));
+        assert_eq!(held_back(&p, 7.0), Duration::from_secs(1));
+        p.initial_wait = Duration::from_millis(100);
+        assert_eq!(held_back(&p, 1.0), MIN_RETRY_WAIT);
     }
 
     fn policy(backoff: Backoff) -> RetryPolicy {
