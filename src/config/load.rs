@@ -122,6 +122,7 @@ impl Config {
                     ))
                 }
             },
+            hold_rejections: limiter,
         };
         if retry.max_wait < retry.initial_wait {
             return Err(ConfigError::Conflict(format!(

@@ -450,6 +450,8 @@ mod tests {
     fn the_limiter_is_on_by_default_in_function_mode_only() {
         let function = [("scaling_mode", "function")];
         assert!(load(&function).unwrap().limiter);
+        assert!(load(&function).unwrap().retry.hold_rejections);
+        assert!(!load(&[]).unwrap().retry.hold_rejections);
         assert!(!load(&[]).unwrap().limiter);
         assert!(!load(&[("limiter_enabled", "true")]).unwrap().limiter);
         for off in [("limiter_enabled", "false"), ("adaptive_concurrency", "0")] {

@@ -28,7 +28,7 @@ use crate::worker::invoke::Invoker;
 use crate::worker::job::{Decoder, Invocation, Job, Settle};
 use crate::worker::lease::with_lease;
 use crate::worker::limiter::Signal;
-use crate::worker::retry::{decide, held_back, CallResult, Decision, GiveUpReason, RetryPolicy};
+use crate::worker::retry::{decide, CallResult, Decision, GiveUpReason, RetryPolicy};
 use crate::worker::slot::Slot;
 
 /// How long a dead-letter store may go on after the drain deadline before the message is
@@ -66,9 +66,6 @@ pub struct Worker {
     pub deadline: CancellationToken,
     /// Log request and response bodies.
     pub debug: bool,
-    /// Adaptive concurrency is on (function mode, `limiter_enabled`): 429s are always
-    /// retried.
-    pub limiter: bool,
     pub warned: WarnOnce,
 }
 
@@ -207,25 +204,8 @@ impl Worker {
         f.duration.observe(resp.duration.as_secs_f64());
         self.metrics.invocation(&f, &status);
         let result = resp.call_result();
-        let signal = self.learn(&result, slot.as_ref(), &f);
-        let decision = match decide(&result, job.attempt, &policy, fastrand::f64()) {
-            Decision::Retry { .. }
-                if self.limiter
-                    && signal == Signal::Rejected
-                    && !matches!(
-                        result,
-                        CallResult::Status {
-                            retry_after: Some(_),
-                            ..
-                        }
-                    ) =>
-            {
-                Decision::Retry {
-                    after: held_back(&policy, fastrand::f64()),
-                }
-            }
-            d => d,
-        };
+        self.learn(&result, slot.as_ref(), &f);
+        let decision = decide(&result, job.attempt, &policy, fastrand::f64());
         match &resp.error {
             None => {
                 tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, status = %status, duration = resp.duration.as_secs_f64(), "Invoked")
@@ -347,20 +327,13 @@ impl Worker {
 
     /// What the call's answer says about the function's room: counted, and fed to function
     /// mode's adaptive limit through the slot (which still counts as running).
-    fn learn(&self, result: &CallResult, slot: Option<&Slot>, f: &FunctionMetrics) -> Signal {
-        let signal = match *result {
-            CallResult::Status {
-                code,
-                internal,
-                retry_after,
-            } => Signal::of(Some(code), internal, retry_after.is_some()),
-            CallResult::NoResponse => Signal::Neutral,
-        };
+    fn learn(&self, result: &CallResult, slot: Option<&Slot>, f: &FunctionMetrics) {
+        let signal = result.signal();
         if signal == Signal::Rejected {
             f.rejections.inc();
         }
         let Some(seen) = slot.and_then(|s| s.report(signal)) else {
-            return signal;
+            return;
         };
         if seen.change.probe {
             f.probes.inc();
@@ -369,20 +342,12 @@ impl Worker {
             self.metrics.set_concurrency_limit(f, seen.allowed);
             tracing::debug!(function = %f.label, limit = seen.allowed, probe = seen.change.probe, "Concurrency limit");
         }
-        signal
     }
 
     /// The retry policy for this message: the worker's, with the function's annotations
-    /// applied. Invalid annotations are counted per message and logged once per value. With
-    /// the limiter on, a 429 is always retried: it is the limiter's signal, and the message
-    /// only waits for room (within the attempts allowed, like any retry).
+    /// applied. Invalid annotations are counted per message and logged once per value.
     fn policy_for(&self, inv: &Invocation, f: &FunctionMetrics) -> Cow<'_, RetryPolicy> {
-        let (mut policy, invalid) = self.retry.with_annotations(&inv.request.annotations);
-        if self.limiter {
-            if let Err(at) = policy.codes.binary_search(&429) {
-                policy.to_mut().codes.insert(at, 429);
-            }
-        }
+        let (policy, invalid) = self.retry.with_annotations(&inv.request.annotations);
         for bad in invalid {
             self.metrics.invalid_annotation(f, bad.key);
             let key = format!("{}\0{}\0{}", inv.request.function, bad.key, bad.value);

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::config::duration;
+use crate::worker::limiter::Signal;
 
 /// How retry delays grow. `d = min(max_wait, initial × 2^(attempt-1))`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +30,10 @@ pub struct RetryPolicy {
     /// Sorted HTTP status codes that are retried.
     pub codes: Vec<u16>,
     pub backoff: Backoff,
+    /// Adaptive concurrency is on (function mode, `limiter_enabled`): a rejection (a 429, a
+    /// 503 from the platform) is the limiter's signal, not the message's failure. It is
+    /// retried whatever `codes` says, and held back only briefly ([`held_back`]).
+    pub hold_rejections: bool,
 }
 
 /// What the call produced, reduced to what the decision needs.
@@ -45,6 +50,21 @@ pub enum CallResult {
     },
     /// No response: connection refused or reset, DNS failure, or the call timed out.
     NoResponse,
+}
+
+impl CallResult {
+    /// What it says about the function's room, for the adaptive limiter (and for holding a
+    /// rejected message back only briefly).
+    pub fn signal(&self) -> Signal {
+        match *self {
+            CallResult::Status {
+                code,
+                internal,
+                retry_after,
+            } => Signal::of(Some(code), internal, retry_after.is_some()),
+            CallResult::NoResponse => Signal::of(None, false, false),
+        }
+    }
 }
 
 /// Why the worker stopped trying; also the `reason` of logs and metrics.
@@ -83,6 +103,7 @@ impl RetryPolicy {
     fn is_retryable(&self, result: &CallResult) -> bool {
         match *result {
             CallResult::NoResponse => true,
+            CallResult::Status { code: 429, .. } if self.hold_rejections => true,
             CallResult::Status {
                 internal: true,
                 code,
@@ -259,6 +280,11 @@ pub fn decide(result: &CallResult, attempt: u32, policy: &RetryPolicy, jitter: f
             after: after.clamp(policy.initial_wait, policy.max_wait),
         };
     }
+    if policy.hold_rejections && result.signal() == Signal::Rejected {
+        return Decision::Retry {
+            after: held_back(policy, jitter),
+        };
+    }
     let d = policy.base_delay(attempt);
     let jitter = jitter.clamp(0.0, 1.0);
     let after = match policy.backoff {
@@ -269,14 +295,14 @@ pub fn decide(result: &CallResult, attempt: u32, policy: &RetryPolicy, jitter: f
     Decision::Retry { after }
 }
 
-/// The wait of a message whose call was rejected (429) while adaptive concurrency is on.
+/// The wait of a message whose call was rejected while adaptive concurrency is on.
 /// The rejection is not the message's failure: the limiter already paces its function (a
 /// returning message waits for a slot like any other), and the message only must not come
 /// straight back. So the wait is a tenth of `initial_wait` (1 s by default, at least
 /// [`MIN_RETRY_WAIT`]) with equal jitter (so rejected messages do not return in step),
 /// whatever the attempt, instead of doubling into minutes at the tail of a backlog. A
 /// `Retry-After` is honoured by [`decide`] before this applies.
-pub fn held_back(policy: &RetryPolicy, jitter: f64) -> Duration {
+fn held_back(policy: &RetryPolicy, jitter: f64) -> Duration {
     let d = (policy.initial_wait / 10).max(MIN_RETRY_WAIT);
     d / 2 + (d / 2).mul_f64(jitter.clamp(0.0, 1.0))
 }
@@ -284,6 +310,59 @@ pub fn held_back(policy: &RetryPolicy, jitter: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_the_limiter_rejections_are_retried_and_held_back_briefly() {
+        let mut p = policy(Backoff::Exponential);
+        p.codes = vec![500];
+        p.hold_rejections = true;
+        let status = |code, internal, retry_after| CallResult::Status {
+            code,
+            internal,
+            retry_after,
+        };
+        let short = |d: Decision| matches!(d, Decision::Retry { after } if after <= Duration::from_secs(1) && after >= Duration::from_millis(500));
+        // A 429 the codes leave out, a watchdog's 429, a platform's 503: the short wait, at
+        // any attempt below the last.
+        for r in [
+            status(429, false, None),
+            status(429, true, None),
+            status(503, true, None),
+        ] {
+            for attempt in [1, 2, 3 - 1] {
+                assert!(short(decide(&r, attempt, &p, 0.5)), "{r:?} at {attempt}");
+            }
+            // Still bounded by the attempts allowed.
+            assert_eq!(
+                decide(&r, 3, &p, 0.5),
+                Decision::GiveUp {
+                    reason: GiveUpReason::AttemptsExhausted
+                }
+            );
+        }
+        // Retry-After still decides its own wait.
+        assert_eq!(
+            decide(
+                &status(429, false, Some(Duration::from_secs(30))),
+                1,
+                &p,
+                0.5
+            ),
+            Decision::Retry {
+                after: Duration::from_secs(30)
+            }
+        );
+        // Not a rejection: the normal backoff, doubling.
+        assert_eq!(
+            decide(&status(500, false, None), 2, &p, 0.5),
+            Decision::Retry {
+                after: Duration::from_secs(20)
+            }
+        );
+        // Without the limiter a 429 the codes leave out is final.
+        p.hold_rejections = false;
+        assert_eq!(decide(&status(429, false, None), 1, &p, 0.5), Decision::Ack);
+    }
 
     #[test]
     fn a_held_back_message_waits_a_tenth_of_the_first_wait_whatever_the_attempt() {
@@ -302,6 +381,7 @@ mod tests {
             max_wait: Duration::from_secs(120),
             codes: vec![408, 429, 500, 502, 503, 504],
             backoff,
+            hold_rejections: false,
         }
     }
 

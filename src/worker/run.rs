@@ -277,7 +277,6 @@ async fn work(
         tracker: tracker.clone(),
         deadline: deadline.clone(),
         debug: config.debug,
-        limiter: config.limiter,
         warned: Default::default(),
     });
 

@@ -70,9 +70,7 @@ impl Slot {
             }
         }
     }
-}
 
-impl Slot {
     /// The call this slot ran ended with `signal`: function mode's adaptive limit learns
     /// from it (while the slot still counts as running). `None` in static mode, for the
     /// legacy subject, or with the limiter off. A raised limit wakes the pull loop.
