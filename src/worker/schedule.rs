@@ -24,8 +24,10 @@
 //!
 //! - **Eligible** = ready (its consumer exists) && depth > 0 && not dry && below its cap
 //!   (`held < cap`, or `held < 1` while the cap is unknown: one probe message tells the
-//!   engine the function's annotations) && below its room (`held < depth`), where
-//!   `held = running + requested + assigned`. The depth is the stream's count for the
+//!   engine the function's annotations) && below its learned limit (`limiter.rs`, with
+//!   `limiter_enabled`, fed by [`Scheduler::observe`]) && below its room (`held < depth`),
+//!   where `held = running + requested + assigned`. A rejection at a learned limit of 1
+//!   makes it dry too (a cool-down that new work does not end). The depth is the stream's count for the
 //!   function's subject, queued and unacked on every replica, so no replica can ever get
 //!   more than `depth − held`; a stale depth is corrected by the next discovery.
 //! - **Fairness**: round-robin, one slot at a time, over a ring of eligible functions. A
