@@ -137,6 +137,8 @@ enum Reset {
     Trouble(String),
     /// The consumer (or its stream) is gone or unreachable: recreate it, then pause.
     Consumer(String),
+    /// A new consumer leader was elected: requests waiting on the old one are gone with it.
+    Elected,
     /// Shutdown.
     Stop,
 }
@@ -162,7 +164,8 @@ impl Puller {
         let mut backoff = BACKOFF_MIN;
         let mut slots = Slots::default();
         self.generation.borrow_and_update();
-        if !self.consumer_ready && !self.wait_for_consumer(&stop).await {
+        let mut elected = LeaderElected::subscribe(&self.client, &self.layout).await;
+        if !self.consumer_ready && !self.wait_for_consumer(&stop, &mut elected).await {
             return;
         }
 
@@ -296,6 +299,12 @@ impl Puller {
                             }
                         }
                     }
+                    // A clustered consumer's leader died and another took over: the
+                    // requests waiting on the dead one will never be answered, and its
+                    // heartbeats are already missing. Ask the new leader at once instead of
+                    // waiting for the watchdog (and a consumer check that would time out
+                    // during the election).
+                    () = elected.consumer(), if count(&slots.reserved) > 0 => break Reset::Elected,
                     _ = &mut watchdog, if count(&slots.reserved) > 0 => {
                         let due = last_activity + HEARTBEAT_LOST;
                         if Instant::now() < due {
@@ -329,17 +338,22 @@ impl Puller {
                     );
                     continue;
                 }
+                Reset::Elected => {
+                    tracing::info!(consumer = %self.layout.durable, "new consumer leader elected; pulling from it");
+                    backoff = BACKOFF_MIN;
+                    continue;
+                }
                 Reset::Trouble(why) => {
                     tracing::warn!(reason = %why, retry_in = ?backoff, "pull interrupted");
                 }
                 Reset::Consumer(why) => {
                     tracing::warn!(reason = %why, "consumer unavailable; checking stream and consumer");
-                    if !self.wait_for_consumer(&stop).await {
+                    if !self.wait_for_consumer(&stop, &mut elected).await {
                         return;
                     }
                 }
             }
-            if sleep_or_stop(&stop, backoff).await {
+            if elected.sleep_or_stop(&stop, backoff).await {
                 return;
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -352,7 +366,15 @@ impl Puller {
     /// false when `stop` came first. While function-mode replicas hold the stream (their
     /// consumers block an unfiltered one on a WorkQueue stream), this replica waits and says
     /// what for; once they are gone it removes what they left and takes the stream back.
-    async fn wait_for_consumer(&mut self, stop: &CancellationToken) -> bool {
+    ///
+    /// A leader election (the stream's or the consumer's) cuts a wait short: a check asked
+    /// during the election would otherwise sit out its request timeout after the new leader
+    /// is there.
+    async fn wait_for_consumer(
+        &mut self,
+        stop: &CancellationToken,
+        elected: &mut LeaderElected,
+    ) -> bool {
         let mut backoff = BACKOFF_MIN;
         let mut told: Option<Instant> = None;
         loop {
@@ -363,6 +385,11 @@ impl Puller {
             let result = tokio::select! {
                 r = check => r,
                 _ = stop.cancelled() => return false,
+                () = elected.any() => {
+                    tracing::info!(stream = %self.layout.stream, consumer = %self.layout.durable, "new leader elected; checking the stream and consumer again");
+                    backoff = BACKOFF_MIN;
+                    continue;
+                }
             };
             let wait = match result {
                 Ok(info) => {
@@ -397,12 +424,82 @@ impl Puller {
                     backoff
                 }
             };
-            if sleep_or_stop(stop, wait).await {
+            if elected.sleep_or_stop(stop, wait).await {
                 return false;
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
+}
+
+/// The leader-elected advisories of the stream and of the consumer
+/// (`$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.<stream>`,
+/// `$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.<stream>.<consumer>`), published when a
+/// clustered stream or consumer gets a new leader: the moment to pull or check again, rather
+/// than a timer. Without the subscriptions (they failed, or the account does not see
+/// advisories) the loop falls back on its heartbeat watchdog and consumer checks alone.
+struct LeaderElected {
+    stream: Option<async_nats::Subscriber>,
+    consumer: Option<async_nats::Subscriber>,
+}
+
+impl LeaderElected {
+    async fn subscribe(client: &async_nats::Client, layout: &Layout) -> LeaderElected {
+        let subscribe = async |subject: String| match client.subscribe(subject).await {
+            Ok(sub) => Some(sub),
+            Err(e) => {
+                tracing::debug!(error = %e, "no leader-election advisories; relying on the heartbeat watchdog");
+                None
+            }
+        };
+        LeaderElected {
+            stream: subscribe(format!(
+                "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{}",
+                layout.stream
+            ))
+            .await,
+            consumer: subscribe(format!(
+                "$JS.EVENT.ADVISORY.CONSUMER.LEADER_ELECTED.{}.{}",
+                layout.stream, layout.durable
+            ))
+            .await,
+        }
+    }
+
+    /// The consumer's next election: requests waiting on its old leader are lost.
+    async fn consumer(&mut self) {
+        next(&mut self.consumer).await
+    }
+
+    /// The next election of either: a check of the stream and the consumer that waits for
+    /// an answer may get one now.
+    async fn any(&mut self) {
+        tokio::select! {
+            () = next(&mut self.stream) => {}
+            () = next(&mut self.consumer) => {}
+        }
+    }
+
+    /// Sleeps for `d` unless `stop` fires (true) or a leader is elected (false) first.
+    async fn sleep_or_stop(&mut self, stop: &CancellationToken, d: Duration) -> bool {
+        tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = tokio::time::sleep(d) => false,
+            () = self.any() => false,
+        }
+    }
+}
+
+/// The next message of an advisory subscription; pending forever without one (or once it
+/// has ended).
+async fn next(sub: &mut Option<async_nats::Subscriber>) {
+    if let Some(s) = sub {
+        if s.next().await.is_some() {
+            return;
+        }
+        *sub = None;
+    }
+    std::future::pending::<()>().await
 }
 
 /// At a stop, before the inbox goes: lets the outstanding requests end while handing back
