@@ -3,7 +3,6 @@
 mod auth;
 mod chart;
 mod cli;
-mod cluster;
 mod consumers;
 mod deadletter;
 mod demo;
@@ -15,6 +14,7 @@ mod function_mode_faults;
 mod layout;
 mod limiter;
 mod queue;
+mod reliability;
 mod retry;
 mod shutdown;
 mod support;

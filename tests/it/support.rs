@@ -62,6 +62,8 @@ pub struct Recorded {
     pub started: Instant,
     /// When the answer was sent (None while the call runs).
     pub finished: Option<Instant>,
+    /// The status answered (None while the call runs).
+    pub status: Option<u16>,
 }
 
 impl Recorded {
@@ -74,6 +76,7 @@ impl Recorded {
             body,
             started: Instant::now(),
             finished: None,
+            status: None,
         }
     }
 
@@ -321,7 +324,10 @@ async fn function(
             *inner.rejected.entry(name.clone()).or_default() += 1;
             let mut headers = headers;
             headers.insert("x-test-rejected", "1".parse().unwrap());
-            inner.calls.push(Recorded::new(method, &uri, headers, body));
+            let mut recorded = Recorded::new(method, &uri, headers, body);
+            recorded.finished = Some(recorded.started);
+            recorded.status = Some(429);
+            inner.calls.push(recorded);
             drop(inner);
             fake.bump();
             return (
@@ -357,6 +363,7 @@ async fn function(
             *n -= 1;
         }
         inner.calls[index].finished = Some(Instant::now());
+        inner.calls[index].status = Some(step.status);
     }
     fake.bump();
     let mut resp = (StatusCode::from_u16(step.status).unwrap(), step.body).into_response();
@@ -413,6 +420,7 @@ async fn callback(
     };
     let mut recorded = Recorded::new(method, &uri, headers, body);
     recorded.finished = Some(recorded.started);
+    recorded.status = Some(status);
     inner.callbacks.push(recorded);
     drop(inner);
     fake.bump();
@@ -450,6 +458,12 @@ impl Env {
 
     /// A config for this environment: test-friendly defaults, then `overrides`.
     pub fn config(&self, overrides: &[(&str, &str)]) -> Config {
+        Config::load(&Sources::from_pairs(self.pairs(overrides)).unwrap()).unwrap()
+    }
+
+    /// The settings of [`Env::config`] as key–value pairs (environment variables for a
+    /// worker run as a process).
+    pub fn pairs(&self, overrides: &[(&str, &str)]) -> Vec<(String, String)> {
         let mut pairs: Vec<(String, String)> = vec![
             ("nats_url".into(), self.nats.url()),
             ("gateway_url".into(), self.gateway.url()),
@@ -463,7 +477,7 @@ impl Env {
         for (k, v) in overrides {
             pairs.push((k.to_string(), v.to_string()));
         }
-        Config::load(&Sources::from_pairs(pairs).unwrap()).unwrap()
+        pairs
     }
 
     pub async fn worker(&self, overrides: &[(&str, &str)]) -> Running {
