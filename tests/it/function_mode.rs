@@ -1,6 +1,6 @@
 //! Function mode against a real nats-server: a consumer per function with work, fair slots,
-//! the reaper, shared consumers across replicas, the per-function pending gauge, and the
-//! switch between modes on a running deployment.
+//! the reaper, shared consumers across replicas and the per-function pending gauge. (The
+//! switch between modes and churn under restarts, with a ledger: `reliability/`.)
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -33,30 +33,6 @@ pub(crate) async fn stream_count(env: &Env) -> u64 {
     let js = env.js().await;
     let mut stream = js.get_stream("OF_faas-request").await.unwrap();
     stream.info().await.unwrap().state.messages
-}
-
-/// One job for each of `f0` … `f<n-1>`, published pipelined; returns the call ids.
-async fn one_job_each(js: &async_nats::jetstream::Context, n: usize) -> Vec<String> {
-    let mut ids = Vec::new();
-    let mut acks = Vec::new();
-    for i in 0..n {
-        let id = queue_worker::message::publish::new_call_id();
-        let sub = Submission {
-            function: format!("f{i}"),
-            ..Default::default()
-        };
-        let payload = serde_json::to_vec(&sub.to_request(&id)).unwrap();
-        acks.push(
-            js.publish(format!("faas-request.f{i}.openfaas-fn"), payload.into())
-                .await
-                .unwrap(),
-        );
-        ids.push(id);
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
-    ids
 }
 
 pub(crate) async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
@@ -361,145 +337,6 @@ async fn static_mode_exports_per_function_depth_beside_all_functions() {
         r#"queue_worker_pending_messages{function_name="all-functions",queue_name="faas-request"} 3"#,
     )
     .await;
-    stop(worker).await;
-}
-
-/// A rolling update from static to function mode with jobs queued: both modes run side by
-/// side, the function-mode replica takes the stream, the static one waits, nothing is lost,
-/// and only jobs the static replica had in flight may run twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn static_to_function_with_both_running_loses_nothing() {
-    let env = Env::start().await;
-    let config = env.config(&[]);
-    let mut ids = Vec::new();
-    for f in ["a", "b"] {
-        env.gateway
-            .script(f, vec![Step::status(200).delay(Duration::from_millis(10))]);
-        ids.extend(submit(&config, f, 300).await);
-    }
-    let old = env.worker(&[("max_inflight", "4")]).await;
-    env.gateway
-        .wait_for("the static replica at work", Duration::from_secs(20), |g| {
-            g.calls().len() >= 50
-        })
-        .await;
-    let new = env.worker(&with(&[("max_inflight", "4")])).await;
-    env.gateway
-        .wait_for(
-            "the function-mode replica at work",
-            Duration::from_secs(20),
-            |g| g.calls().len() >= 200,
-        )
-        .await;
-    // Side by side for a while, then the old pod goes.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        old.health.readiness().is_ok(),
-        "the waiting static replica stays ready"
-    );
-    stop(old).await;
-    let again = all_ran(&env, &ids, Duration::from_secs(30)).await;
-    assert!(
-        again <= 4,
-        "{again} jobs ran twice; at most the static replica's 4 in flight may"
-    );
-    assert!(!consumers(&env).await.contains(&"faas-workers".to_string()));
-    stop(new).await;
-}
-
-/// And back: a static replica started beside function-mode ones waits (ready) while they
-/// live, then takes the stream once they are gone; nothing is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn function_to_static_with_both_running_loses_nothing() {
-    let env = Env::start().await;
-    let config = env.config(&[]);
-    env.gateway.script(
-        "a",
-        vec![Step::status(200).delay(Duration::from_millis(20))],
-    );
-    let ids = submit(&config, "a", 400).await;
-    let old = env.worker(&with(&[("max_inflight", "4")])).await;
-    env.gateway
-        .wait_for(
-            "the function-mode replica at work",
-            Duration::from_secs(20),
-            |g| g.calls().len() >= 50,
-        )
-        .await;
-    let new = env.worker(&[("max_inflight", "4")]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        new.health.readiness().is_ok(),
-        "the waiting static replica is ready"
-    );
-    let before = env.gateway.calls().len();
-    stop(old).await;
-    assert!(
-        before < 400,
-        "the queue drained before the switch: the test proves nothing"
-    );
-    let again = all_ran(&env, &ids, Duration::from_secs(60)).await;
-    assert_eq!(
-        again, 0,
-        "the drained function-mode replica left nothing in flight"
-    );
-    assert_eq!(consumers(&env).await, ["faas-workers"]);
-    stop(new).await;
-}
-
-/// Churn: 1,000 functions appear (one job each), their consumers are reaped, they appear
-/// again, while one of two replicas (a process) is killed mid-run: every job runs.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_functions_coming_and_going_while_a_replica_is_killed_lose_nothing() {
-    const FUNCTIONS: usize = 1000;
-    let env = Env::start().await;
-    // The stream exists before the first publish.
-    submit(&env.config(&[]), "warm-up", 1).await;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_queue-worker"))
-        .env_clear()
-        .env("nats_url", env.nats.url())
-        .env("gateway_url", env.gateway.url())
-        .env("metrics_port", "0")
-        .env("scaling_mode", "function")
-        .env("consumer_inactive_threshold", "1s")
-        .env("ack_wait", "2s")
-        .env("max_inflight", "16")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let worker = env
-        .worker(&with(&[
-            ("consumer_inactive_threshold", "1s"),
-            ("ack_wait", "2s"),
-            ("max_inflight", "16"),
-        ]))
-        .await;
-    let js = env.js().await;
-    let mut ids = Vec::new();
-    for round in 0..2 {
-        ids.extend(one_job_each(&js, FUNCTIONS).await);
-        if round == 0 {
-            env.gateway
-                .wait_for("half the first round", Duration::from_secs(60), |g| {
-                    g.calls().len() >= FUNCTIONS / 2
-                })
-                .await;
-            child.kill().await.unwrap();
-            env.gateway
-                .wait_for("the first round", Duration::from_secs(60), |g| {
-                    let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
-                    ids.iter().all(|id| seen.contains(id))
-                })
-                .await;
-            // Let the consumers be reaped before the functions come back.
-            tokio::time::sleep(Duration::from_secs(3)).await;
-        }
-    }
-    let again = all_ran(&env, &ids, Duration::from_secs(90)).await;
-    // The killed replica's in-flight jobs ran again (at most its 16 slots).
-    assert!(again <= 16, "{again} jobs ran twice");
     stop(worker).await;
 }
 

@@ -8,6 +8,8 @@
 
 pub mod ledger;
 
+mod function_faults;
+mod mode_faults;
 mod nats_faults;
 mod worker_faults;
 
@@ -123,6 +125,15 @@ pub async fn ack_pending(js: &async_nats::jetstream::Context, consumer: &str) ->
         .await
         .unwrap()
         .num_ack_pending as u64
+}
+
+/// Every consumer's ack-pending count, summed (function mode: one consumer per function).
+pub async fn ack_pending_all(js: &async_nats::jetstream::Context) -> u64 {
+    use futures_util::TryStreamExt;
+    let stream = js.get_stream("OF_faas-request").await.unwrap();
+    let infos: Vec<async_nats::jetstream::consumer::Info> =
+        stream.consumers().try_collect().await.unwrap();
+    infos.iter().map(|c| c.num_ack_pending as u64).sum()
 }
 
 /// The first call that started after `t`, measured from `t`.
