@@ -67,6 +67,20 @@ pub enum NatsAuth {
     NkeySeed(Secret),
 }
 
+impl NatsAuth {
+    /// The keys the credentials came from, for messages telling an operator what to fix when
+    /// the server refuses them (never the credentials themselves).
+    pub fn source(&self) -> &'static str {
+        match self {
+            NatsAuth::None => "no credentials (nats_url may carry a user and password)",
+            NatsAuth::Token(_) => "nats_token_file",
+            NatsAuth::UserPassword { .. } => "nats_user and nats_password_file",
+            NatsAuth::CredsFile(_) => "nats_creds_file",
+            NatsAuth::NkeySeed(_) => "nats_nkey_file",
+        }
+    }
+}
+
 /// Everything needed to open the NATS connection. `Debug` hides passwords in the URLs.
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
