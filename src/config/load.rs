@@ -444,6 +444,10 @@ impl Reader<'_> {
         let user = self.string("nats_user").0.trim().to_string();
         let mut chosen = Vec::new();
         let mut auth = NatsAuth::None;
+        if let Some(from_url) = url_credentials(&urls) {
+            chosen.push("credentials in nats_url");
+            auth = from_url;
+        }
         if let Some(t) = token {
             chosen.push("nats_token_file");
             auth = NatsAuth::Token(t);
@@ -495,4 +499,24 @@ impl Reader<'_> {
             tls_client,
         })
     }
+}
+
+/// The credentials in the first of `urls` that carries any, percent-decoded: a user and a
+/// password, or a lone user, which NATS clients send as a token.
+fn url_credentials(urls: &[String]) -> Option<NatsAuth> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    urls.iter().find_map(|raw| {
+        let u = url::Url::parse(raw).ok()?;
+        if u.username().is_empty() && u.password().is_none() {
+            return None;
+        }
+        Some(NatsAuth::Url {
+            user: Secret(decode(u.username())),
+            password: u.password().map(|p| Secret(decode(p))),
+        })
+    })
 }

@@ -135,6 +135,19 @@ pub async fn connect_once(cfg: &NatsConfig) -> Result<async_nats::Client, Connec
     })
 }
 
+/// `raw` without a user or password (unchanged when it does not parse: async-nats will say
+/// so, and the error names no credentials since nothing was parsed).
+fn without_credentials(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.to_string()
+        }
+        _ => raw.to_string(),
+    }
+}
+
 /// Whether a client error reported while connecting is the server turning the credentials
 /// down (async-nats reports it as the text of `ConnectErrorKind`).
 fn is_refusal(why: &str) -> bool {
@@ -156,6 +169,14 @@ async fn options(cfg: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions>
             opts.user_and_password(user.clone(), password.expose().to_string())
         }
         NatsAuth::NkeySeed(seed) => opts.nkey(seed.expose().to_string()),
+        NatsAuth::Url {
+            user,
+            password: Some(password),
+        } => opts.user_and_password(user.expose().to_string(), password.expose().to_string()),
+        NatsAuth::Url {
+            user,
+            password: None,
+        } => opts.token(user.expose().to_string()),
         NatsAuth::None | NatsAuth::CredsFile(_) => opts,
     };
     if let Some(ca) = &cfg.tls_ca_file {
@@ -173,12 +194,15 @@ async fn options(cfg: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions>
         .client_capacity(65_536))
 }
 
-/// The server addresses, and the same for logs (passwords hidden).
+/// The server addresses, and the same for logs (passwords hidden). Credentials are taken
+/// out of the addresses: `Config::load` made them the connection's auth
+/// (`NatsAuth::Url`), async-nats would not send them from a URL anyway, and its debug log
+/// prints each address it tries in full.
 fn servers(cfg: &NatsConfig) -> Result<(Vec<async_nats::ServerAddr>, String), String> {
     let urls = cfg
         .urls
         .iter()
-        .map(|u| u.parse())
+        .map(|u| without_credentials(u.expose()).parse())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("nats_url: {e}"))?;
     let shown: Vec<String> = cfg.urls.iter().map(|u| u.to_string()).collect();

@@ -16,5 +16,6 @@ mod layout;
 mod limiter;
 mod queue;
 mod retry;
+mod secrets;
 mod shutdown;
 mod support;
