@@ -153,6 +153,15 @@ impl Config {
             tls_insecure: r.boolean("tls_insecure")?,
             max_pending: r.number("callback_max_pending", 1, 1_000_000)? as usize,
             max_pending_bytes: r.size("callback_max_pending_bytes", 1 << 16, 1 << 40)?,
+            allowed: crate::worker::allowlist::AllowList::parse(
+                r.string("callback_allowed_networks").0,
+            )
+            .map_err(|entry| {
+                r.invalid(
+                    "callback_allowed_networks",
+                    &format!("comma-separated host names (cb.example.com), wildcards (*.example.com, or *) and IP networks (10.1.0.0/16, 127.0.0.1, fd00::/8); {entry:?} is none of these"),
+                )
+            })?,
         };
 
         let frontdoor = r.frontdoor(&default_namespace)?;

@@ -185,6 +185,10 @@ pub struct CallbackConfig {
     pub max_pending: usize,
     /// Most bytes of callback bodies held at once.
     pub max_pending_bytes: u64,
+    /// `callback_allowed_networks`: where callbacks may go; `None` is anywhere (OpenFaaS's
+    /// behaviour). Callback URLs come from whoever queued the job, so this is the only thing
+    /// between them and the worker's network position.
+    pub allowed: Option<crate::worker::allowlist::AllowList>,
 }
 
 /// How consumers are laid out on the stream (`scaling_mode`).
@@ -442,6 +446,16 @@ mod tests {
             ("frontdoor_queues", "a.b.c=slow", "fn=queue pairs"),
             ("frontdoor_queues", ".x=slow", "fn=queue pairs"),
             ("frontdoor_queues", "sleep=a.b", "fn=queue pairs"),
+            (
+                "callback_allowed_networks",
+                "cb.example.com,10.0.0.0/33",
+                "\"10.0.0.0/33\" is none of these",
+            ),
+            (
+                "callback_allowed_networks",
+                "http://cb.example.com",
+                "IP networks",
+            ),
         ];
         for (key, value, allowed) in cases {
             let err = load(&[(key, value)]).unwrap_err().to_string();

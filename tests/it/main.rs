@@ -18,4 +18,5 @@ mod queue;
 mod retry;
 mod secrets;
 mod shutdown;
+mod ssrf;
 mod support;
