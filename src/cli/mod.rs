@@ -87,7 +87,8 @@ impl CliError {
         match self {
             CliError::Failed(_) => 1,
             CliError::Usage(_) | CliError::Connect(ConnectError::Config(_)) => 2,
-            CliError::Connect(ConnectError::Unreachable { .. }) | CliError::NoJetStream(_) => 3,
+            CliError::Connect(ConnectError::Unreachable { .. } | ConnectError::Refused { .. })
+            | CliError::NoJetStream(_) => 3,
             CliError::NoStream(_) => 4,
         }
     }
@@ -190,5 +191,12 @@ mod tests {
         });
         assert_eq!(e.exit_code(), 3);
         assert!(e.to_string().contains("nats://127.0.0.1:1"), "{e}");
+        let e = CliError::Connect(ConnectError::Refused {
+            servers: "nats://127.0.0.1:1".into(),
+            auth: "nats_creds_file",
+            reason: "authorization violation".into(),
+        });
+        assert_eq!(e.exit_code(), 3);
+        assert!(e.to_string().contains("nats_creds_file"), "{e}");
     }
 }

@@ -59,6 +59,7 @@ keys! {
     "callback_max_attempts" = "3": "Most tries to deliver one callback.",
     "callback_timeout" = "10s": "Timeout of one callback request.",
     "callback_retry_wait" = "1s": "Delay before the first callback retry; doubles per try. At least 10ms.",
+    "callback_allowed_networks" = "": "Where callbacks may go, against SSRF: comma-separated host names (cb.example.com), wildcards (*.example.com, or * for any host) and IP networks (10.1.0.0/16, 127.0.0.1). A listed name is reached only at public addresses; internal ones (loopback, link-local incl. cloud metadata, private) only inside a listed network. Empty: no restriction.",
     "callback_max_pending" = "500": "Most callbacks waiting or in delivery at once; when full, finished jobs keep their slot until one is delivered (back-pressure: a slow receiver slows the intake instead of growing memory).",
     "callback_max_pending_bytes" = "64MiB": "Most bytes of callback bodies held at once (counted in KiB; a bigger body goes alone); when full, finished jobs keep their slot as above.",
     "metrics_port" = "8081": "Port of /metrics, /healthz and /readyz.",

@@ -153,6 +153,15 @@ impl Config {
             tls_insecure: r.boolean("tls_insecure")?,
             max_pending: r.number("callback_max_pending", 1, 1_000_000)? as usize,
             max_pending_bytes: r.size("callback_max_pending_bytes", 1 << 16, 1 << 40)?,
+            allowed: crate::worker::allowlist::AllowList::parse(
+                r.string("callback_allowed_networks").0,
+            )
+            .map_err(|entry| {
+                r.invalid(
+                    "callback_allowed_networks",
+                    &format!("comma-separated host names (cb.example.com), wildcards (*.example.com, or *) and IP networks (10.1.0.0/16, 127.0.0.1, fd00::/8); {entry:?} is none of these"),
+                )
+            })?,
         };
 
         let frontdoor = r.frontdoor(&default_namespace)?;
@@ -444,6 +453,10 @@ impl Reader<'_> {
         let user = self.string("nats_user").0.trim().to_string();
         let mut chosen = Vec::new();
         let mut auth = NatsAuth::None;
+        if let Some(from_url) = url_credentials(&urls) {
+            chosen.push("credentials in nats_url");
+            auth = from_url;
+        }
         if let Some(t) = token {
             chosen.push("nats_token_file");
             auth = NatsAuth::Token(t);
@@ -495,4 +508,24 @@ impl Reader<'_> {
             tls_client,
         })
     }
+}
+
+/// The credentials in the first of `urls` that carries any, percent-decoded: a user and a
+/// password, or a lone user, which NATS clients send as a token.
+fn url_credentials(urls: &[String]) -> Option<NatsAuth> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    urls.iter().find_map(|raw| {
+        let u = url::Url::parse(raw).ok()?;
+        if u.username().is_empty() && u.password().is_none() {
+            return None;
+        }
+        Some(NatsAuth::Url {
+            user: Secret(decode(u.username())),
+            password: u.password().map(|p| Secret(decode(p))),
+        })
+    })
 }

@@ -62,9 +62,35 @@ pub enum ConfigError {
 pub enum NatsAuth {
     None,
     Token(Secret),
-    UserPassword { user: String, password: Secret },
+    UserPassword {
+        user: String,
+        password: Secret,
+    },
     CredsFile(PathBuf),
     NkeySeed(Secret),
+    /// Credentials written into `nats_url` (`nats://user:pass@host`, or `nats://token@host`
+    /// as Go clients read a user without a password). async-nats ignores them in the URL, so
+    /// they are taken out here and sent like the others. Both parts are hidden: a lone user
+    /// is a token.
+    Url {
+        user: Secret,
+        password: Option<Secret>,
+    },
+}
+
+impl NatsAuth {
+    /// The keys the credentials came from, for messages telling an operator what to fix when
+    /// the server refuses them (never the credentials themselves).
+    pub fn source(&self) -> &'static str {
+        match self {
+            NatsAuth::None => "no credentials",
+            NatsAuth::Url { .. } => "nats_url",
+            NatsAuth::Token(_) => "nats_token_file",
+            NatsAuth::UserPassword { .. } => "nats_user and nats_password_file",
+            NatsAuth::CredsFile(_) => "nats_creds_file",
+            NatsAuth::NkeySeed(_) => "nats_nkey_file",
+        }
+    }
 }
 
 /// Everything needed to open the NATS connection. `Debug` hides passwords in the URLs.
@@ -159,6 +185,10 @@ pub struct CallbackConfig {
     pub max_pending: usize,
     /// Most bytes of callback bodies held at once.
     pub max_pending_bytes: u64,
+    /// `callback_allowed_networks`: where callbacks may go; `None` is anywhere (OpenFaaS's
+    /// behaviour). Callback URLs come from whoever queued the job, so this is the only thing
+    /// between them and the worker's network position.
+    pub allowed: Option<crate::worker::allowlist::AllowList>,
 }
 
 /// How consumers are laid out on the stream (`scaling_mode`).
@@ -313,6 +343,46 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("nats://worker:***@nats:4222"), "{shown}");
+        // A lone user in a NATS URL is a token.
+        let c = load(&[("nats_url", "nats://t0ken-value@nats:4222")]).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("t0ken-value"), "{shown}");
+        assert!(shown.contains("nats://***@nats:4222"), "{shown}");
+    }
+
+    /// async-nats ignores credentials in its URLs: they become the connection's auth, and
+    /// count as a method, so they cannot silently lose to (or beat) a secret file.
+    #[test]
+    fn credentials_in_nats_url_are_the_auth() {
+        let auth = |url: &str| load(&[("nats_url", url)]).unwrap().nats.auth;
+        assert_eq!(
+            auth("nats://worker:p%40ss@nats:4222"),
+            NatsAuth::Url {
+                user: Secret("worker".into()),
+                password: Some(Secret("p@ss".into())),
+            }
+        );
+        assert_eq!(
+            auth("nats://nats-1:4222,nats://tok@nats-2:4222"),
+            NatsAuth::Url {
+                user: Secret("tok".into()),
+                password: None,
+            }
+        );
+        assert_eq!(auth("nats://nats:4222"), NatsAuth::None);
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t").unwrap();
+        let err = load(&[
+            ("nats_url", "nats://u:p@nats:4222"),
+            ("nats_token_file", token.to_str().unwrap()),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("credentials in nats_url") && err.contains("nats_token_file"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -376,6 +446,16 @@ mod tests {
             ("frontdoor_queues", "a.b.c=slow", "fn=queue pairs"),
             ("frontdoor_queues", ".x=slow", "fn=queue pairs"),
             ("frontdoor_queues", "sleep=a.b", "fn=queue pairs"),
+            (
+                "callback_allowed_networks",
+                "cb.example.com,10.0.0.0/33",
+                "\"10.0.0.0/33\" is none of these",
+            ),
+            (
+                "callback_allowed_networks",
+                "http://cb.example.com",
+                "IP networks",
+            ),
         ];
         for (key, value, allowed) in cases {
             let err = load(&[(key, value)]).unwrap_err().to_string();

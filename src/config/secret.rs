@@ -25,11 +25,16 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// A URL fit for logs: a password in it is replaced by `***`.
+/// A URL fit for logs: a password in it is replaced by `***`, and so is a user without a
+/// password (`nats://token@host` is how NATS URLs carry a token).
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(mut u) if !u.username().is_empty() => {
+            let _ = u.set_username("***");
             u.to_string()
         }
         Ok(_) => raw.to_string(),

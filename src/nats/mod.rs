@@ -27,9 +27,17 @@ pub enum ConnectError {
     /// Bad settings (a .creds file that does not load, a URL that does not parse).
     #[error("{0}")]
     Config(String),
-    /// No server answered, or it refused us.
+    /// No server answered.
     #[error("cannot reach NATS at {servers}: {reason}")]
     Unreachable { servers: String, reason: String },
+    /// A server answered and turned the credentials down: retrying will not help, the
+    /// settings named in `auth` must change.
+    #[error("NATS at {servers} refused the credentials from {auth}: {reason}")]
+    Refused {
+        servers: String,
+        auth: &'static str,
+        reason: String,
+    },
 }
 
 /// Connects for a long-running process (worker, front door): retries until the server
@@ -43,6 +51,7 @@ pub async fn connect(
     // Taken (dropped) when the connection is closed for good, which closes the channel.
     let gen_tx = Arc::new(Mutex::new(Some(gen_tx)));
     let disconnected = Arc::new(AtomicBool::new(false));
+    let auth = cfg.auth.source();
     let opts = options(cfg)
         .await?
         .max_reconnects(None)
@@ -76,6 +85,18 @@ pub async fn connect(
                         tracing::debug!("NATS connection closed");
                         drop(gen_tx.lock().unwrap_or_else(|e| e.into_inner()).take());
                     }
+                    // The client keeps retrying (a token may be rotated under a running
+                    // worker), so this is a warning each time, not a stop; the readiness
+                    // probe stays red meanwhile. Without it a refused start would log
+                    // nothing above debug.
+                    async_nats::Event::ClientError(async_nats::ClientError::Other(why))
+                        if is_refusal(&why) =>
+                    {
+                        tracing::warn!(auth, reason = %why, "NATS refused the credentials from {auth}; retrying");
+                    }
+                    async_nats::Event::ServerError(e) => {
+                        tracing::warn!(error = %e, "NATS server error")
+                    }
                     async_nats::Event::LameDuckMode => {
                         tracing::warn!("NATS server entered lame duck mode")
                     }
@@ -100,12 +121,38 @@ pub async fn connect_once(cfg: &NatsConfig) -> Result<async_nats::Client, Connec
         .map_err(|e| ConnectError::Config(e.to_string()))?
         .max_reconnects(Some(1));
     let (urls, shown) = servers(cfg).map_err(ConnectError::Config)?;
-    opts.connect(urls)
-        .await
-        .map_err(|e| ConnectError::Unreachable {
+    opts.connect(urls).await.map_err(|e| match e.kind() {
+        async_nats::ConnectErrorKind::AuthorizationViolation
+        | async_nats::ConnectErrorKind::Authentication => ConnectError::Refused {
+            servers: shown,
+            auth: cfg.auth.source(),
+            reason: e.to_string(),
+        },
+        _ => ConnectError::Unreachable {
             servers: shown,
             reason: e.to_string(),
-        })
+        },
+    })
+}
+
+/// `raw` without a user or password (unchanged when it does not parse: async-nats will say
+/// so, and the error names no credentials since nothing was parsed).
+fn without_credentials(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_password(None);
+            let _ = u.set_username("");
+            u.to_string()
+        }
+        _ => raw.to_string(),
+    }
+}
+
+/// Whether a client error reported while connecting is the server turning the credentials
+/// down (async-nats reports it as the text of `ConnectErrorKind`).
+fn is_refusal(why: &str) -> bool {
+    why == async_nats::ConnectErrorKind::AuthorizationViolation.to_string()
+        || why == async_nats::ConnectErrorKind::Authentication.to_string()
 }
 
 /// Auth, TLS and timeouts shared by both ways of connecting.
@@ -122,6 +169,14 @@ async fn options(cfg: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions>
             opts.user_and_password(user.clone(), password.expose().to_string())
         }
         NatsAuth::NkeySeed(seed) => opts.nkey(seed.expose().to_string()),
+        NatsAuth::Url {
+            user,
+            password: Some(password),
+        } => opts.user_and_password(user.expose().to_string(), password.expose().to_string()),
+        NatsAuth::Url {
+            user,
+            password: None,
+        } => opts.token(user.expose().to_string()),
         NatsAuth::None | NatsAuth::CredsFile(_) => opts,
     };
     if let Some(ca) = &cfg.tls_ca_file {
@@ -139,12 +194,15 @@ async fn options(cfg: &NatsConfig) -> anyhow::Result<async_nats::ConnectOptions>
         .client_capacity(65_536))
 }
 
-/// The server addresses, and the same for logs (passwords hidden).
+/// The server addresses, and the same for logs (passwords hidden). Credentials are taken
+/// out of the addresses: `Config::load` made them the connection's auth
+/// (`NatsAuth::Url`), async-nats would not send them from a URL anyway, and its debug log
+/// prints each address it tries in full.
 fn servers(cfg: &NatsConfig) -> Result<(Vec<async_nats::ServerAddr>, String), String> {
     let urls = cfg
         .urls
         .iter()
-        .map(|u| u.parse())
+        .map(|u| without_credentials(u.expose()).parse())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("nats_url: {e}"))?;
     let shown: Vec<String> = cfg.urls.iter().map(|u| u.to_string()).collect();

@@ -228,7 +228,7 @@ impl Metrics {
         let callbacks = CounterVec::new(
             Opts::new(
                 "queue_worker_callbacks_total",
-                "Callbacks by result: delivered, rejected (4xx) or failed (no success after all tries).",
+                "Callbacks by result: delivered, rejected (4xx), failed (no success after all tries), blocked (callback_allowed_networks) or abandoned (drain deadline).",
             ),
             &["queue_name", "result"],
         )

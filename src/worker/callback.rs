@@ -6,7 +6,15 @@
 //! `callback_max_pending_bytes` of bodies): a receiver that never answers costs at most that
 //! much memory. The worker holds the job's slot until its callback has a place in the
 //! budget, so a full budget slows the intake (back-pressure) and no callback is dropped.
+//!
+//! With `callback_allowed_networks` set, every address a callback connects to passes
+//! [`AllowList`] first: names are resolved by [`Guard`], the client's only resolver, so the
+//! addresses checked are the ones connected to (a name cannot resolve to a public address
+//! for the check and an internal one for the connection); IP literals, which no resolver
+//! sees, are checked before the request and on each redirect. A blocked callback is not
+//! retried (the next try would be blocked too): one warning, `result="blocked"`.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +24,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::CallbackConfig;
 use crate::telemetry::metrics::Metrics;
+use crate::worker::allowlist::{AllowList, Blocked};
 use crate::worker::invoke::{error_chain, is_hop_by_hop};
 
 /// The `User-Agent` of callbacks, as OpenFaaS's worker sends `queue-worker/<version>`.
@@ -155,12 +164,30 @@ impl Callbacks {
         crate::tls::install_provider();
         // Header names title-cased, as OpenFaaS's Go worker writes them (`X-Call-Id`,
         // `X-Function-Status`): see `invoke::http_client`.
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .http1_title_case_headers()
             .timeout(config.timeout)
             .tcp_nodelay(true)
-            .danger_accept_invalid_certs(config.tls_insecure)
-            .build()?;
+            .danger_accept_invalid_certs(config.tls_insecure);
+        if let Some(list) = &config.allowed {
+            let list = Arc::new(list.clone());
+            builder = builder
+                .dns_resolver(Arc::new(Guard { list: list.clone() }))
+                // Through a proxy the resolver would see the proxy's name, never the
+                // destination's, and the check would be about the wrong machine.
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                    if attempt.previous().len() >= MAX_REDIRECTS {
+                        return attempt.error("too many redirects");
+                    }
+                    // A redirect to a name meets the resolver; one to an IP literal does not.
+                    match literal_check(&list, attempt.url()) {
+                        Err(blocked) => attempt.error(blocked),
+                        Ok(()) => attempt.follow(),
+                    }
+                }));
+        }
+        let client = builder.build()?;
         let budget = Arc::new(Budget::new(config.max_pending, config.max_pending_bytes));
         Ok(Callbacks {
             client,
@@ -200,6 +227,11 @@ impl Callbacks {
 
     /// Posts `cb`, retrying connection errors, 429 and 5xx up to `callback_max_attempts` times.
     pub async fn deliver(&self, cb: Callback) {
+        if let Some(list) = &self.config.allowed {
+            if let Err(blocked) = literal_check(list, &cb.url) {
+                return self.blocked(&cb, &blocked);
+            }
+        }
         let headers = cb.headers();
         let mut wait = self.config.retry_wait;
         for attempt in 1..=self.config.max_attempts {
@@ -230,6 +262,9 @@ impl Callbacks {
                     tracing::warn!(callId = %cb.call_id, function = %cb.function, url = %redact(&cb.url), status = resp.status().as_u16(), attempt, last, "Callback failed");
                 }
                 Err(e) => {
+                    if let Some(blocked) = find_blocked(&e) {
+                        return self.blocked(&cb, blocked);
+                    }
                     tracing::warn!(callId = %cb.call_id, function = %cb.function, url = %redact(&cb.url), error = %error_chain(&e), attempt, last, "Callback failed");
                 }
             }
@@ -241,6 +276,58 @@ impl Callbacks {
         }
         self.metrics.callback("failed");
     }
+
+    /// The one warning and count of a callback `callback_allowed_networks` refused.
+    fn blocked(&self, cb: &Callback, why: &Blocked) {
+        tracing::warn!(callId = %cb.call_id, function = %cb.function, url = %redact(&cb.url), reason = %why, "Callback blocked by callback_allowed_networks");
+        self.metrics.callback("blocked");
+    }
+}
+
+/// As reqwest's default policy.
+const MAX_REDIRECTS: usize = 10;
+
+/// The callback client's resolver when `callback_allowed_networks` is set: resolves as the
+/// system does, then refuses the name unless every address passes the allow-list.
+struct Guard {
+    list: Arc<AllowList>,
+}
+
+impl reqwest::dns::Resolve for Guard {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let list = self.list.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            list.check_all(&host, addrs.iter().map(|a| a.ip()))?;
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The allow-list for a URL whose host is an IP literal (no resolver sees those); a name
+/// passes here and is checked when it is resolved.
+fn literal_check(list: &AllowList, url: &url::Url) -> Result<(), Blocked> {
+    let addr = match url.host() {
+        Some(url::Host::Ipv4(a)) => IpAddr::V4(a),
+        Some(url::Host::Ipv6(a)) => IpAddr::V6(a),
+        _ => return Ok(()),
+    };
+    list.check_all(url.host_str().unwrap_or_default(), [addr])
+}
+
+/// The allow-list's refusal inside a request error (from the resolver or the redirect
+/// policy), if that is what failed.
+fn find_blocked(e: &reqwest::Error) -> Option<&Blocked> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(blocked) = s.downcast_ref::<Blocked>() {
+            return Some(blocked);
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// The callback URL without credentials or query, which may carry tokens.
@@ -304,6 +391,7 @@ mod tests {
             tls_insecure: false,
             max_pending,
             max_pending_bytes,
+            allowed: None,
         };
         (Callbacks::new(config, metrics.clone()).unwrap(), metrics)
     }

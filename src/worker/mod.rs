@@ -15,8 +15,10 @@
 //!   many messages.
 //! - [`deadletter`]: ⑤ give-ups, stored in `OF_<queue>-dead` before the original is
 //!   terminated; also read by the `dead` operator commands.
-//! - [`callback`]: ⑥ the result, posted to the caller's `X-Callback-Url`.
+//! - [`callback`]: ⑥ the result, posted to the caller's `X-Callback-Url`, where
+//!   [`allowlist`] (pure) allows it (`callback_allowed_networks`).
 
+pub mod allowlist;
 pub mod callback;
 pub mod connector;
 pub mod deadletter;

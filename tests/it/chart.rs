@@ -477,6 +477,11 @@ fn every_option_renders_objects_that_fit_together() {
     assert!(cert.ends_with("nats/tls.crt") && key.ends_with("nats/tls.key"));
     assert_eq!(c.dead_letter.max_age, Duration::from_secs(72 * 3600));
     assert_eq!(c.dead_letter.max_bytes, 512 << 20);
+    assert_eq!(
+        c.callback.allowed,
+        queue_worker::worker::allowlist::AllowList::parse("*.hooks.example.com,10.20.0.0/16")
+            .unwrap()
+    );
     assert_eq!(c.drain_timeout, Duration::from_secs(60));
     assert_eq!(c.stream_poll_interval, Duration::from_secs(2), "extraEnv");
     assert_eq!(

@@ -36,6 +36,21 @@ fn bad_env_value_exits_2_naming_the_key() {
 }
 
 #[test]
+fn a_bad_callback_allow_list_exits_2_naming_the_key_and_the_entry() {
+    let out = worker()
+        .env("callback_allowed_networks", "10.0.0.0/8, 169.254.0.0/33")
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("callback_allowed_networks") && err.contains("\"169.254.0.0/33\""),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_file_value_and_unknown_key_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.yaml");

@@ -16,5 +16,7 @@ mod limiter;
 mod queue;
 mod reliability;
 mod retry;
+mod secrets;
 mod shutdown;
+mod ssrf;
 mod support;

@@ -185,6 +185,8 @@ worker and the front door, which read the same configuration.
   value: {{ include "queue-worker.str" .Values.callback.timeout | quote }}
 - name: callback_retry_wait
   value: {{ include "queue-worker.str" .Values.callback.retryWait | quote }}
+- name: callback_allowed_networks
+  value: {{ include "queue-worker.str" .Values.callback.allowedNetworks | quote }}
 - name: callback_max_pending
   value: {{ include "queue-worker.str" .Values.callback.maxPending | quote }}
 - name: callback_max_pending_bytes
