@@ -17,4 +17,5 @@ mod limiter;
 mod queue;
 mod retry;
 mod shutdown;
+mod stale;
 mod support;
