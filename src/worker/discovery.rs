@@ -293,7 +293,7 @@ pub fn log_change(layout: &Layout, subject: &str, consumer: &str, change: stale:
                 "stale messages: the stream counts {n} message(s) on {subject} that consumer {consumer} already ran and acknowledged \
                  (a nats-server fault, seen on 2.9 after a stream leader restart). They are not run again while {consumer} exists, \
                  and queue_worker_pending_messages leaves them out (queue_worker_stale_messages counts them); a new consumer for the \
-                 subject would run them again. {remove}; a current nats-server avoids the fault."
+                 subject would run them again. {remove}."
             );
         }
         stale::Change::Changed(n) => {
