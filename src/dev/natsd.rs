@@ -128,7 +128,12 @@ impl NatsServer {
     /// The server's process id: from its ports file, which names the real server even when
     /// `NATS_SERVER_BIN` is a wrapper script; else the child's.
     pub fn pid(&self) -> Option<u32> {
-        let from_ports = std::fs::read_dir(self.store.with_extension("ports"))
+        self.pid_from_ports()
+            .or_else(|| self.child.as_ref().map(|c| c.id()))
+    }
+
+    fn pid_from_ports(&self) -> Option<u32> {
+        std::fs::read_dir(self.store.with_extension("ports"))
             .ok()
             .into_iter()
             .flatten()
@@ -137,8 +142,7 @@ impl NatsServer {
                 let name = e.file_name();
                 let stem = name.to_str()?.strip_suffix(".ports")?;
                 stem.rsplit('_').next()?.parse().ok()
-            });
-        from_ports.or_else(|| self.child.as_ref().map(|c| c.id()))
+            })
     }
 
     pub fn url(&self) -> String {
@@ -150,6 +154,41 @@ impl NatsServer {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            self.forget_ports_file();
+        }
+    }
+
+    /// A restart reuses the port without a ports file, so the old one (naming a process that
+    /// is gone) must not answer [`NatsServer::pid`] any more.
+    fn forget_ports_file(&self) {
+        let _ = std::fs::remove_dir_all(self.store.with_extension("ports"));
+    }
+
+    /// Stops the server as an orderly shutdown does (SIGTERM, then waits for it to exit), so
+    /// it writes its stream and consumer state out; a test can then edit the store while
+    /// nothing holds it. Falls back to [`NatsServer::kill`] if the signal cannot be sent.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // The ports file names the real server (a wrapper script may stand in between).
+        let pid = self.pid_from_ports().unwrap_or(child.id());
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !sent {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        self.forget_ports_file();
+        // A wrapper may exit before the server it started.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.port != 0
+            && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -58,7 +58,7 @@ use async_nats::jetstream::{self, consumer, response::Response, ErrorCode};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::stream::Layout;
+use super::stream::{ConsumerProgress, Layout};
 use crate::message::fingerprint::Fnv1a;
 
 /// The consumer of the legacy bare subject `<queue>` (older gateways publish every function
@@ -247,6 +247,14 @@ struct RawConsumer {
     num_ack_pending: u64,
     #[serde(default)]
     num_waiting: u64,
+    #[serde(default)]
+    delivered: RawSequence,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawSequence {
+    #[serde(default)]
+    stream_seq: u64,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -509,6 +517,19 @@ pub async fn delete_if_idle(
         "Deleted idle function-mode consumer"
     );
     Ok(true)
+}
+
+/// What a function's consumer owes and how far it delivered (`CONSUMER.INFO`), for telling
+/// stale messages from queued ones; `None` when it does not exist.
+pub async fn progress(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+) -> Result<Option<ConsumerProgress>, ConsumerError> {
+    Ok(info(js, stream, name).await?.map(|c| ConsumerProgress {
+        owed: c.num_pending + c.num_ack_pending,
+        delivered: c.delivered.stream_seq,
+    }))
 }
 
 /// Whether the [`MARKER`] consumer exists (function-mode replicas hold the stream).

@@ -338,6 +338,20 @@ pub struct QueueState {
     pub submitted: u64,
     /// Waiting for delivery + delivered and not yet acked (in flight or waiting to retry).
     pub pending: u64,
+    /// Messages the stream counts (read before the consumer).
+    pub stored: u64,
+    /// The shared consumer's progress; `None` when it does not exist.
+    pub consumer: Option<ConsumerProgress>,
+}
+
+/// What a consumer owes and how far it delivered, for telling stale messages
+/// (`worker::stale`) from queued ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumerProgress {
+    /// `num_pending + num_ack_pending`.
+    pub owed: u64,
+    /// `delivered.stream_seq`: the last stream sequence it delivered.
+    pub delivered: u64,
 }
 
 /// Reads the current [`QueueState`].
@@ -360,20 +374,25 @@ pub async fn read_state(
         )
         .await
         .map_err(unavailable)?;
-    let pending = match resp {
-        Response::Ok(info) => info.num_pending + info.num_ack_pending as u64,
+    let consumer = match resp {
+        Response::Ok(info) => Some(ConsumerProgress {
+            owed: info.num_pending + info.num_ack_pending as u64,
+            delivered: info.delivered.stream_sequence,
+        }),
         // No shared consumer (a switch from function mode is waiting for function-mode
         // replicas to go): every message in the WorkQueue stream is still to be done.
         Response::Err { error }
             if error.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND =>
         {
-            stream.state.messages
+            None
         }
         Response::Err { error } => return Err(unavailable(error)),
     };
     Ok(QueueState {
         submitted: stream.state.last_sequence,
-        pending,
+        pending: consumer.map_or(stream.state.messages, |c| c.owed),
+        stored: stream.state.messages,
+        consumer,
     })
 }
 

@@ -27,6 +27,7 @@ pub const UNKNOWN_FUNCTION: &str = "_unknown";
 /// Every metric name we export, for docs and for tests that check dashboards and README.
 pub const NAMES: &[&str] = &[
     "queue_worker_pending_messages",
+    "queue_worker_stale_messages",
     "queue_worker_messages_processed_total",
     "queue_worker_messages_submitted_total",
     "queue_worker_function_invocation_inflight",
@@ -83,6 +84,8 @@ pub struct Metrics {
     registry: Registry,
     queue: String,
     pub pending: GaugeVec,
+    /// Messages the stream counts that their consumer already ran (see `worker::stale`).
+    pub stale: GaugeVec,
     pub processed: Counter,
     pub submitted: Gauge,
     pub reconnects: Counter,
@@ -106,6 +109,8 @@ pub struct Metrics {
     functions: Mutex<HashMap<String, Arc<FunctionMetrics>>>,
     /// The per-function pending series exported now, so a drained function's is removed.
     pending_shown: Mutex<HashMap<String, f64>>,
+    /// The same for the per-function stale series.
+    stale_shown: Mutex<HashMap<String, f64>>,
 }
 
 impl Metrics {
@@ -117,6 +122,14 @@ impl Metrics {
             Opts::new(
                 "queue_worker_pending_messages",
                 "Messages of the queue not yet finished: waiting, in flight or waiting to be retried.",
+            ),
+            qf,
+        )
+        .unwrap();
+        let stale = GaugeVec::new(
+            Opts::new(
+                "queue_worker_stale_messages",
+                "Messages the stream still counts although their consumer already ran and acknowledged them (a nats-server fault); left out of queue_worker_pending_messages.",
             ),
             qf,
         )
@@ -267,6 +280,7 @@ impl Metrics {
         .unwrap();
         for c in [
             Box::new(pending.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(stale.clone()),
             Box::new(processed.clone()),
             Box::new(submitted.clone()),
             Box::new(inflight.clone()),
@@ -295,6 +309,7 @@ impl Metrics {
         // Export the OpenFaaS series from the start, so dashboards and the autoscaler see
         // zeros rather than gaps before the first message.
         pending.with_label_values(&[queue, ALL_FUNCTIONS]).set(0.0);
+        stale.with_label_values(&[queue, ALL_FUNCTIONS]).set(0.0);
         let processed = processed.with_label_values(&[queue]);
         let submitted = submitted.with_label_values(&[queue]);
         let dead_letter_failures = dead_letter_failures.with_label_values(&[queue]);
@@ -305,6 +320,7 @@ impl Metrics {
             registry,
             queue: queue.to_string(),
             pending,
+            stale,
             processed,
             submitted,
             reconnects,
@@ -324,6 +340,7 @@ impl Metrics {
             callback_budget_wait,
             functions: Mutex::new(HashMap::new()),
             pending_shown: Mutex::new(HashMap::new()),
+            stale_shown: Mutex::new(HashMap::new()),
         })
     }
 
@@ -368,22 +385,39 @@ impl Metrics {
     /// a drained function's series goes away. Labels share the function-label cap: past it,
     /// counts add up under `_other`.
     pub fn set_function_pending(&self, depths: impl Iterator<Item = (String, u64)>) {
+        self.set_per_function(&self.pending, &self.pending_shown, depths);
+    }
+
+    /// Sets `queue_worker_stale_messages`: the per-function series as
+    /// [`Metrics::set_function_pending`] does (functions with none have no series), and the
+    /// `all-functions` one to `total` (which includes the legacy `<queue>` subject's).
+    pub fn set_stale(&self, per_function: impl Iterator<Item = (String, u64)>, total: u64) {
+        self.set_per_function(&self.stale, &self.stale_shown, per_function);
+        self.stale
+            .with_label_values(&[&self.queue, ALL_FUNCTIONS])
+            .set(total as f64);
+    }
+
+    fn set_per_function(
+        &self,
+        gauge: &GaugeVec,
+        shown: &Mutex<HashMap<String, f64>>,
+        values: impl Iterator<Item = (String, u64)>,
+    ) {
         let mut next: HashMap<String, f64> = HashMap::new();
-        for (label, n) in depths {
+        for (label, n) in values.filter(|(_, n)| *n > 0) {
             let label = self.function(&label).label.clone();
             *next.entry(label).or_default() += n as f64;
         }
-        let mut shown = self.pending_shown.lock().unwrap_or_else(|e| e.into_inner());
+        let mut shown = shown.lock().unwrap_or_else(|e| e.into_inner());
         for old in shown.keys() {
             if !next.contains_key(old) {
-                let _ = self.pending.remove_label_values(&[&self.queue, old]);
+                let _ = gauge.remove_label_values(&[&self.queue, old]);
             }
         }
         for (label, n) in &next {
             if shown.get(label) != Some(n) {
-                self.pending
-                    .with_label_values(&[&self.queue, label])
-                    .set(*n);
+                gauge.with_label_values(&[&self.queue, label]).set(*n);
             }
         }
         *shown = next;

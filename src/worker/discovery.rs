@@ -13,8 +13,18 @@
 //! the same counts are the per-function `queue_worker_pending_messages` gauges: the stream's
 //! whole count, so every replica reports the same value, as OpenFaaS's autoscaler rule
 //! (an average across replicas) needs.
+//!
+//! **Stale messages** (`stale.rs`): a subject whose count has stood still for a while gets its
+//! consumer read (`CONSUMER.INFO`), at most [`STALE_CHECKS`] per round and one round per
+//! [`STALE_ROUND`], backing off from consumers found busy (long calls, delayed retries). One
+//! that owes nothing while the stream still counts messages, twice with nothing moved, has
+//! stale messages: they are left out of the pending gauges and counted in
+//! `queue_worker_stale_messages`. The scheduler's depths keep them, so the function keeps
+//! its consumer (a new one would deliver them again) at the cost of one empty pull per dry
+//! backoff.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,10 +34,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::nats::consumers::function_label;
+use crate::nats::consumers::{self, consumer_name, function_label};
 use crate::nats::stream::{ensure_stream, read_subjects, read_summary, Layout, StreamSummary};
 use crate::telemetry::metrics::{Metrics, ALL_FUNCTIONS};
 use crate::telemetry::server::Health;
+use crate::worker::stale::{self, Subjects};
 
 /// How often the stream's summary is read: a new function's first job waits at most this
 /// long (plus one read) to be seen.
@@ -36,6 +47,10 @@ pub const TICK: Duration = Duration::from_millis(50);
 const REPAIR_EVERY: Duration = Duration::from_secs(2);
 /// Longest a per-function count may be stale while anything is queued.
 pub const FRESH: Duration = Duration::from_secs(1);
+/// Consumers read per round of stale-message checks, and rounds at most this often: at most
+/// 16 `CONSUMER.INFO` per second per replica, however many functions stand still.
+pub const STALE_CHECKS: usize = 16;
+pub const STALE_ROUND: Duration = Duration::from_secs(1);
 
 /// One read of the stream: every subject of the queue with messages, and its count.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -87,9 +102,29 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pace = Pace::default();
     let mut next_repair = Instant::now();
+    let mut stale = Subjects::default();
+    // One round of consumer reads at a time, beside the stream reads.
+    let mut checks: Option<std::pin::Pin<Box<dyn Future<Output = Checked> + Send>>> = None;
+    let mut next_round = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            done = async { checks.as_mut().expect("guarded").await }, if checks.is_some() => {
+                checks = None;
+                let now = Instant::now();
+                for (subject, stored, result) in done {
+                    match result {
+                        Ok(consumer) => {
+                            let consumer = consumer.map(|c| stale::Consumer { owed: c.owed, delivered: c.delivered });
+                            if let Some(change) = stale.checked(&subject, stored, consumer, now) {
+                                log_change(&layout, &subject, &consumer_name(&layout.queue, &subject), change);
+                            }
+                        }
+                        Err(e) => tracing::debug!(%subject, error = %e, "cannot read the consumer for stale messages"),
+                    }
+                }
+                continue;
+            }
             _ = stop.cancelled() => return,
         }
         let read = async {
@@ -99,11 +134,11 @@ pub async fn run(
                 return Ok((summary, None));
             }
             if summary.messages == 0 {
-                return Ok((summary, Some(HashMap::new())));
+                return Ok((summary, Some((now, HashMap::new()))));
             }
             let counts = read_subjects(&js, &layout.stream, ">").await?;
             pace.cost = now.elapsed();
-            Ok::<_, crate::nats::stream::LayoutError>((summary, Some(counts.subjects)))
+            Ok::<_, crate::nats::stream::LayoutError>((summary, Some((now, counts.subjects))))
         };
         let result = tokio::select! {
             r = read => r,
@@ -112,18 +147,31 @@ pub async fn run(
         match result {
             Ok((summary, full)) => {
                 metrics.submitted.set(summary.last_seq as f64);
-                metrics
-                    .pending
-                    .with_label_values(&[&layout.queue, ALL_FUNCTIONS])
-                    .set(summary.messages as f64);
                 health.stream_ok.store(true, Ordering::Relaxed);
-                if let Some(subjects) = full {
+                if let Some((read_at, subjects)) = full {
                     // Compared with the next summaries: a store seen while a full read was
                     // not yet due still triggers one later.
                     pace.last = Some(summary);
                     pace.last_full = Some(Instant::now());
                     let depths = of_queue(&layout.queue, subjects);
-                    publish_gauges(&metrics, &layout.queue, &depths);
+                    let now = Instant::now();
+                    for (subject, change) in stale.stored(&depths, now) {
+                        log_change(
+                            &layout,
+                            &subject,
+                            &consumer_name(&layout.queue, &subject),
+                            change,
+                        );
+                    }
+                    if checks.is_none() && now >= next_round {
+                        let due = stale.due(read_at, now, STALE_CHECKS);
+                        if !due.is_empty() {
+                            next_round = now + STALE_ROUND;
+                            checks =
+                                Some(Box::pin(check_consumers(js.clone(), layout.clone(), due)));
+                        }
+                    }
+                    publish_gauges(&metrics, &layout.queue, &depths, &stale);
                     out.send_if_modified(|current| {
                         if current.depths == depths {
                             return false;
@@ -132,11 +180,17 @@ pub async fn run(
                         true
                     });
                 }
+                // Stale messages are not work: the autoscaler must not scale for them.
+                metrics
+                    .pending
+                    .with_label_values(&[&layout.queue, ALL_FUNCTIONS])
+                    .set(summary.messages.saturating_sub(stale.total()) as f64);
             }
             Err(e) => {
                 // No count is better than a stale one: the autoscaler's avg() and KEDA's
                 // max() across replicas would keep acting on it.
                 metrics.set_function_pending(std::iter::empty());
+                metrics.set_stale(std::iter::empty(), 0);
                 if health.stream_ok.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "cannot read stream state");
                 }
@@ -171,13 +225,84 @@ pub fn of_queue(queue: &str, subjects: HashMap<String, u64>) -> HashMap<String, 
         .collect()
 }
 
-/// The per-function pending gauges of one read (the legacy subject has no function).
-pub fn publish_gauges(metrics: &Metrics, queue: &str, depths: &HashMap<String, u64>) {
-    metrics.set_function_pending(
-        depths
-            .iter()
-            .filter_map(|(subject, n)| Some((function_label(queue, subject)?, *n))),
+/// The per-function pending and stale gauges of one read (the legacy subject has no
+/// function; its stale messages count only in the `all-functions` series). Pending leaves
+/// the stale messages out.
+pub fn publish_gauges(
+    metrics: &Metrics,
+    queue: &str,
+    depths: &HashMap<String, u64>,
+    stale: &Subjects,
+) {
+    metrics.set_function_pending(depths.iter().filter_map(|(subject, n)| {
+        Some((
+            function_label(queue, subject)?,
+            n.saturating_sub(stale.stale(subject)),
+        ))
+    }));
+    metrics.set_stale(
+        stale
+            .all_stale()
+            .filter_map(|(subject, n)| Some((function_label(queue, subject)?, n))),
+        stale.total(),
     );
+}
+
+/// One round's consumer reads: (subject, its count paired with the read, the consumer).
+type Checked = Vec<(
+    String,
+    u64,
+    Result<Option<crate::nats::stream::ConsumerProgress>, consumers::ConsumerError>,
+)>;
+
+/// Reads the consumers of `due` subjects one after the other (a round is at most
+/// [`STALE_CHECKS`] small requests).
+async fn check_consumers(
+    js: async_nats::jetstream::Context,
+    layout: Layout,
+    due: Vec<(String, u64)>,
+) -> Checked {
+    let mut out = Vec::with_capacity(due.len());
+    for (subject, stored) in due {
+        let name = consumer_name(&layout.queue, &subject);
+        let r = consumers::progress(&js, &layout.stream, &name).await;
+        out.push((subject, stored, r));
+    }
+    out
+}
+
+/// The log lines of a change in a subject's stale messages: a warning when they appear
+/// (what they are, what the worker does about them, how to remove them), a line when they
+/// are gone. `consumer` is the consumer that owes nothing.
+pub fn log_change(layout: &Layout, subject: &str, consumer: &str, change: stale::Change) {
+    let function = function_label(&layout.queue, subject);
+    match change {
+        stale::Change::Appeared(n) => {
+            let remove = match &function {
+                Some(f) => format!(
+                    "remove them while the function has no other work (queue-worker queue status: nothing pending or ack-pending on {consumer}) with `queue-worker queue purge --function {f}`"
+                ),
+                None => "they are on the shared subject, which a per-function purge cannot reach: remove them with `queue-worker queue purge --yes` while the queue is otherwise empty".to_string(),
+            };
+            tracing::warn!(
+                stream = %layout.stream,
+                %subject,
+                function = function.as_deref().unwrap_or("-"),
+                %consumer,
+                stale = n,
+                "stale messages: the stream counts {n} message(s) on {subject} that consumer {consumer} already ran and acknowledged \
+                 (a nats-server fault, seen on 2.9 after a stream leader restart). They are not run again while {consumer} exists, \
+                 and queue_worker_pending_messages leaves them out (queue_worker_stale_messages counts them); a new consumer for the \
+                 subject would run them again. {remove}."
+            );
+        }
+        stale::Change::Changed(n) => {
+            tracing::debug!(stream = %layout.stream, %subject, stale = n, "stale messages changed")
+        }
+        stale::Change::Cleared => {
+            tracing::info!(stream = %layout.stream, %subject, %consumer, "stale messages gone from {subject}")
+        }
+    }
 }
 
 #[cfg(test)]

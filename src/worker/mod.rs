@@ -5,6 +5,8 @@
 //! - [`pull`]: ① static mode's pull loop, which asks only for what its free slots can start.
 //! - [`functions`]: ① function mode's pull loop: a consumer per function with work, fair
 //!   slots from [`schedule`] (pure), work found by [`discovery`], idle consumers reaped.
+//! - [`stale`]: the pure decision whether a stream counts messages its consumer already ran
+//!   (a nats-server fault), read by [`discovery`] and static mode's poller.
 //! - [`slot`]: the right to run one message, in either mode; it gives itself back on drop.
 //! - [`flow`]: one message's straight line, from delivery to callback.
 //! - [`job`]: ② a delivered message, its decode and its settle (the JetStream ack kinds).
@@ -34,5 +36,6 @@ pub mod retry;
 pub mod run;
 pub mod schedule;
 pub mod slot;
+pub mod stale;
 
 pub use run::{start, Running};

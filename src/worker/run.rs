@@ -37,6 +37,7 @@ use crate::worker::job::Decoder;
 use crate::worker::pull::{PullLimits, Puller};
 use crate::worker::schedule::Scheduler;
 use crate::worker::slot::{Pool, Slot};
+use crate::worker::stale::{Consumer as StaleConsumer, Subjects};
 
 /// A worker started by [`start`].
 pub struct Running {
@@ -455,6 +456,11 @@ async fn supervise(shutdown: &CancellationToken, tasks: &mut [Essential]) -> Res
 /// Reads stream and consumer state every `interval`: the pending gauge (what OpenFaaS's
 /// autoscaler averages across replicas, so every replica reports the whole queue), the
 /// submitted gauge, and the stream part of readiness.
+///
+/// Stale messages (`stale.rs`): each poll's consumer read checks every subject, paired with
+/// the per-subject counts of the previous poll (read after the previous consumer read, as
+/// the decision needs). The `all-functions` pending series is what the consumer owes, so it
+/// never counted stale messages; the per-function ones (stream counts) leave them out.
 async fn poll_state(
     js: async_nats::jetstream::Context,
     layout: Layout,
@@ -464,6 +470,7 @@ async fn poll_state(
     stop: CancellationToken,
 ) {
     let labels = [layout.queue.as_str(), ALL_FUNCTIONS];
+    let mut stale = Subjects::default();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -485,6 +492,21 @@ async fn poll_state(
                     .set(state.pending as f64);
                 metrics.submitted.set(state.submitted as f64);
                 health.stream_ok.store(true, Ordering::Relaxed);
+                let now = tokio::time::Instant::now();
+                let changes = match state.consumer {
+                    Some(c) => stale.checked_all(
+                        StaleConsumer {
+                            owed: c.owed,
+                            delivered: c.delivered,
+                        },
+                        now,
+                    ),
+                    // No shared consumer (a switch from function mode): nothing to compare.
+                    None => Vec::new(),
+                };
+                for (subject, change) in changes {
+                    discovery::log_change(&layout, &subject, &layout.durable, change);
+                }
                 // Per-function depth too, where the subjects say it (`<queue>.<fn>.<ns>`):
                 // the shared consumer serves them all, but dashboards and the autoscaler
                 // still see each function's queue.
@@ -493,14 +515,18 @@ async fn poll_state(
                     _ = stop.cancelled() => return,
                 };
                 match subjects {
-                    Ok(counts) => discovery::publish_gauges(
-                        &metrics,
-                        &layout.queue,
-                        &discovery::of_queue(&layout.queue, counts.subjects),
-                    ),
+                    Ok(counts) => {
+                        let depths = discovery::of_queue(&layout.queue, counts.subjects);
+                        let now = tokio::time::Instant::now();
+                        for (subject, change) in stale.stored(&depths, now) {
+                            discovery::log_change(&layout, &subject, &layout.durable, change);
+                        }
+                        discovery::publish_gauges(&metrics, &layout.queue, &depths, &stale);
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "cannot read per-subject counts");
                         metrics.set_function_pending(std::iter::empty());
+                        metrics.set_stale(std::iter::empty(), 0);
                     }
                 }
             }
@@ -509,6 +535,7 @@ async fn poll_state(
                 // max() across replicas would keep acting on it.
                 let _ = metrics.pending.remove_label_values(&labels);
                 metrics.set_function_pending(std::iter::empty());
+                metrics.set_stale(std::iter::empty(), 0);
                 if health.stream_ok.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "cannot read stream state");
                 }

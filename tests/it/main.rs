@@ -19,4 +19,5 @@ mod retry;
 mod secrets;
 mod shutdown;
 mod ssrf;
+mod stale;
 mod support;
