@@ -251,6 +251,41 @@ async fn the_servers_default_consumer_cap_does_not_cap_function_mode() {
     }
 }
 
+/// A cap the operator set on the stream is theirs: left as it is, and the consumer it
+/// refuses is reported with the settings that cap function mode.
+#[tokio::test]
+async fn an_operators_consumer_cap_is_kept_and_named_when_reached() {
+    let env = Env::start().await;
+    let js = env.js().await;
+    let layout = Layout::of(&env.config(&[]));
+    let resp: serde_json::Value = js
+        .request(
+            format!("STREAM.CREATE.{}", layout.stream),
+            &serde_json::json!({
+                "name": layout.stream,
+                "subjects": layout.subjects(),
+                "retention": "workqueue",
+                "storage": "file",
+                "max_consumers": 2,
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(resp.get("error").is_none(), "{resp}");
+    let info = stream::ensure_stream(&js, &layout).await.unwrap();
+    assert_eq!(info.config.max_consumers, 2);
+    claim_function_mode(&js, &layout).await.unwrap();
+    let first = FunctionConsumer::of(&layout, "faas-request.a.openfaas-fn", HOUR);
+    ensure_function_consumer(&js, &first).await.unwrap();
+    let second = FunctionConsumer::of(&layout, "faas-request.b.openfaas-fn", HOUR);
+    let err = ensure_function_consumer(&js, &second).await.unwrap_err();
+    assert!(
+        matches!(&err, consumers::ConsumerError::Refused(m)
+            if m.contains("10026") && m.contains("default_max_consumers")),
+        "{err:?}"
+    );
+}
+
 /// An account with its own consumer limit: that limit rules (the server's default does
 /// not apply) and the server refuses a stream whose cap exceeds it, so the stream is made
 /// without one, as before.
