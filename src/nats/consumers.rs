@@ -461,6 +461,15 @@ fn classify(fc: &FunctionConsumer, error: jetstream::Error) -> ConsumerError {
         ConsumerError::Unavailable(format!(
             "cannot create consumer {name} on {stream}: {error}"
         ))
+    } else if code == ErrorCode::MAXIMUM_CONSUMERS_LIMIT {
+        // Function mode needs a consumer per function with work; say which cap to raise.
+        ConsumerError::Refused(format!(
+            "cannot create consumer {name} on {stream}: {error}; the stream's max_consumers, \
+             the account's JetStream max_consumers or, for a stream without its own, \
+             nats-server's jetstream.limits.default_max_consumers (1,000 since 2.15) caps \
+             function mode's consumers: raise it, or lower consumer_inactive_threshold so \
+             idle functions give theirs back sooner"
+        ))
     } else {
         ConsumerError::Refused(format!(
             "cannot create consumer {name} on {stream}: {error}"

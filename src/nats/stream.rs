@@ -69,6 +69,8 @@ impl Layout {
             max_bytes: -1,
             max_messages_per_subject: -1,
             max_message_size: -1,
+            // No cap; `create_stream` writes one on servers that take `-1` for their own
+            // default (see `wanted_max_consumers`).
             max_consumers: -1,
             description: Some("OpenFaaS asynchronous invocations (queue-worker)".into()),
             ..Default::default()
@@ -134,7 +136,8 @@ async fn create_stream(
     js: &jetstream::Context,
     layout: &Layout,
 ) -> Result<stream::Info, LayoutError> {
-    let config = layout.stream_config();
+    let mut config = layout.stream_config();
+    config.max_consumers = wanted_max_consumers(js).await;
     let subject = format!("STREAM.CREATE.{}", layout.stream);
     let resp: Response<stream::Info> = js.request(subject, &config).await.map_err(unavailable)?;
     match resp {
@@ -195,7 +198,7 @@ async fn check_existing_stream(
         .filter(|s| !cfg.subjects.contains(s))
         .collect();
     if missing.is_empty() {
-        return Ok(info);
+        return Ok(lift_consumer_cap(js, layout, info).await);
     }
     let mut updated = cfg.clone();
     updated.subjects.extend(missing.iter().cloned());
@@ -204,12 +207,94 @@ async fn check_existing_stream(
     match resp {
         Response::Ok(info) => {
             tracing::info!(stream = %layout.stream, added = ?missing, "Added subjects to existing stream");
-            Ok(info)
+            Ok(lift_consumer_cap(js, layout, info).await)
         }
         Response::Err { error } => Err(LayoutError::Incompatible(format!(
             "stream {} lacks subjects {missing:?} and they cannot be added: {error}",
             layout.stream
         ))),
+    }
+}
+
+/// The work stream's `max_consumers` when it sets no cap of its own: as good as none
+/// (the server's field is a signed 32-bit count).
+const NO_CONSUMER_CAP: i32 = i32::MAX;
+
+/// The `max_consumers` the work stream needs, so that function mode can keep a consumer
+/// per function with work (thousands; see BENCHMARKS.md) plus its marker.
+///
+/// `-1` meant "no cap" until nats-server 2.15, which reads it as "unset" and caps such a
+/// stream at the server's `default_max_consumers` (1,000 unless configured) when the
+/// account has no consumer limit either: function mode then stops at 999 functions, and
+/// the others' jobs wait forever. On those servers, without an account limit, the stream
+/// says [`NO_CONSUMER_CAP`] itself. An account with a consumer limit keeps `-1`: its limit
+/// applies instead of the server's default, and the server refuses a stream whose cap
+/// exceeds it. Older servers keep `-1`, which still means no cap there.
+async fn wanted_max_consumers(js: &jetstream::Context) -> i32 {
+    if !defaults_unset_consumer_cap(&js.client().server_info().version) {
+        return -1;
+    }
+    match js.query_account().await {
+        Ok(account) => {
+            let limited = |n: Option<i64>| n.is_some_and(|n| n > 0);
+            let tiers = account.tiers.values().map(|t| t.limits.max_consumers);
+            if limited(account.limits.max_consumers) || tiers.into_iter().any(limited) {
+                -1
+            } else {
+                NO_CONSUMER_CAP
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot read the account's JetStream limits; the stream sets no consumer cap");
+            -1
+        }
+    }
+}
+
+/// Whether a nats-server of `version` (`2.15.1`, `v2.16.0-RC.1`) applies its own
+/// `default_max_consumers` to a stream whose `max_consumers` is `-1`: 2.15 and later. A
+/// version it cannot read counts as older, which keeps the stream as it was.
+fn defaults_unset_consumer_cap(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split('.');
+    let mut next = || parts.next().and_then(|p| p.parse::<u32>().ok());
+    match (next(), next()) {
+        (Some(major), Some(minor)) => (major, minor) >= (2, 15),
+        _ => false,
+    }
+}
+
+/// Gives an existing work stream that sets no consumer cap (made by an earlier
+/// queue-worker or by OpenFaaS's, with `-1`) the one [`wanted_max_consumers`] asks for.
+/// Not fatal: static mode needs one consumer, and function mode logs the consumer the cap
+/// refuses. A cap an operator set (above zero) is theirs and left alone.
+async fn lift_consumer_cap(
+    js: &jetstream::Context,
+    layout: &Layout,
+    info: stream::Info,
+) -> stream::Info {
+    if info.config.max_consumers > 0 {
+        return info;
+    }
+    let wanted = wanted_max_consumers(js).await;
+    if wanted <= 0 {
+        return info;
+    }
+    let mut updated = info.config.clone();
+    updated.max_consumers = wanted;
+    let subject = format!("STREAM.UPDATE.{}", layout.stream);
+    match js.request(subject, &updated).await {
+        Ok(Response::Ok(lifted)) => {
+            tracing::info!(stream = %layout.stream, max_consumers = wanted, "Set the stream's consumer cap (the server's default would cap function mode's consumers)");
+            lifted
+        }
+        Ok(Response::Err { error }) => {
+            tracing::warn!(stream = %layout.stream, error = %error, "cannot set the stream's consumer cap; the server's default_max_consumers applies, which caps function mode's consumers");
+            info
+        }
+        Err(e) => {
+            tracing::warn!(stream = %layout.stream, error = %e, "cannot set the stream's consumer cap; the server's default_max_consumers applies, which caps function mode's consumers");
+            info
+        }
     }
 }
 
@@ -700,7 +785,24 @@ pub async fn ensure_dead_letter_stream(
 mod tests {
     use std::collections::HashMap;
 
-    use super::merge_page;
+    use super::{defaults_unset_consumer_cap, merge_page};
+
+    #[test]
+    fn servers_from_2_15_cap_a_stream_without_max_consumers() {
+        for (version, caps) in [
+            ("2.9.10", false),
+            ("2.10.22", false),
+            ("2.14.3", false),
+            ("2.15.0", true),
+            ("2.15.1", true),
+            ("v2.16.0-RC.1", true),
+            ("3.0.0", true),
+            ("", false),
+            ("unknown", false),
+        ] {
+            assert_eq!(defaults_unset_consumer_cap(version), caps, "{version}");
+        }
+    }
 
     fn page(range: std::ops::Range<u32>) -> HashMap<String, u64> {
         range

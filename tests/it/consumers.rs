@@ -188,6 +188,120 @@ async fn js_version(env: &Env) -> String {
     client.server_info().version
 }
 
+/// The test server's (major, minor) version, read before starting it: some tests need a
+/// configuration only newer servers accept.
+fn server_version() -> (u32, u32) {
+    let binary = queue_worker::dev::natsd::find_binary().expect("nats-server installed");
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .unwrap();
+    // "nats-server: v2.15.1"
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.rsplit('v').next().unwrap_or_default();
+    let mut parts = version.trim().split('.').map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// nats-server 2.15 caps a stream that sets no `max_consumers` of its own at the server's
+/// `default_max_consumers` (1,000 unless configured; 3 here) when the account has no
+/// consumer limit. Function mode keeps a consumer per function with work plus the marker,
+/// so every function past the cap would wait forever (the benchmark's 1,000 functions
+/// stopped at 999). The work stream sets its own cap, both when the worker makes it and
+/// when it finds one made without (as OpenFaaS's worker and earlier versions of this one
+/// did). Older servers have no such default and refuse the setting: there the test only
+/// shows the consumers are made.
+#[tokio::test]
+async fn the_servers_default_consumer_cap_does_not_cap_function_mode() {
+    let conf = if server_version() >= (2, 15) {
+        "jetstream { limits { default_max_consumers: 3 } }\n"
+    } else {
+        ""
+    };
+    let (env, _dir) = Env::with_server_config(conf).await;
+    let js = env.js().await;
+    let made = Layout::of(&env.config(&[("queue_name", "made")]));
+    let found = Layout::of(&env.config(&[("queue_name", "found")]));
+    let resp: serde_json::Value = js
+        .request(
+            format!("STREAM.CREATE.{}", found.stream),
+            &serde_json::json!({
+                "name": found.stream,
+                "subjects": found.subjects(),
+                "retention": "workqueue",
+                "storage": "file",
+                "max_consumers": -1,
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(resp.get("error").is_none(), "{resp}");
+    for layout in [&made, &found] {
+        stream::ensure_stream(&js, layout).await.unwrap();
+        claim_function_mode(&js, layout).await.unwrap();
+        for i in 0..4 {
+            let subject = format!("{}.fn-{i}.openfaas-fn", layout.queue);
+            let fc = FunctionConsumer::of(layout, &subject, HOUR);
+            ensure_function_consumer(&js, &fc)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", layout.stream));
+        }
+        let list = list_consumers(&js, &layout.stream).await.unwrap();
+        assert_eq!(list.len(), 5, "{}: the marker and four", layout.stream);
+    }
+}
+
+/// A cap the operator set on the stream is theirs: left as it is, and the consumer it
+/// refuses is reported with the settings that cap function mode.
+#[tokio::test]
+async fn an_operators_consumer_cap_is_kept_and_named_when_reached() {
+    let env = Env::start().await;
+    let js = env.js().await;
+    let layout = Layout::of(&env.config(&[]));
+    let resp: serde_json::Value = js
+        .request(
+            format!("STREAM.CREATE.{}", layout.stream),
+            &serde_json::json!({
+                "name": layout.stream,
+                "subjects": layout.subjects(),
+                "retention": "workqueue",
+                "storage": "file",
+                "max_consumers": 2,
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(resp.get("error").is_none(), "{resp}");
+    let info = stream::ensure_stream(&js, &layout).await.unwrap();
+    assert_eq!(info.config.max_consumers, 2);
+    claim_function_mode(&js, &layout).await.unwrap();
+    let first = FunctionConsumer::of(&layout, "faas-request.a.openfaas-fn", HOUR);
+    ensure_function_consumer(&js, &first).await.unwrap();
+    let second = FunctionConsumer::of(&layout, "faas-request.b.openfaas-fn", HOUR);
+    let err = ensure_function_consumer(&js, &second).await.unwrap_err();
+    assert!(
+        matches!(&err, consumers::ConsumerError::Refused(m)
+            if m.contains("10026") && m.contains("default_max_consumers")),
+        "{err:?}"
+    );
+}
+
+/// An account with its own consumer limit: that limit rules (the server's default does
+/// not apply) and the server refuses a stream whose cap exceeds it, so the stream is made
+/// without one, as before.
+#[tokio::test]
+async fn an_accounts_consumer_limit_is_left_to_rule() {
+    let (env, _dir) = Env::with_server_config(
+        "accounts { A { jetstream { max_consumers: 5 }, users [ {user: a, password: a} ] } }\n\
+         no_auth_user: a\n",
+    )
+    .await;
+    let js = env.js().await;
+    let layout = Layout::of(&env.config(&[]));
+    let info = stream::ensure_stream(&js, &layout).await.unwrap();
+    assert_eq!(info.config.max_consumers, -1);
+}
+
 #[tokio::test]
 async fn a_consumer_with_unacked_work_is_not_deleted() {
     let env = Env::start().await;

@@ -456,6 +456,23 @@ impl Env {
         Env { nats, gateway }
     }
 
+    /// [`Env::start`] with `conf` as the server's configuration file (limits, accounts); the
+    /// directory holding it and the store lives as long as the returned guard.
+    pub async fn with_server_config(conf: &str) -> (Env, tempfile::TempDir) {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nats.conf");
+        std::fs::write(&file, conf).unwrap();
+        let store = dir.path().join("js");
+        let args = vec!["-c".to_string(), file.display().to_string()];
+        let nats = tokio::task::spawn_blocking(move || NatsServer::start_with(&store, 0, args))
+            .await
+            .unwrap()
+            .expect("nats-server starts with the test's configuration");
+        let gateway = FakeGateway::start().await;
+        (Env { nats, gateway }, dir)
+    }
+
     /// A config for this environment: test-friendly defaults, then `overrides`.
     pub fn config(&self, overrides: &[(&str, &str)]) -> Config {
         Config::load(&Sources::from_pairs(self.pairs(overrides)).unwrap()).unwrap()
