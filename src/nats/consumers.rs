@@ -504,28 +504,49 @@ async fn delete(js: &jetstream::Context, stream: &str, name: &str) -> Result<(),
     }
 }
 
+/// What [`delete_if_idle`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaped {
+    /// Deleted, or already gone.
+    Gone,
+    /// Kept: messages are pending on it, or delivered and not yet acknowledged.
+    Busy,
+    /// Kept: nothing pending or unacknowledged, but pull requests are waiting on it.
+    Waiting,
+}
+
 /// Deletes the consumer if it holds no work: nothing pending, nothing delivered and
-/// unacknowledged, no pull request waiting. `Ok(true)` when it is gone (also when it was
-/// already), `Ok(false)` when it was kept. A consumer with unacked work is never deleted
-/// here: those calls are running and their acks must find it.
+/// unacknowledged, and no pull request waiting unless `past_waiting`. A consumer with
+/// unacked work is never deleted here: those calls are running and their acks must find it.
+///
+/// Why `past_waiting`: function-mode replicas only send `no_wait` pulls, answered at once, so
+/// a waiting request seen on two looks a threshold apart belongs to a replica that died
+/// (nats-server 2.9 keeps a killed client's `no_wait` request on a consumer with nothing to
+/// deliver indefinitely, which would keep the consumer, and its own server-side
+/// `inactive_threshold` backstop, alive forever). The reaper passes it on its second look.
 pub async fn delete_if_idle(
     js: &jetstream::Context,
     stream: &str,
     name: &str,
-) -> Result<bool, ConsumerError> {
+    past_waiting: bool,
+) -> Result<Reaped, ConsumerError> {
     let Some(c) = info(js, stream, name).await? else {
-        return Ok(true);
+        return Ok(Reaped::Gone);
     };
-    if c.num_pending != 0 || c.num_ack_pending != 0 || c.num_waiting != 0 {
-        return Ok(false);
+    if c.num_pending != 0 || c.num_ack_pending != 0 {
+        return Ok(Reaped::Busy);
+    }
+    if c.num_waiting != 0 && !past_waiting {
+        return Ok(Reaped::Waiting);
     }
     delete(js, stream, name).await?;
     tracing::info!(
         stream,
         consumer = name,
+        waiting = c.num_waiting,
         "Deleted idle function-mode consumer"
     );
-    Ok(true)
+    Ok(Reaped::Gone)
 }
 
 /// What a function's consumer owes and how far it delivered (`CONSUMER.INFO`), for telling

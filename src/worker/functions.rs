@@ -20,7 +20,8 @@
 //! - **The reaper**: a function whose stream count has been zero for
 //!   `consumer_inactive_threshold` (nothing queued, unacked or running on any replica) and
 //!   that holds nothing here has its consumer deleted, after the server confirms it has no
-//!   pending, unacked or waiting work ([`delete_if_idle`]). The consumer's server-side
+//!   pending, unacked or waiting work ([`delete_if_idle`]; waiting requests seen on two
+//!   looks a threshold apart are a dead replica's and no longer count). The server-side
 //!   `inactive_threshold` is a backstop for replicas that die.
 //! - **Keep-alives**: a function waiting for its turn longer than its consumer's server-side
 //!   `inactive_threshold` gets an unfillable pull now and then, so the server keeps its
@@ -47,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::nats::consumers::{
     claim_function_mode, consumer_name, delete_if_idle, ensure_function_consumer, marker_exists,
-    next_subject, ConsumerError, FunctionConsumer, MARKER, MARKER_TOUCH,
+    next_subject, ConsumerError, FunctionConsumer, Reaped, MARKER, MARKER_TOUCH,
 };
 use crate::nats::stream::Layout;
 use crate::worker::discovery::Snapshot;
@@ -108,12 +109,15 @@ struct Bucket {
     request: Option<(u64, Instant)>,
     /// When a pull or keep-alive last reached its consumer (see `keep_alive`).
     last_pull: Instant,
+    /// The reaper's last look found only pull requests waiting on the idle consumer: on the
+    /// next look they are a dead replica's ([`delete_if_idle`]).
+    waiting_seen: bool,
 }
 
 /// Results of consumer set-up tasks, back to the loop.
 enum Done {
     Created(FnId, Result<(), ConsumerError>),
-    Deleted(FnId, Result<bool, ConsumerError>),
+    Deleted(FnId, Result<Reaped, ConsumerError>),
     Claimed(Result<(), ConsumerError>),
 }
 
@@ -149,6 +153,7 @@ impl Buckets {
             idle_since: None,
             request: None,
             last_pull: Instant::now(),
+            waiting_seen: false,
         };
         let f = match self.free_ids.pop() {
             Some(f) => {
@@ -437,6 +442,7 @@ impl FunctionPuller {
             let bucket = b.get_mut(f).expect("just looked up");
             bucket.depth = depth;
             bucket.idle_since = None;
+            bucket.waiting_seen = false;
             if bucket.state == Consumer::Absent {
                 bucket.state = Consumer::Creating;
                 self.create(f, bucket, ops, done);
@@ -534,13 +540,13 @@ impl FunctionPuller {
             Done::Deleted(f, result) => {
                 let Some(bucket) = b.get_mut(f) else { return };
                 match result {
-                    Ok(true) if bucket.depth > 0 => {
+                    Ok(Reaped::Gone) if bucket.depth > 0 => {
                         // Work came back while it was being deleted: make it again.
                         bucket.state = Consumer::Creating;
                         let bucket = b.get(f).expect("just seen");
                         self.create(f, bucket, ops, done_tx);
                     }
-                    Ok(true) => {
+                    Ok(Reaped::Gone) => {
                         tracing::debug!(consumer = %bucket.consumer, "idle function consumer deleted");
                         if self.pool.lock().forget(f) {
                             b.remove(f);
@@ -553,9 +559,10 @@ impl FunctionPuller {
                     kept => {
                         // Someone has work on it after all (a new message, another
                         // replica's pull), or the server did not answer: keep serving it.
-                        if let Err(e) = kept {
+                        if let Err(e) = &kept {
                             tracing::debug!(consumer = %bucket.consumer, error = %e, "could not delete idle consumer; trying later");
                         }
+                        bucket.waiting_seen = matches!(kept, Ok(Reaped::Waiting));
                         bucket.state = Consumer::Ready;
                         let idle = bucket.depth == 0;
                         if idle {
@@ -711,15 +718,16 @@ impl FunctionPuller {
             b.idle.remove(&f);
             let bucket = b.get_mut(f).expect("just seen");
             bucket.state = Consumer::Deleting;
-            let (js, stream, name) = (
+            let (js, stream, name, past_waiting) = (
                 self.js.clone(),
                 self.layout.stream.clone(),
                 bucket.consumer.clone(),
+                bucket.waiting_seen,
             );
             let (ops, done) = (ops.clone(), done.clone());
             tokio::spawn(async move {
                 let _op = ops.acquire_owned().await;
-                let r = delete_if_idle(&js, &stream, &name).await;
+                let r = delete_if_idle(&js, &stream, &name, past_waiting).await;
                 let _ = done.send(Done::Deleted(f, r));
             });
         }

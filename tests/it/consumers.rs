@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use queue_worker::nats::consumers::{
     self, claim_function_mode, claim_static_mode, consumer_name, delete_if_idle,
     ensure_function_consumer, list_consumers, marker_subject, ConsumerSummary, FunctionConsumer,
-    StaticClaim, MARKER,
+    Reaped, StaticClaim, MARKER,
 };
 use queue_worker::nats::stream::{self, Layout, LayoutError};
 
@@ -310,21 +310,72 @@ async fn a_consumer_with_unacked_work_is_not_deleted() {
     let fc = FunctionConsumer::of(&layout, subject, HOUR);
     ensure_function_consumer(&js, &fc).await.unwrap();
     publish_raw(&js, subject, b"job".to_vec()).await;
-    assert!(
-        !delete_if_idle(&js, &layout.stream, &fc.name).await.unwrap(),
+    assert_eq!(
+        delete_if_idle(&js, &layout.stream, &fc.name, true)
+            .await
+            .unwrap(),
+        Reaped::Busy,
         "a pending message keeps it"
     );
     let msg = deliver_one(&js, &layout, &fc.name).await;
-    assert!(
-        !delete_if_idle(&js, &layout.stream, &fc.name).await.unwrap(),
+    assert_eq!(
+        delete_if_idle(&js, &layout.stream, &fc.name, true)
+            .await
+            .unwrap(),
+        Reaped::Busy,
         "an unacked delivery keeps it"
     );
     assert!(consumer_info(&js, &layout, &fc.name).await.is_some());
     msg.double_ack().await.unwrap();
-    assert!(delete_if_idle(&js, &layout.stream, &fc.name).await.unwrap());
+    // A pull request waiting on it (a replica that died leaves one on nats-server 2.9)
+    // keeps it on the first look only.
+    let client = async_nats::connect(env.nats.url()).await.unwrap();
+    let inbox = client.new_inbox();
+    let _sub = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply(
+            format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", layout.stream, fc.name),
+            inbox,
+            r#"{"batch":1,"expires":60000000000}"#.into(),
+        )
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while consumer_info(&js, &layout, &fc.name)
+        .await
+        .unwrap()
+        .num_waiting
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        delete_if_idle(&js, &layout.stream, &fc.name, false)
+            .await
+            .unwrap(),
+        Reaped::Waiting,
+        "a waiting request keeps it on the first look"
+    );
+    assert_eq!(
+        delete_if_idle(&js, &layout.stream, &fc.name, true)
+            .await
+            .unwrap(),
+        Reaped::Gone,
+        "the second look deletes it"
+    );
     assert!(consumer_info(&js, &layout, &fc.name).await.is_none());
-    // Already gone: still "deleted".
-    assert!(delete_if_idle(&js, &layout.stream, &fc.name).await.unwrap());
+    // Already gone: still "gone".
+    assert_eq!(
+        delete_if_idle(&js, &layout.stream, &fc.name, false)
+            .await
+            .unwrap(),
+        Reaped::Gone
+    );
 }
 
 #[tokio::test]
