@@ -173,6 +173,9 @@ pub struct Extra {
     pub resume: Option<Duration>,
     /// Calls in flight at a kill (the consumer's ack-pending right after it).
     pub in_flight_at_kill: Option<u64>,
+    /// Messages run and acknowledged that the stream still counts (a server fault), as the
+    /// worker reported them (`queue_worker_stale_messages`).
+    pub stale: Option<usize>,
 }
 
 /// Prints the case's line, and appends it as JSON to `$QW_LEDGER_OUT` when set (the
@@ -192,6 +195,7 @@ pub fn report(case: &str, t: &Tally, extra: &Extra) {
         "dead_lettered": t.dead_lettered,
         "resume_ms": extra.resume.map(|d| d.as_millis() as u64),
         "in_flight_at_kill": extra.in_flight_at_kill,
+        "stale": extra.stale,
     });
     eprintln!("LEDGER {line}");
     if let Some(path) = std::env::var_os("QW_LEDGER_OUT") {
