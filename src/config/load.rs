@@ -233,9 +233,21 @@ impl Reader<'_> {
 
     fn invalid(&self, key: &'static str, allowed: &str) -> ConfigError {
         let (value, origin) = self.string(key);
+        // The message is printed (stderr, `check-config`): a URL's credentials never are.
+        let value = value
+            .split(',')
+            .map(|part| {
+                if part.contains('@') {
+                    crate::config::secret::redact_url(part.trim())
+                } else {
+                    part.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",");
         ConfigError::Invalid {
             key,
-            value: value.to_string(),
+            value,
             origin,
             allowed: allowed.to_string(),
         }

@@ -292,6 +292,16 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_nats_url_is_named_without_its_password() {
+        let e = load(&[("nats_url", "nats://u:s3cret@h:4222,http://x")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nats_url"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(e.contains("http://x"), "{e}");
+    }
+
+    #[test]
     fn front_door_queues_are_keyed_by_the_qualified_name() {
         let c = load(&[
             ("frontdoor_queues", "sleep=slow, env.team=fast"),

@@ -94,6 +94,13 @@ pub async fn connect(
                     {
                         tracing::warn!(auth, reason = %why, "NATS refused the credentials from {auth}; retrying");
                     }
+                    // A user not allowed to see JetStream's advisories: the pull loop
+                    // then recovers from a leader's loss on its timers (`worker/pull.rs`).
+                    async_nats::Event::ServerError(e)
+                        if e.to_string().contains("$JS.EVENT.ADVISORY") =>
+                    {
+                        tracing::debug!(error = %e, "no JetStream advisories for this user; leader changes are noticed by timers")
+                    }
                     async_nats::Event::ServerError(e) => {
                         tracing::warn!(error = %e, "NATS server error")
                     }

@@ -152,6 +152,20 @@ const INTERNAL: &[(Network, &str)] = &[
         Network::v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10),
         "link-local (fe80::/10)",
     ),
+    // IPv6 forms that carry an IPv4 address a gateway translates to: behind DNS64/NAT64
+    // (a cloud NAT gateway, for one) they reach private IPv4 networks.
+    (
+        Network::v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96),
+        "NAT64 (64:ff9b::/96)",
+    ),
+    (
+        Network::v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48),
+        "local-use NAT64 (64:ff9b:1::/48)",
+    ),
+    (
+        Network::v6([0x2002, 0, 0, 0, 0, 0, 0, 0], 16),
+        "6to4 (2002::/16)",
+    ),
     (
         Network::v6([0xff00, 0, 0, 0, 0, 0, 0, 0], 8),
         "multicast (ff00::/8)",
@@ -342,6 +356,9 @@ mod tests {
             ("::ffff:169.254.169.254", Some("link-local")),
             ("::ffff:8.8.8.8", None),
             ("2001:4860:4860::8888", None),
+            ("64:ff9b::a00:5", Some("NAT64")),
+            ("64:ff9b:1::1", Some("NAT64")),
+            ("2002:a00:5::1", Some("6to4")),
         ];
         for (addr, want) in table {
             let got = internal(addr.parse().unwrap());

@@ -459,6 +459,8 @@ impl FunctionPuller {
             if bucket.depth != 0 || bucket.idle_since.is_none() {
                 bucket.depth = 0;
                 bucket.idle_since = Some(now);
+                // A new idle period: the reaper's looks start again.
+                bucket.waiting_seen = false;
                 sched.set_depth(f, 0);
                 b.idle.insert(f);
             }
@@ -562,9 +564,10 @@ impl FunctionPuller {
                         if let Err(e) = &kept {
                             tracing::debug!(consumer = %bucket.consumer, error = %e, "could not delete idle consumer; trying later");
                         }
-                        bucket.waiting_seen = matches!(kept, Ok(Reaped::Waiting));
                         bucket.state = Consumer::Ready;
                         let idle = bucket.depth == 0;
+                        // Only a look within one idle period counts as the first of two.
+                        bucket.waiting_seen = idle && matches!(kept, Ok(Reaped::Waiting));
                         if idle {
                             bucket.idle_since = Some(now);
                             b.idle.insert(f);

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::StatusCode;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -187,6 +187,10 @@ impl Puller {
                     continue;
                 }
             };
+            // The new requests go to whichever leader is there now: elections announced
+            // before them are old news (left queued, they would reset these requests and
+            // hand their messages back, costing each an attempt).
+            elected.clear();
             let mut last_activity = Instant::now();
             // One timer for the watchdog, moved only when it fires early: making a new one
             // per loop turn cost a timer-wheel insert and removal per message.
@@ -477,6 +481,13 @@ impl LeaderElected {
         tokio::select! {
             () = next(&mut self.stream) => {}
             () = next(&mut self.consumer) => {}
+        }
+    }
+
+    /// Forgets the advisories already received.
+    fn clear(&mut self) {
+        for sub in [&mut self.stream, &mut self.consumer].into_iter().flatten() {
+            while let Some(Some(_)) = sub.next().now_or_never() {}
         }
     }
 

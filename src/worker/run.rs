@@ -471,6 +471,10 @@ async fn poll_state(
 ) {
     let labels = [layout.queue.as_str(), ALL_FUNCTIONS];
     let mut stale = Subjects::default();
+    // Whether the per-subject counts were read after the consumer read last compared with
+    // them: the stale check needs each stream read between two consumer reads, so after a
+    // failed per-subject read the next consumer read is not compared.
+    let mut subjects_fresh = true;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -493,16 +497,18 @@ async fn poll_state(
                 metrics.submitted.set(state.submitted as f64);
                 health.stream_ok.store(true, Ordering::Relaxed);
                 let now = tokio::time::Instant::now();
+                let fresh = std::mem::replace(&mut subjects_fresh, false);
                 let changes = match state.consumer {
-                    Some(c) => stale.checked_all(
+                    Some(c) if fresh => stale.checked_all(
                         StaleConsumer {
                             owed: c.owed,
                             delivered: c.delivered,
                         },
                         now,
                     ),
-                    // No shared consumer (a switch from function mode): nothing to compare.
-                    None => Vec::new(),
+                    // No shared consumer (a switch from function mode), or no fresh
+                    // per-subject counts: nothing to compare.
+                    _ => Vec::new(),
                 };
                 for (subject, change) in changes {
                     discovery::log_change(&layout, &subject, &layout.durable, change);
@@ -518,6 +524,7 @@ async fn poll_state(
                     Ok(counts) => {
                         let depths = discovery::of_queue(&layout.queue, counts.subjects);
                         let now = tokio::time::Instant::now();
+                        subjects_fresh = true;
                         for (subject, change) in stale.stored(&depths, now) {
                             discovery::log_change(&layout, &subject, &layout.durable, change);
                         }
