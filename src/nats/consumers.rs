@@ -26,11 +26,14 @@
 //! when the last one is gone the server deletes it by itself.
 //!
 //! - A function-mode replica starts with [`claim_function_mode`]: it creates the marker; if
-//!   an unfiltered (static) consumer blocks that, it deletes it and creates the marker. The
-//!   static consumer's unacked messages stay in the stream and are delivered again to the
-//!   function-mode consumers; the duplicates are bounded by the calls the static replicas had
-//!   in flight (their acks go to a deleted consumer). Static replicas that try to recreate
-//!   their durable now fail (10099, the marker is filtered), so function mode wins.
+//!   an unfiltered (static) consumer blocks that, it deletes it once the consumer has nothing
+//!   in flight (the static replicas' calls have ended: a rolling update has stopped them),
+//!   and creates the marker. Until then it waits, ready, and pulls nothing, so no static
+//!   replica's call runs twice, long ones included. After waiting longer than any call can
+//!   run, what is still unacknowledged belongs to replicas that died: the consumer is
+//!   deleted anyway and those messages are delivered again to the function-mode consumers.
+//!   Static replicas that try to recreate their durable now fail (10099, the marker is
+//!   filtered), so function mode wins.
 //! - A static replica whose durable cannot be created (10099/10100) calls
 //!   [`claim_static_mode`]: while the marker exists it waits (function-mode replicas are
 //!   alive); once the marker has expired, the function-mode consumers it finds are leftovers
@@ -634,28 +637,53 @@ fn matches(filter: &str, subject: &str) -> bool {
     }
 }
 
+/// What [`claim_function_mode`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FunctionClaim {
+    /// The marker exists: the stream is in function mode.
+    Claimed,
+    /// A static-mode consumer has messages in flight (its replicas are running calls):
+    /// deleting it now would run those calls again through the function consumers, long
+    /// ones included. Nothing was deleted; ask again later.
+    Wait { consumer: String, unacked: u64 },
+}
+
 /// Takes the stream for function mode: makes sure the marker exists, deleting every
-/// unfiltered (static-mode) consumer that stands in its way. Their unacked messages stay in
-/// the stream and are delivered again to the function-mode consumers (duplicates bounded by
-/// the calls the static replicas have in flight). Static replicas may race to recreate their
-/// durable after it is deleted, so this tries a few times; a filtered consumer overlapping
-/// the marker (it should not exist) is reported as [`ConsumerError::Blocked`] and left alone.
+/// unfiltered (static-mode) consumer that stands in its way, but only once it has nothing
+/// in flight, or when `force` (the caller has waited longer than any call can run: what is
+/// still unacknowledged then belongs to replicas that died). The unacked messages of a
+/// forced deletion stay in the stream and are delivered again to the function-mode
+/// consumers. Static replicas may race to recreate their durable after it is deleted, so
+/// this tries a few times; a filtered consumer overlapping the marker (it should not exist)
+/// is reported as [`ConsumerError::Blocked`] and left alone.
+///
+/// A static replica may pull between the look and the deletion; the calls it starts in
+/// those milliseconds are the only ones an unforced claim can repeat.
 pub async fn claim_function_mode(
     js: &jetstream::Context,
     layout: &Layout,
-) -> Result<(), ConsumerError> {
+    force: bool,
+) -> Result<FunctionClaim, ConsumerError> {
     let marker = FunctionConsumer::marker(layout);
     let mut backoff = Duration::from_millis(50);
     let mut last = String::new();
     for attempt in 1..=CLAIM_ATTEMPTS {
         match ensure(js, &marker, false).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(FunctionClaim::Claimed),
             Err(ConsumerError::Blocked(why)) => last = why,
             Err(e) => return Err(e),
         }
         let consumers = list_consumers(js, &layout.stream).await?;
         let (unfiltered, filtered): (Vec<_>, Vec<_>) =
             consumers.into_iter().partition(|c| c.is_unfiltered());
+        if !force {
+            if let Some(busy) = unfiltered.iter().find(|c| c.num_ack_pending > 0) {
+                return Ok(FunctionClaim::Wait {
+                    consumer: busy.name.clone(),
+                    unacked: busy.num_ack_pending,
+                });
+            }
+        }
         if unfiltered.is_empty() {
             let overlapping: Vec<String> = filtered
                 .iter()
@@ -678,7 +706,7 @@ pub async fn claim_function_mode(
                 consumer = %c.name,
                 unacked = c.num_ack_pending,
                 pending = c.num_pending,
-                "stream is switching to function mode: deleting the static-mode consumer; its {} unacked message(s) are delivered again to the function-mode consumers (duplicates are bounded by the static replicas' calls in flight)",
+                "stream is switching to function mode: deleting the static-mode consumer; its {} unacked message(s) (of replicas gone, or past the wait for them) are delivered again to the function-mode consumers",
                 c.num_ack_pending
             );
             delete(js, &layout.stream, &c.name).await?;

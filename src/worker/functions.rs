@@ -36,6 +36,7 @@
 //! being run here are redelivered through the new consumer (at most the calls in flight).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::nats::consumers::{
     claim_function_mode, consumer_name, delete_if_idle, ensure_function_consumer, marker_exists,
-    next_subject, ConsumerError, FunctionConsumer, Reaped, MARKER, MARKER_TOUCH,
+    next_subject, ConsumerError, FunctionClaim, FunctionConsumer, Reaped, MARKER, MARKER_TOUCH,
 };
 use crate::nats::stream::Layout;
 use crate::worker::discovery::Snapshot;
@@ -63,8 +64,10 @@ const REQUEST_LOST: Duration = Duration::from_secs(1);
 const CONSUMER_OPS: usize = 16;
 /// Wait before trying again to create a consumer the server refused.
 const CREATE_RETRY: Duration = Duration::from_secs(2);
-/// Housekeeping: lost requests, the reaper, the marker, refused creations.
+/// Housekeeping: lost requests, the reaper, the marker, refused creations, the claim.
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
+/// While waiting for static replicas' calls to end: how often to say so.
+const WAIT_LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// What the function-mode pull loop needs.
 pub struct FunctionPuller {
@@ -81,6 +84,21 @@ pub struct FunctionPuller {
     pub backstop: Duration,
     /// Changes on every NATS reconnect.
     pub generation: watch::Receiver<u64>,
+    /// Whether the stream is in function mode (the marker made). False while static-mode
+    /// replicas still run calls on their consumer: nothing is created or pulled until they
+    /// have ended ([`claim_function_mode`]); shared with [`keep_marker`].
+    pub claimed: Arc<AtomicBool>,
+}
+
+/// The loop's claim on the stream.
+#[derive(Default)]
+struct Claim {
+    /// A claim is being made.
+    running: bool,
+    /// Waiting for static-mode replicas' calls to end, since then.
+    waiting_since: Option<Instant>,
+    /// When the wait was last logged.
+    told: Option<Instant>,
 }
 
 /// Where a function's consumer stands, as far as this replica knows.
@@ -118,7 +136,7 @@ struct Bucket {
 enum Done {
     Created(FnId, Result<(), ConsumerError>),
     Deleted(FnId, Result<Reaped, ConsumerError>),
-    Claimed(Result<(), ConsumerError>),
+    Claimed(Result<FunctionClaim, ConsumerError>),
 }
 
 /// The loop's state: buckets in a slab (ids are the scheduler's [`FnId`]s).
@@ -227,7 +245,10 @@ impl FunctionPuller {
         let mut next_id: u64 = 1;
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut claiming = false;
+        let mut claim = Claim {
+            waiting_since: (!self.claimed.load(Ordering::Relaxed)).then(Instant::now),
+            ..Claim::default()
+        };
         // A snapshot is applied as soon as the loop starts.
         self.snapshots.mark_changed();
 
@@ -296,6 +317,9 @@ impl FunctionPuller {
                     if stop.is_cancelled() || !connected {
                         continue;
                     }
+                    if claim.waiting_since.is_some() {
+                        self.claim(&mut claim, &done_tx);
+                    }
                     self.keep_alive(&mut b, now, &inbox).await;
                     self.retry_failed(&mut b, now, &ops, &done_tx);
                     self.reap(&mut b, now, &ops, &done_tx);
@@ -307,7 +331,7 @@ impl FunctionPuller {
                     };
                     self.on_message(msg, &inbox, &mut b, &stop, &mut dispatch);
                 }
-                Some(done) = done_rx.recv() => self.on_done(done, &mut b, &mut claiming, &ops, &done_tx),
+                Some(done) = done_rx.recv() => self.on_done(done, &mut b, &mut claim, &ops, &done_tx),
                 changed = self.snapshots.changed(), if !stop.is_cancelled() => {
                     if changed.is_err() {
                         // Discovery ended; the worker's supervision notices.
@@ -474,6 +498,12 @@ impl FunctionPuller {
         ops: &Arc<Semaphore>,
         done: &mpsc::UnboundedSender<Done>,
     ) {
+        if !self.claimed.load(Ordering::Relaxed) {
+            // The server would refuse it (the static consumer still holds the stream).
+            let why = "the stream is not in function mode yet".to_string();
+            let _ = done.send(Done::Created(f, Err(ConsumerError::Blocked(why))));
+            return;
+        }
         let spec = FunctionConsumer {
             stream: self.layout.stream.clone(),
             name: bucket.consumer.clone(),
@@ -491,15 +521,21 @@ impl FunctionPuller {
         });
     }
 
-    fn claim(&self, claiming: &mut bool, done: &mpsc::UnboundedSender<Done>) {
-        if std::mem::replace(claiming, true) {
+    /// Claims the stream (one claim at a time). Forced once the wait for static replicas has
+    /// outlasted the backstop, which no call outlives: what is still unacknowledged then
+    /// belongs to replicas that died.
+    fn claim(&self, claim: &mut Claim, done: &mpsc::UnboundedSender<Done>) {
+        if std::mem::replace(&mut claim.running, true) {
             return;
         }
+        let force = claim
+            .waiting_since
+            .is_some_and(|since| since.elapsed() >= self.backstop);
         let js = self.js.clone();
         let layout = self.layout.clone();
         let done = done.clone();
         tokio::spawn(async move {
-            let r = claim_function_mode(&js, &layout).await;
+            let r = claim_function_mode(&js, &layout, force).await;
             let _ = done.send(Done::Claimed(r));
         });
     }
@@ -508,7 +544,7 @@ impl FunctionPuller {
         &self,
         done: Done,
         b: &mut Buckets,
-        claiming: &mut bool,
+        claim: &mut Claim,
         ops: &Arc<Semaphore>,
         done_tx: &mpsc::UnboundedSender<Done>,
     ) {
@@ -528,9 +564,11 @@ impl FunctionPuller {
                     Err(e) => {
                         bucket.state = Consumer::Failed(now + CREATE_RETRY);
                         match &e {
+                            // Not ours yet: the housekeeping claims it.
+                            ConsumerError::Blocked(_) if claim.waiting_since.is_some() => {}
                             ConsumerError::Blocked(_) => {
                                 tracing::warn!(consumer = %bucket.consumer, error = %e, "function consumer blocked; taking the stream into function mode again");
-                                self.claim(claiming, done_tx);
+                                self.claim(claim, done_tx);
                             }
                             _ => {
                                 tracing::warn!(consumer = %bucket.consumer, error = %e, retry_in = ?CREATE_RETRY, "cannot create function consumer")
@@ -577,9 +615,33 @@ impl FunctionPuller {
                 }
             }
             Done::Claimed(result) => {
-                *claiming = false;
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "cannot take the stream into function mode; trying again");
+                claim.running = false;
+                match result {
+                    Ok(FunctionClaim::Claimed) => {
+                        self.claimed.store(true, Ordering::Relaxed);
+                        if let Some(since) = claim.waiting_since.take() {
+                            tracing::info!(stream = %self.layout.stream, waited = ?since.elapsed(), "Function mode: the static-mode replicas' calls have ended; the stream is ours");
+                            claim.told = None;
+                            // Consumers refused meanwhile: make them now.
+                            for bucket in b.slab.iter_mut().flatten() {
+                                if let Consumer::Failed(_) = bucket.state {
+                                    bucket.state = Consumer::Failed(now);
+                                }
+                            }
+                            self.retry_failed(b, now, ops, done_tx);
+                        }
+                    }
+                    Ok(FunctionClaim::Wait { consumer, unacked }) => {
+                        self.claimed.store(false, Ordering::Relaxed);
+                        claim.waiting_since.get_or_insert(now);
+                        if claim.told.is_none_or(|t| now >= t + WAIT_LOG_EVERY) {
+                            claim.told = Some(now);
+                            tracing::info!(stream = %self.layout.stream, consumer = %consumer, unacked, "Function mode: waiting for static-mode replicas to finish their calls before taking the stream over");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot take the stream into function mode; trying again");
+                    }
                 }
             }
         }
@@ -746,6 +808,7 @@ pub async fn keep_marker(
     client: async_nats::Client,
     js: jetstream::Context,
     layout: Layout,
+    claimed: Arc<AtomicBool>,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(MARKER_TOUCH);
@@ -757,7 +820,10 @@ pub async fn keep_marker(
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        if client.connection_state() != async_nats::connection::State::Connected {
+        // Before the stream is ours there is no marker to keep (the pull loop claims it).
+        if client.connection_state() != async_nats::connection::State::Connected
+            || !claimed.load(Ordering::Relaxed)
+        {
             continue;
         }
         let _ = client
@@ -771,8 +837,14 @@ pub async fn keep_marker(
             match marker_exists(&js, &layout).await {
                 Ok(false) => {
                     tracing::warn!(stream = %layout.stream, "the function-mode marker is gone; claiming the stream again");
-                    if let Err(e) = claim_function_mode(&js, &layout).await {
-                        tracing::warn!(error = %e, "cannot claim the stream for function mode; trying again");
+                    match claim_function_mode(&js, &layout, false).await {
+                        Ok(FunctionClaim::Claimed) => {}
+                        // Static replicas took the stream back and are running calls: the
+                        // pull loop waits for them (its consumers are refused meanwhile).
+                        Ok(FunctionClaim::Wait { .. }) => claimed.store(false, Ordering::Relaxed),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot claim the stream for function mode; trying again")
+                        }
                     }
                 }
                 Ok(true) => {}

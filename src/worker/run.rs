@@ -12,7 +12,7 @@
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::config::{Config, ScalingMode};
-use crate::nats::consumers::claim_function_mode;
+use crate::nats::consumers::{claim_function_mode, FunctionClaim};
 use crate::nats::stream::{self, DeadLetterLayout, Layout, LayoutError};
 use crate::telemetry::metrics::{Metrics, ALL_FUNCTIONS};
 use crate::telemetry::server::{self, Health};
@@ -161,6 +161,9 @@ async fn work(
     let layout = Layout::of(config);
     let dead_layout = DeadLetterLayout::of(config);
 
+    // Function mode: whether the stream is ours yet (static replicas may still be running
+    // calls on their consumer; the pull loop takes it over once they have ended).
+    let claimed = Arc::new(AtomicBool::new(false));
     // Set up the streams and the consumer, waiting out an unavailable server.
     let mut wait = Duration::from_millis(200);
     let consumer_info = loop {
@@ -170,8 +173,17 @@ async fn work(
             match config.mode {
                 // Function mode's consumers come and go with the work (`functions.rs`); the
                 // stream is claimed first (static mode's durable goes, the marker comes).
-                ScalingMode::Function => match claim_function_mode(&js, &layout).await {
-                    Ok(()) => Ok(None),
+                ScalingMode::Function => match claim_function_mode(&js, &layout, false).await {
+                    Ok(FunctionClaim::Claimed) => {
+                        claimed.store(true, Ordering::Relaxed);
+                        Ok(None)
+                    }
+                    // Ready all the same: a rolling update stops the old static replicas
+                    // only once this one is ready.
+                    Ok(FunctionClaim::Wait { consumer, unacked }) => {
+                        tracing::info!(stream = %layout.stream, consumer = %consumer, unacked, "Function mode: static-mode replicas are running calls; taking the stream over once they have ended (nothing is pulled meanwhile)");
+                        Ok(None)
+                    }
                     Err(e) => Err(LayoutError::Unavailable(format!(
                         "cannot take the stream into function mode: {e}"
                     ))),
@@ -243,6 +255,7 @@ async fn work(
                 client.clone(),
                 js.clone(),
                 layout.clone(),
+                claimed.clone(),
                 poller_stop.clone(),
             );
             let poller = Essential::spawn("discovery", async move {
@@ -320,6 +333,7 @@ async fn work(
                 inactive_threshold: config.inactive_threshold,
                 backstop: backstop(config),
                 generation: conn.generation,
+                claimed: claimed.clone(),
             };
             Essential::spawn("pull loop", async move {
                 puller

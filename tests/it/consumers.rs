@@ -8,8 +8,8 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures_util::StreamExt;
 use queue_worker::nats::consumers::{
     self, claim_function_mode, claim_static_mode, consumer_name, delete_if_idle,
-    ensure_function_consumer, list_consumers, marker_subject, ConsumerSummary, FunctionConsumer,
-    Reaped, StaticClaim, MARKER,
+    ensure_function_consumer, list_consumers, marker_subject, ConsumerSummary, FunctionClaim,
+    FunctionConsumer, Reaped, StaticClaim, MARKER,
 };
 use queue_worker::nats::stream::{self, Layout, LayoutError};
 
@@ -238,7 +238,7 @@ async fn the_servers_default_consumer_cap_does_not_cap_function_mode() {
     assert!(resp.get("error").is_none(), "{resp}");
     for layout in [&made, &found] {
         stream::ensure_stream(&js, layout).await.unwrap();
-        claim_function_mode(&js, layout).await.unwrap();
+        claim_function_mode(&js, layout, false).await.unwrap();
         for i in 0..4 {
             let subject = format!("{}.fn-{i}.openfaas-fn", layout.queue);
             let fc = FunctionConsumer::of(layout, &subject, HOUR);
@@ -274,7 +274,7 @@ async fn an_operators_consumer_cap_is_kept_and_named_when_reached() {
     assert!(resp.get("error").is_none(), "{resp}");
     let info = stream::ensure_stream(&js, &layout).await.unwrap();
     assert_eq!(info.config.max_consumers, 2);
-    claim_function_mode(&js, &layout).await.unwrap();
+    claim_function_mode(&js, &layout, false).await.unwrap();
     let first = FunctionConsumer::of(&layout, "faas-request.a.openfaas-fn", HOUR);
     ensure_function_consumer(&js, &first).await.unwrap();
     let second = FunctionConsumer::of(&layout, "faas-request.b.openfaas-fn", HOUR);
@@ -397,8 +397,27 @@ async fn function_mode_takes_the_stream_from_a_static_consumer() {
         "{err:?}"
     );
 
-    // ...until function mode claims the stream.
-    claim_function_mode(&js, &layout).await.unwrap();
+    // ...and while the static replica runs a call, function mode waits rather than run
+    // it again...
+    assert_eq!(
+        claim_function_mode(&js, &layout, false).await.unwrap(),
+        FunctionClaim::Wait {
+            consumer: layout.durable.clone(),
+            unacked: 1
+        }
+    );
+    let list = list_consumers(&js, &layout.stream).await.unwrap();
+    assert_eq!(
+        names(&list),
+        vec![layout.durable.clone()],
+        "nothing deleted"
+    );
+
+    // ...until it has waited longer than any call can run (the replica died): forced.
+    assert_eq!(
+        claim_function_mode(&js, &layout, true).await.unwrap(),
+        FunctionClaim::Claimed
+    );
     let list = list_consumers(&js, &layout.stream).await.unwrap();
     assert_eq!(names(&list), vec![MARKER.to_string()]);
     assert_eq!(list[0].filter_subject, marker_subject(&layout.queue));
@@ -421,15 +440,41 @@ async fn function_mode_takes_the_stream_from_a_static_consumer() {
     assert_eq!(s.info().await.unwrap().state.messages, 2);
 
     // Claiming again (another replica) is a no-op.
-    claim_function_mode(&js, &layout).await.unwrap();
+    claim_function_mode(&js, &layout, false).await.unwrap();
     assert_eq!(list_consumers(&js, &layout.stream).await.unwrap().len(), 2);
+}
+
+/// Once the static replicas' calls have ended (acked), function mode takes the stream
+/// without forcing: nothing runs twice.
+#[tokio::test]
+async fn function_mode_takes_the_stream_once_static_calls_have_ended() {
+    let env = Env::start().await;
+    let (js, layout) = setup(&env).await;
+    stream::ensure_consumer(&js, &layout).await.unwrap();
+    let subject = "faas-request.sleep.openfaas-fn";
+    publish_raw(&js, subject, b"done".to_vec()).await;
+    publish_raw(&js, subject, b"queued".to_vec()).await;
+    let done = deliver_one(&js, &layout, &layout.durable).await;
+    assert!(matches!(
+        claim_function_mode(&js, &layout, false).await.unwrap(),
+        FunctionClaim::Wait { .. }
+    ));
+    done.double_ack().await.unwrap();
+    assert_eq!(
+        claim_function_mode(&js, &layout, false).await.unwrap(),
+        FunctionClaim::Claimed
+    );
+    let fc = FunctionConsumer::of(&layout, subject, HOUR);
+    ensure_function_consumer(&js, &fc).await.unwrap();
+    let info = consumer_info(&js, &layout, &fc.name).await.unwrap();
+    assert_eq!(info.num_pending, 1, "only the queued message is left");
 }
 
 #[tokio::test]
 async fn static_mode_waits_for_the_marker_then_removes_leftovers() {
     let env = Env::start().await;
     let (js, layout) = setup(&env).await;
-    claim_function_mode(&js, &layout).await.unwrap();
+    claim_function_mode(&js, &layout, false).await.unwrap();
     let a = FunctionConsumer::of(&layout, "faas-request.a.openfaas-fn", HOUR);
     let legacy = FunctionConsumer::of(&layout, "faas-request", HOUR);
     ensure_function_consumer(&js, &a).await.unwrap();

@@ -167,8 +167,8 @@ async fn a_thousand_functions_come_and_go_while_replicas_restart() {
 }
 
 /// A rolling update from static to function mode under load, then back: both modes run
-/// side by side at each switch, nothing is lost, and only what the static replica had in
-/// flight at the first switch may run twice.
+/// side by side at each switch (the new replica waits, ready, until the old one has
+/// drained), nothing is lost and nothing runs twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switching_static_to_function_and_back_under_load() {
     let env = Env::start().await;
@@ -183,7 +183,7 @@ async fn switching_static_to_function_and_back_under_load() {
     let slots = [("max_inflight", "4")];
     let first = env.worker(&slots).await;
     env.gateway
-        .wait_for("the static replica at work", Duration::from_secs(20), |g| {
+        .wait_for("the static replica at work", Duration::from_secs(60), |g| {
             g.calls().len() >= 100
         })
         .await;
@@ -195,7 +195,7 @@ async fn switching_static_to_function_and_back_under_load() {
     env.gateway
         .wait_for(
             "the function-mode replica at work",
-            Duration::from_secs(30),
+            Duration::from_secs(90),
             |g| g.calls().len() >= total / 2,
         )
         .await;
@@ -208,8 +208,8 @@ async fn switching_static_to_function_and_back_under_load() {
         before < total,
         "the queue drained before the second switch: the test proves nothing"
     );
-    wait_all_called(&env.gateway, &ledger, Duration::from_secs(60)).await;
-    wait_stream_empty(&env, Duration::from_secs(30)).await;
+    wait_all_called(&env.gateway, &ledger, Duration::from_secs(120)).await;
+    wait_stream_empty(&env, Duration::from_secs(60)).await;
     assert_eq!(consumers(&env).await, ["faas-workers"]);
     stop(third).await;
 
@@ -221,9 +221,8 @@ async fn switching_static_to_function_and_back_under_load() {
     );
     assert_eq!((t.lost, t.unexpected, t.dead_lettered), (0, 0, 0), "{t:?}");
     assert_eq!(t.acked, t.published, "{t:?}");
-    assert!(
-        t.duplicated <= 4,
-        "{} jobs ran twice; at most the static replica's 4 in flight may",
-        t.duplicated
+    assert_eq!(
+        t.duplicated, 0,
+        "jobs ran twice: function mode took the stream while static calls ran"
     );
 }
