@@ -63,6 +63,7 @@ use serde_json::json;
 
 use super::stream::{ConsumerProgress, Layout};
 use crate::message::fingerprint::Fnv1a;
+use crate::nats::presence;
 
 /// The consumer of the legacy bare subject `<queue>` (older gateways publish every function
 /// there).
@@ -642,15 +643,16 @@ fn matches(filter: &str, subject: &str) -> bool {
 pub enum FunctionClaim {
     /// The marker exists: the stream is in function mode.
     Claimed,
-    /// A static-mode consumer has messages in flight (its replicas are running calls):
+    /// Static-mode replicas hold messages of their consumer (they are running calls):
     /// deleting it now would run those calls again through the function consumers, long
-    /// ones included. Nothing was deleted; ask again later.
+    /// ones included. Nothing was deleted; ask again later. `unacked`: what they hold.
     Wait { consumer: String, unacked: u64 },
 }
 
 /// Takes the stream for function mode: makes sure the marker exists, deleting every
-/// unfiltered (static-mode) consumer that stands in its way, but only once it has nothing
-/// in flight, or when `force` (the caller has waited longer than any call can run: what is
+/// unfiltered (static-mode) consumer that stands in its way, but only once no live static
+/// replica holds its messages (asked over [`presence`]; unacked messages nobody holds were
+/// handed back or belong to replicas that died, and are delivered again), or when `force` (the caller has waited longer than any call can run: what is
 /// still unacknowledged then belongs to replicas that died). The unacked messages of a
 /// forced deletion stay in the stream and are delivered again to the function-mode
 /// consumers. Static replicas may race to recreate their durable after it is deleted, so
@@ -678,10 +680,21 @@ pub async fn claim_function_mode(
             consumers.into_iter().partition(|c| c.is_unfiltered());
         if !force {
             if let Some(busy) = unfiltered.iter().find(|c| c.num_ack_pending > 0) {
-                return Ok(FunctionClaim::Wait {
-                    consumer: busy.name.clone(),
-                    unacked: busy.num_ack_pending,
-                });
+                // Unacknowledged: running on a live static replica, or handed back by one
+                // that stopped (nobody pulls them now). Only the replicas can say.
+                let asked = presence::ask(&js.client(), &layout.stream, presence::WINDOW)
+                    .await
+                    .map_err(|e| {
+                        ConsumerError::Unavailable(format!(
+                            "cannot ask static replicas what they hold: {e}"
+                        ))
+                    })?;
+                if asked.held > 0 {
+                    return Ok(FunctionClaim::Wait {
+                        consumer: busy.name.clone(),
+                        unacked: asked.held,
+                    });
+                }
             }
         }
         if unfiltered.is_empty() {

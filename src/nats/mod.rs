@@ -2,6 +2,7 @@
 //! events turned into the reconnect metric and a generation counter the pull loop watches.
 
 pub mod consumers;
+pub mod presence;
 pub mod stream;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -189,6 +189,9 @@ pub async fn run(
             Err(e) => {
                 // No count is better than a stale one: the autoscaler's avg() and KEDA's
                 // max() across replicas would keep acting on it.
+                let _ = metrics
+                    .pending
+                    .remove_label_values(&[&layout.queue, ALL_FUNCTIONS]);
                 metrics.set_function_pending(std::iter::empty());
                 metrics.set_stale(std::iter::empty(), 0);
                 if health.stream_ok.swap(false, Ordering::Relaxed) {

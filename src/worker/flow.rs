@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,6 +67,25 @@ pub struct Worker {
     /// Log request and response bodies.
     pub debug: bool,
     pub warned: WarnOnce,
+    /// Messages received and not yet settled: what this replica's presence answer says it
+    /// holds (`nats/presence.rs`).
+    pub held: Arc<AtomicUsize>,
+}
+
+/// Counts a message as held while it lives.
+struct Held(Arc<AtomicUsize>);
+
+impl Held {
+    fn new(count: &Arc<AtomicUsize>) -> Held {
+        count.fetch_add(1, Ordering::Relaxed);
+        Held(count.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Remembers what was already warned about, so a bad annotation is logged once per function
@@ -99,8 +118,13 @@ impl Worker {
     /// Starts a task for a delivered message. Never blocks the pull loop.
     pub fn dispatch(self: &Arc<Self>, msg: jetstream::Message, slot: Option<Slot>) {
         let worker = self.clone();
-        self.tracker
-            .spawn(async move { worker.handle(msg, slot).await });
+        // Counted from here, so a presence answer never misses a message on its way to
+        // its task.
+        let held = Held::new(&self.held);
+        self.tracker.spawn(async move {
+            worker.handle(msg, slot).await;
+            drop(held);
+        });
     }
 
     async fn handle(&self, msg: jetstream::Message, slot: Option<Slot>) {

@@ -382,9 +382,19 @@ impl Puller {
         let mut backoff = BACKOFF_MIN;
         let mut told: Option<Instant> = None;
         loop {
+            // The consumer first: if it answers, its stream is there, and a clustered
+            // stream's leader may still be in election when the consumer's new leader can
+            // already deliver. Only when the consumer cannot be had is the stream checked
+            // (and made again if it was deleted).
             let check = async {
-                ensure_stream(&self.js, &self.layout).await?;
-                ensure_consumer(&self.js, &self.layout).await
+                match ensure_consumer(&self.js, &self.layout).await {
+                    Ok(info) => Ok(info),
+                    Err(e @ (LayoutError::Incompatible(_) | LayoutError::Blocked(_))) => Err(e),
+                    Err(LayoutError::Unavailable(_)) => {
+                        ensure_stream(&self.js, &self.layout).await?;
+                        ensure_consumer(&self.js, &self.layout).await
+                    }
+                }
             };
             let result = tokio::select! {
                 r = check => r,

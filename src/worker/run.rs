@@ -12,7 +12,7 @@
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::config::{Config, ScalingMode};
 use crate::nats::consumers::{claim_function_mode, FunctionClaim};
+use crate::nats::presence;
 use crate::nats::stream::{self, DeadLetterLayout, Layout, LayoutError};
 use crate::telemetry::metrics::{Metrics, ALL_FUNCTIONS};
 use crate::telemetry::server::{self, Health};
@@ -271,6 +272,7 @@ async fn work(
     let intake = CancellationToken::new();
     let tracker = TaskTracker::new();
     let deadline = CancellationToken::new();
+    let held = Arc::new(AtomicUsize::new(0));
     let worker = Arc::new(Worker {
         invoker,
         callbacks,
@@ -292,7 +294,19 @@ async fn work(
         deadline: deadline.clone(),
         debug: config.debug,
         warned: Default::default(),
+        held: held.clone(),
     });
+    // Static mode: tell a function-mode replica taking the stream over what this replica
+    // holds, until the drain has ended (`nats/presence.rs`).
+    let presence_stop = CancellationToken::new();
+    if snapshots.is_none() {
+        tokio::spawn(presence::answer(
+            client.clone(),
+            layout.stream.clone(),
+            held.clone(),
+            presence_stop.clone(),
+        ));
+    }
 
     let pull_worker = worker.clone();
     let pull_stop = intake.clone();
@@ -376,6 +390,7 @@ async fn work(
         }
     }
     poller_stop.cancel();
+    presence_stop.cancel();
     poller.join().await;
     // Acks are fire-and-forget publishes: make sure they left before the process ends.
     if let Err(e) = tokio::time::timeout(Duration::from_secs(5), client.flush()).await {

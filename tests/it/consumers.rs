@@ -397,8 +397,9 @@ async fn function_mode_takes_the_stream_from_a_static_consumer() {
         "{err:?}"
     );
 
-    // ...and while the static replica runs a call, function mode waits rather than run
-    // it again...
+    // ...and while a static replica says it holds the message (it runs the call),
+    // function mode waits rather than run it again...
+    let (_replica, _held) = static_replica(&env, &layout, 1).await;
     assert_eq!(
         claim_function_mode(&js, &layout, false).await.unwrap(),
         FunctionClaim::Wait {
@@ -455,11 +456,13 @@ async fn function_mode_takes_the_stream_once_static_calls_have_ended() {
     publish_raw(&js, subject, b"done".to_vec()).await;
     publish_raw(&js, subject, b"queued".to_vec()).await;
     let done = deliver_one(&js, &layout, &layout.durable).await;
+    let (_replica, held) = static_replica(&env, &layout, 1).await;
     assert!(matches!(
         claim_function_mode(&js, &layout, false).await.unwrap(),
         FunctionClaim::Wait { .. }
     ));
     done.double_ack().await.unwrap();
+    held.store(0, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(
         claim_function_mode(&js, &layout, false).await.unwrap(),
         FunctionClaim::Claimed
@@ -468,6 +471,61 @@ async fn function_mode_takes_the_stream_once_static_calls_have_ended() {
     ensure_function_consumer(&js, &fc).await.unwrap();
     let info = consumer_info(&js, &layout, &fc.name).await.unwrap();
     assert_eq!(info.num_pending, 1, "only the queued message is left");
+}
+
+/// A message a stopped static replica handed back (NAK: still unacknowledged, held by
+/// nobody) does not hold up the claim; it goes to the function consumer.
+#[tokio::test]
+async fn messages_nobody_holds_do_not_hold_up_function_mode() {
+    let env = Env::start().await;
+    let (js, layout) = setup(&env).await;
+    stream::ensure_consumer(&js, &layout).await.unwrap();
+    let subject = "faas-request.sleep.openfaas-fn";
+    publish_raw(&js, subject, b"handed back".to_vec()).await;
+    let msg = deliver_one(&js, &layout, &layout.durable).await;
+    msg.ack_with(jetstream::AckKind::Nak(None)).await.unwrap();
+    let (_replica, _held) = static_replica(&env, &layout, 0).await;
+    assert_eq!(
+        claim_function_mode(&js, &layout, false).await.unwrap(),
+        FunctionClaim::Claimed
+    );
+    let fc = FunctionConsumer::of(&layout, subject, HOUR);
+    ensure_function_consumer(&js, &fc).await.unwrap();
+    let info = consumer_info(&js, &layout, &fc.name).await.unwrap();
+    assert_eq!(info.num_pending, 1);
+}
+
+/// A static replica's presence answer (`nats/presence.rs`) saying it holds `held`
+/// messages; stops when the returned token drops.
+async fn static_replica(
+    env: &Env,
+    layout: &Layout,
+    held: usize,
+) -> (
+    tokio_util::sync::DropGuard,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let client = async_nats::connect(env.nats.url()).await.unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(held));
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(queue_worker::nats::presence::answer(
+        client.clone(),
+        layout.stream.clone(),
+        count.clone(),
+        stop.clone(),
+    ));
+    // Subscribed before anyone asks.
+    let asker = async_nats::connect(env.nats.url()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while queue_worker::nats::presence::ask(&asker, &layout.stream, Duration::from_millis(100))
+        .await
+        .unwrap()
+        .replicas
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "no presence answer");
+    }
+    (stop.drop_guard(), count)
 }
 
 #[tokio::test]

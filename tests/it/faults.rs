@@ -42,8 +42,20 @@ async fn a_deleted_consumer_is_recreated() {
 /// last value: OpenFaaS's autoscaler (avg) and KEDA (max) would keep scaling on a stale count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pending_count_is_withdrawn_while_nats_is_down() {
+    pending_withdrawn_while_nats_is_down(&[]).await;
+}
+
+/// The same in function mode, where discovery reads the counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn function_mode_withdraws_the_pending_count_while_nats_is_down() {
+    pending_withdrawn_while_nats_is_down(&[("scaling_mode", "function")]).await;
+}
+
+async fn pending_withdrawn_while_nats_is_down(mode: &[(&str, &str)]) {
     let mut env = Env::start().await;
-    let config = env.config(&[("stream_poll_interval", "100ms")]);
+    let mut settings = vec![("stream_poll_interval", "100ms")];
+    settings.extend_from_slice(mode);
+    let config = env.config(&settings);
     let worker = queue_worker::worker::start(config).await.unwrap();
     let pending_line = |text: &str| {
         text.lines()
