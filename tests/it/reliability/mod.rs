@@ -136,6 +136,21 @@ pub async fn ack_pending_all(js: &async_nats::jetstream::Context) -> u64 {
     infos.iter().map(|c| c.num_ack_pending as u64).sum()
 }
 
+/// Waits until every published job has been called at least once.
+pub async fn wait_all_called(
+    gateway: &crate::support::FakeGateway,
+    ledger: &ledger::Ledger,
+    timeout: Duration,
+) {
+    gateway
+        .wait_for("every job called", timeout, |g| {
+            let seen: std::collections::HashSet<String> =
+                g.calls().iter().map(|c| c.call_id()).collect();
+            ledger.ids().iter().all(|id| seen.contains(id))
+        })
+        .await;
+}
+
 /// The first call that started after `t`, measured from `t`.
 pub fn first_call_after(gateway: &crate::support::FakeGateway, t: Instant) -> Option<Duration> {
     gateway

@@ -2,16 +2,15 @@
 //! restart and a consumer is deleted by hand; and the switch static → function → static
 //! under load.
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures_util::TryStreamExt;
 use queue_worker::message::publish::Submission;
 
 use super::ledger::{report, Extra, Ledger};
-use super::{ack_pending_all, soak, WorkerProc};
+use super::{ack_pending_all, soak, wait_all_called, WorkerProc};
 use crate::function_mode::{consumers, with};
-use crate::support::{stop, submit, Env, FakeGateway, Step};
+use crate::support::{stop, submit, Env, Step};
 
 /// One job for each of `f0` … `f<n-1>`, published pipelined; returns the call ids.
 async fn one_job_each(js: &async_nats::jetstream::Context, n: usize) -> Vec<String> {
@@ -41,15 +40,6 @@ async fn one_job_each(js: &async_nats::jetstream::Context, n: usize) -> Vec<Stri
         ack.await.unwrap();
     }
     ids
-}
-
-async fn wait_all_called(gateway: &FakeGateway, ledger: &Ledger, timeout: Duration) {
-    gateway
-        .wait_for("every job called", timeout, |g| {
-            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
-            ledger.ids().iter().all(|id| seen.contains(id))
-        })
-        .await;
 }
 
 async fn wait_stream_empty(env: &Env, timeout: Duration) {

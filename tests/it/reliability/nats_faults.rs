@@ -1,7 +1,6 @@
 //! NATS's faults: the server crashes and comes back on its store; in a three-node cluster
 //! (stream and consumer R3) the stream leader and then the consumer leader are killed.
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -9,17 +8,8 @@ use queue_worker::dev::natsd::{free_port, NatsServer};
 use queue_worker::message::publish::{publish, Submission};
 
 use super::ledger::{report, Extra, Ledger};
-use super::{first_call_after, soak};
+use super::{first_call_after, soak, wait_all_called};
 use crate::support::{submit, Env, FakeGateway, Step};
-
-async fn wait_all_called(gateway: &FakeGateway, ledger: &Ledger, timeout: Duration) {
-    gateway
-        .wait_for("every job called", timeout, |g| {
-            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
-            ledger.ids().iter().all(|id| seen.contains(id))
-        })
-        .await;
-}
 
 /// Waits for the first call that starts after `t`; how long after `t` it came.
 async fn wait_resumed(gateway: &FakeGateway, t: Instant, what: &str) -> Duration {

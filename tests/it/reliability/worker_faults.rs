@@ -1,22 +1,11 @@
 //! The worker's own faults: a crash (`kill -9`) and a restart, a rolling update (`SIGTERM`
 //! with a new replica up), and one of two replicas lost.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use super::ledger::{report, Extra, Ledger};
-use super::{ack_pending, soak, WorkerProc};
-use crate::support::{submit, Env, FakeGateway, Step};
-
-/// Waits until every published job has been called at least once.
-async fn wait_all_called(gateway: &FakeGateway, ledger: &Ledger, timeout: Duration) {
-    gateway
-        .wait_for("every job called", timeout, |g| {
-            let seen: HashSet<String> = g.calls().iter().map(|c| c.call_id()).collect();
-            ledger.ids().iter().all(|id| seen.contains(id))
-        })
-        .await;
-}
+use super::{ack_pending, soak, wait_all_called, WorkerProc};
+use crate::support::{submit, Env, Step};
 
 /// `kill -9` during 10,000 jobs, then a restart: nothing lost; the only duplicates are calls
 /// the dead worker held (delivered, not acknowledged) at the kill.
