@@ -70,10 +70,14 @@ async fn a_thousand_functions_come_and_go_while_replicas_restart() {
     // The stream exists before the first publish.
     let config = env.config(&[]);
     let warm_up = submit(&config, "warm-up", 1).await;
+    // upstream_timeout 5s: the server-side backstop (upstream_timeout + ack_wait +
+    // threshold = 8 s) removes the consumers only the killed replica knew (a function whose
+    // one job it ran just before dying is never seen by the others).
     let settings = with(&[
         ("consumer_inactive_threshold", "1s"),
         ("ack_wait", "2s"),
         ("max_inflight", "16"),
+        ("upstream_timeout", "5s"),
     ]);
     let mut process = WorkerProc::spawn(&env.pairs(&settings));
     let mut worker = env.worker(&settings).await;
@@ -93,7 +97,8 @@ async fn a_thousand_functions_come_and_go_while_replicas_restart() {
     let held = ack_pending_all(&js).await;
     let mut process = WorkerProc::spawn(&env.pairs(&settings));
     wait_all_called(&env.gateway, &ledger, Duration::from_secs(120)).await;
-    // Let the consumers be reaped before the functions come back.
+    // Let the consumers be reaped (by the replicas, or by the server's backstop) before the
+    // functions come back.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let left: Vec<String> = consumers(&env)
