@@ -39,6 +39,29 @@ pub struct Tally {
     pub dead_lettered: usize,
 }
 
+impl Tally {
+    /// Nothing lost, nothing unexpected, nothing dead-lettered, every job acknowledged.
+    #[track_caller]
+    pub fn assert_nothing_lost(&self) {
+        assert_eq!(
+            (self.lost, self.unexpected, self.dead_lettered),
+            (0, 0, 0),
+            "{self:?}"
+        );
+        assert_eq!(self.acked, self.published, "{self:?}");
+    }
+
+    /// Duplicates only among the `held` calls in flight at a kill.
+    #[track_caller]
+    pub fn assert_duplicates_within(&self, held: u64) {
+        assert!(
+            self.duplicated as u64 <= held,
+            "{} duplicates, but only {held} calls were in flight at the kill: {self:?}",
+            self.duplicated
+        );
+    }
+}
+
 /// Collects what a case did.
 pub struct Ledger {
     published: Vec<String>,

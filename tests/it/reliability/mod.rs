@@ -108,6 +108,18 @@ impl WorkerProc {
         assert!(ok, "kill -TERM {pid} failed");
     }
 
+    /// `SIGTERM`, then a clean exit (code 0) within 30 s.
+    pub async fn stop(&mut self) {
+        self.sigterm();
+        let code = self.wait_exit(Duration::from_secs(30)).await;
+        assert_eq!(
+            code,
+            Some(0),
+            "the worker did not exit cleanly:\n{}",
+            self.log()
+        );
+    }
+
     /// Waits for the process to end; its exit code.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         match tokio::time::timeout(timeout, self.child.wait()).await {

@@ -369,8 +369,7 @@ async fn losing_the_stream_leader_then_the_consumer_leader() {
             ..Extra::default()
         },
     );
-    assert_eq!((t.lost, t.unexpected, t.dead_lettered), (0, 0, 0), "{t:?}");
-    assert_eq!(t.acked, t.published, "{t:?}");
+    t.assert_nothing_lost();
     assert!(
         after_consumer <= Duration::from_secs(2),
         "calls resumed {after_consumer:?} after the new consumer leader's election"

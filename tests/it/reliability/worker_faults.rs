@@ -37,8 +37,7 @@ async fn kill_9_during_10000_jobs_then_restart() {
     second.wait_ready().await;
     wait_all_called(&env.gateway, &ledger, Duration::from_secs(120)).await;
     env.wait_drained(Duration::from_secs(30)).await;
-    second.sigterm();
-    assert_eq!(second.wait_exit(Duration::from_secs(30)).await, Some(0));
+    second.stop().await;
 
     let t = ledger.settle(&env.gateway, &config).await;
     report(
@@ -49,13 +48,8 @@ async fn kill_9_during_10000_jobs_then_restart() {
             ..Extra::default()
         },
     );
-    assert_eq!((t.lost, t.unexpected, t.dead_lettered), (0, 0, 0), "{t:?}");
-    assert_eq!(t.acked, t.published, "{t:?}");
-    assert!(
-        t.duplicated as u64 <= held,
-        "{} duplicates, but only {held} calls were in flight at the kill: {t:?}",
-        t.duplicated
-    );
+    t.assert_nothing_lost();
+    t.assert_duplicates_within(held);
 }
 
 /// A rolling update: a new replica starts, the old one gets `SIGTERM` mid-load and drains.
@@ -91,8 +85,7 @@ async fn a_rolling_update_loses_and_repeats_nothing() {
     );
     wait_all_called(&env.gateway, &ledger, Duration::from_secs(120)).await;
     env.wait_drained(Duration::from_secs(30)).await;
-    new.sigterm();
-    assert_eq!(new.wait_exit(Duration::from_secs(30)).await, Some(0));
+    new.stop().await;
 
     let t = ledger.settle(&env.gateway, &config).await;
     report("rolling update (SIGTERM)", &t, &Extra::default());
@@ -135,8 +128,7 @@ async fn of_two_replicas_one_killed_the_other_finishes() {
     let held = ack_pending(&js, "faas-workers").await;
     wait_all_called(&env.gateway, &ledger, Duration::from_secs(120)).await;
     env.wait_drained(Duration::from_secs(30)).await;
-    b.sigterm();
-    assert_eq!(b.wait_exit(Duration::from_secs(30)).await, Some(0));
+    b.stop().await;
 
     let t = ledger.settle(&env.gateway, &config).await;
     report(
@@ -147,10 +139,6 @@ async fn of_two_replicas_one_killed_the_other_finishes() {
             ..Extra::default()
         },
     );
-    assert_eq!((t.lost, t.unexpected, t.dead_lettered), (0, 0, 0), "{t:?}");
-    assert_eq!(t.acked, t.published, "{t:?}");
-    assert!(
-        t.duplicated as u64 <= held,
-        "{t:?}, {held} held at the kill"
-    );
+    t.assert_nothing_lost();
+    t.assert_duplicates_within(held);
 }
