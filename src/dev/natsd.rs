@@ -23,9 +23,34 @@ pub fn find_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released, so another process could take it in
-/// between; callers retry on a failed start).
+/// A free TCP port on 127.0.0.1 for a server that must be told its port up front (a cluster
+/// route, a restart on the same port).
+///
+/// Ports come from 20000–32767, below Linux's ephemeral range (32768–60999): a port the kernel
+/// hands out for a `:0` listener or an outgoing connection's local end (which the many
+/// concurrent tests open all the time) is never one of these, so between this check and the
+/// server's bind only another `free_port` caller could take it, and within this process a
+/// counter keeps callers apart. CI once lost a cluster start to an ephemeral port taken in
+/// that window.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_768;
+    // Start each process somewhere else so that two test binaries rarely probe the same ports.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(2_654_435_761) % SPAN,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    // Every port of the range is taken: fall back to one the kernel picks.
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

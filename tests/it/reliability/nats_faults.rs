@@ -117,8 +117,21 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Starts the three nodes; a node that cannot bind its ports (taken between the check and
+    /// the bind) fails its start, and the whole cluster is tried again on new ports.
     pub fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
+        let mut last = None;
+        for _ in 0..3 {
+            match Cluster::try_start() {
+                Ok(cluster) => return cluster,
+                Err(e) => last = Some(e),
+            }
+        }
+        panic!("cannot start a 3-node cluster: {last:?}");
+    }
+
+    fn try_start() -> anyhow::Result<Cluster> {
+        let dir = tempfile::tempdir()?;
         let client_ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
         let route_ports: Vec<u16> = (0..3).map(|_| free_port().unwrap()).collect();
         let routes = route_ports
@@ -139,10 +152,9 @@ impl Cluster {
                     routes.clone(),
                 ];
                 NatsServer::start_with(&dir.path().join(format!("n{i}")), client_ports[i], args)
-                    .unwrap()
             })
-            .collect();
-        Cluster { nodes, _dir: dir }
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Cluster { nodes, _dir: dir })
     }
 
     pub fn urls(&self) -> String {
