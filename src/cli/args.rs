@@ -106,6 +106,9 @@ pub enum Command {
     /// Inspect or purge the work queue OF_<queue> while workers run.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Cancel a call, or show its status, by its call id (X-Call-Id).
+    #[command(subcommand)]
+    Call(CallCommand),
     /// Run the async front door: POST /async-function/<name> queues a call and answers 202.
     Frontdoor {
         /// Address to listen on [default: frontdoor_listen, 0.0.0.0:8080].
@@ -131,6 +134,27 @@ pub enum QueueCommand {
         #[arg(long)]
         yes: bool,
         /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CallCommand {
+    /// Cancel a queued or running call: it is not run, or its request is dropped, and it is
+    /// not retried. Exit 5 when no call has that id, 6 when it already ended (both need
+    /// call_status; without it every id is accepted).
+    Cancel {
+        call_id: String,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What became of a call (needs call_status): queued, running, waiting (to retry),
+    /// succeeded, failed, cancelled or expired, with times. Exit 5 when unknown.
+    Status {
+        call_id: String,
+        /// Print the record as JSON.
         #[arg(long)]
         json: bool,
     },

@@ -2,7 +2,7 @@
 //! Long-running commands (the worker, the front door, the sample gateway) stop on SIGTERM or
 //! Ctrl-C.
 
-use crate::cli::args::{function_name, Command, DeadCommand, QueueCommand};
+use crate::cli::args::{function_name, CallCommand, Command, DeadCommand, QueueCommand};
 use crate::cli::{self, CliError};
 use crate::config::Config;
 
@@ -105,6 +105,7 @@ pub async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Re
         }
         Command::Dead(cmd) => Ok(dead(cmd, &config).await?),
         Command::Queue(cmd) => Ok(queue(cmd, &config).await?),
+        Command::Call(cmd) => Ok(call(cmd, &config).await?),
         Command::Frontdoor { listen } => {
             let mut config = config;
             if let Some(addr) = listen {
@@ -161,6 +162,23 @@ async fn dead(cmd: DeadCommand, config: &Config) -> Result<(), CliError> {
 }
 
 /// The `queue` subcommands.
+async fn call(cmd: CallCommand, config: &Config) -> Result<(), CliError> {
+    let js = cli::jetstream(&config.nats).await?;
+    let book = crate::nats::calls::CallBook::new(js, config.clone());
+    match cmd {
+        CallCommand::Cancel { call_id, json } => cli::call::cancel(&book, &call_id, json).await,
+        CallCommand::Status { call_id, json } => {
+            if !config.calls.status {
+                return Err(CliError::Usage(
+                    "call status needs call_status=true (the workers record states only then)"
+                        .into(),
+                ));
+            }
+            cli::call::status(&book, &call_id, json).await
+        }
+    }
+}
+
 async fn queue(cmd: QueueCommand, config: &Config) -> Result<(), CliError> {
     let js = cli::jetstream(&config.nats).await?;
     match cmd {

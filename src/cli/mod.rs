@@ -11,6 +11,7 @@
 //! | 4 | the stream does not exist |
 
 pub mod args;
+pub mod call;
 pub mod commands;
 pub mod dead;
 pub mod queue;
@@ -80,6 +81,12 @@ pub enum CliError {
     NoStream(String),
     #[error("{0}")]
     Failed(String),
+    /// `call`: no call has that id.
+    #[error("{0}")]
+    UnknownCall(String),
+    /// `call cancel`: the call already ended.
+    #[error("{0}")]
+    CallEnded(String),
 }
 
 impl CliError {
@@ -90,6 +97,8 @@ impl CliError {
             CliError::Connect(ConnectError::Unreachable { .. } | ConnectError::Refused { .. })
             | CliError::NoJetStream(_) => 3,
             CliError::NoStream(_) => 4,
+            CliError::UnknownCall(_) => 5,
+            CliError::CallEnded(_) => 6,
         }
     }
 }

@@ -138,6 +138,12 @@ impl Config {
             max_bytes: r.size("dead_letter_max_bytes", 1 << 20, 1 << 50)?,
         };
 
+        let calls = CallsConfig {
+            status: r.boolean("call_status")?,
+            ttl: r.duration("call_status_ttl", Duration::from_secs(60), None)?,
+            max_bytes: r.size("call_status_max_bytes", 1 << 20, 1 << 50)?,
+        };
+
         let default_namespace = r.string("default_function_name").0.trim().to_string();
         if !crate::message::function::FunctionName::is_namespace(&default_namespace) {
             return Err(r.invalid(
@@ -200,6 +206,7 @@ impl Config {
             retry,
             max_message_bytes,
             dead_letter,
+            calls,
             default_namespace,
             callback,
             frontdoor,

@@ -116,6 +116,16 @@ pub struct DeadLetterConfig {
     pub max_bytes: u64,
 }
 
+/// The call records of `OF_<queue>-calls` (cancels, and with `call_status` each call's state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallsConfig {
+    /// `call_status`: record each call's state, not only cancels.
+    pub status: bool,
+    /// The bucket's max_age: how long a status and a cancel are kept.
+    pub ttl: Duration,
+    pub max_bytes: u64,
+}
+
 /// Settings of the front door (`queue-worker frontdoor`), which publishes HTTP requests to
 /// the queue as the OpenFaaS gateway does.
 #[derive(Debug, Clone)]
@@ -232,6 +242,7 @@ pub struct Config {
     /// Largest payload decoded; larger messages are dead-lettered as `too_large`.
     pub max_message_bytes: usize,
     pub dead_letter: DeadLetterConfig,
+    pub calls: CallsConfig,
     pub default_namespace: String,
     pub callback: CallbackConfig,
     pub frontdoor: FrontDoorConfig,
@@ -250,6 +261,11 @@ impl Config {
     /// The JetStream stream that holds the queue.
     pub fn stream_name(&self) -> String {
         format!("OF_{}", self.queue)
+    }
+
+    /// The KV bucket of call records: `OF_<queue>-calls` (its stream is `KV_OF_<queue>-calls`).
+    pub fn calls_bucket_name(&self) -> String {
+        format!("OF_{}-calls", self.queue)
     }
 
     /// The dead-letter stream: `OF_<queue>-dead`.

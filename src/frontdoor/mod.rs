@@ -23,6 +23,7 @@
 //! of body bytes held at once, so slow or oversized clients cannot pin connections or
 //! memory.
 
+pub mod calls;
 pub mod lookup;
 
 use std::collections::{BTreeMap, HashMap};
@@ -45,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{is_queue_name, Config};
 use crate::message::function::FunctionName;
 use crate::message::request::QueueRequest;
+use crate::nats::calls::{self as call_records, CallBook, Record};
 use crate::nats::stream::{self, Layout, LayoutError};
 use crate::telemetry::metrics::FrontDoorMetrics;
 use crate::telemetry::server::{self, Health};
@@ -145,6 +147,8 @@ struct Door {
     ensuring: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Body bytes held by requests in progress (one permit a byte).
     body_budget: Arc<tokio::sync::Semaphore>,
+    /// Call records (cancels; each call's state with `call_status`).
+    calls: CallBook,
 }
 
 #[derive(Clone)]
@@ -202,6 +206,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let client = conn.client;
     let _ = health.nats.set(client.clone());
     let door = Arc::new(Door {
+        calls: CallBook::new(jetstream::new(client.clone()), config.clone()),
         js: jetstream::new(client.clone()),
         client: client.clone(),
         lookup,
@@ -532,8 +537,17 @@ impl Door {
         let queue_name = queue.clone().unwrap_or_default();
         let queue = queue.unwrap_or_else(|| self.config.queue.clone());
 
+        let method = match header_str(headers, "x-http-method-override")? {
+            None => method.as_str().to_string(),
+            Some(m) if method == Method::POST => check_method_override(m)?,
+            Some(_) => {
+                return Err(Rejection::bad(
+                    "X-HTTP-Method-Override is honoured on POST only",
+                ))
+            }
+        };
         let mut request = QueueRequest {
-            method: method.as_str().to_string(),
+            method,
             function: function.to_string(),
             path: path.to_string(),
             query_string: uri.query().unwrap_or_default().to_string(),
@@ -551,7 +565,10 @@ impl Door {
         for (name, value) in headers {
             // The call id is set once below: an empty or repeated X-Call-Id must not leave
             // the message with an id other than the one answered and used for dedup.
-            if name == header::HOST || name.as_str() == "x-call-id" {
+            if name == header::HOST
+                || name.as_str() == "x-call-id"
+                || name.as_str() == "x-http-method-override"
+            {
                 continue;
             }
             request.append_header(
@@ -598,6 +615,15 @@ impl Door {
         );
         if ack.duplicate {
             tracing::debug!(call_id, function, "duplicate submission; stored once");
+        } else if self.config.calls.status {
+            // Stored: record it as queued before answering, so a status request right
+            // after the 202 finds it. A failure here loses a status, never the call.
+            let mut record = Record::new(&call_id, call_records::State::Queued, name.qualified(), &queue);
+            record.seq = Some(ack.sequence);
+            if let Err(e) = self.calls.queued(&record).await {
+                tracing::warn!(call_id, error = %e, "call stored, but its status was not recorded");
+                self.metrics.call_request("record", "error");
+            }
         }
         Ok(call_id)
     }
@@ -683,6 +709,14 @@ async fn handle(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // As on OpenFaaS Pro's gateway, DELETE cancels a call by its id; GET asks its status.
+    // A DELETE or GET invocation is sent as a POST with X-HTTP-Method-Override.
+    if method == Method::DELETE {
+        return calls::cancel(&door, &uri).await;
+    }
+    if method == Method::GET {
+        return calls::status(&door, &uri).await;
+    }
     match door.accept(method, &uri, &headers, body).await {
         Ok(call_id) => {
             let mut response = StatusCode::ACCEPTED.into_response();
@@ -828,6 +862,17 @@ fn parse_callback(raw: &str) -> Result<String, Rejection> {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(raw.into()),
         _ => Err(Rejection::bad(format!(
             "X-Callback-Url {raw:?} is not an absolute http(s) URL"
+        ))),
+    }
+}
+
+/// The method of an invocation sent with `X-HTTP-Method-Override` (an HTTP token).
+fn check_method_override(m: &str) -> Result<String, Rejection> {
+    let m = m.to_ascii_uppercase();
+    match Method::from_bytes(m.as_bytes()) {
+        Ok(_) if m.len() <= 32 => Ok(m),
+        _ => Err(Rejection::bad(format!(
+            "X-HTTP-Method-Override {m:?} is not an HTTP method"
         ))),
     }
 }

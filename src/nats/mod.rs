@@ -1,6 +1,7 @@
 //! The NATS connection: auth and TLS from configuration, reconnect forever, and connection
 //! events turned into the reconnect metric and a generation counter the pull loop watches.
 
+pub mod calls;
 pub mod consumers;
 pub mod presence;
 pub mod stream;

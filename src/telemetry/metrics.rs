@@ -42,6 +42,8 @@ pub const NAMES: &[&str] = &[
     "queue_worker_dead_letter_failures_total",
     "queue_worker_invalid_annotations_total",
     "queue_worker_callbacks_total",
+    "queue_worker_calls_cancelled_total",
+    "queue_worker_call_status_writes_total",
     "queue_worker_callbacks_pending",
     "queue_worker_callbacks_pending_bytes",
     "queue_worker_callback_budget_wait_seconds_total",
@@ -49,6 +51,7 @@ pub const NAMES: &[&str] = &[
     "queue_worker_frontdoor_accepted_total",
     "queue_worker_frontdoor_duplicates_total",
     "queue_worker_frontdoor_rejected_total",
+    "queue_worker_frontdoor_calls_total",
     "queue_worker_frontdoor_publish_seconds",
     "queue_worker_log_lines_dropped_total",
 ];
@@ -100,6 +103,10 @@ pub struct Metrics {
     pub dead_letter_failures: Counter,
     invalid_annotations: CounterVec,
     callbacks: CounterVec,
+    /// Calls settled without running to their end because they were cancelled, by stage
+    /// (`queued`: never called; `running`: the request was dropped).
+    cancelled: CounterVec,
+    status_writes: CounterVec,
     /// Callbacks holding a place in the callback budget (waiting to be tried again or in
     /// delivery), and the bytes of their bodies.
     pub callbacks_pending: Gauge,
@@ -246,6 +253,22 @@ impl Metrics {
             &["queue_name", "result"],
         )
         .unwrap();
+        let cancelled = CounterVec::new(
+            Opts::new(
+                "queue_worker_calls_cancelled_total",
+                "Calls cancelled by their id, by stage: queued (never called) or running (the request was dropped); settled, not retried.",
+            ),
+            &["queue_name", "function_name", "stage"],
+        )
+        .unwrap();
+        let status_writes = CounterVec::new(
+            Opts::new(
+                "queue_worker_call_status_writes_total",
+                "Call records written to OF_<queue>-calls (call_status), by result: ok or error (not stored; the call is unaffected).",
+            ),
+            &["queue_name", "result"],
+        )
+        .unwrap();
         let callbacks_pending = GaugeVec::new(
             Opts::new(
                 "queue_worker_callbacks_pending",
@@ -295,6 +318,8 @@ impl Metrics {
             Box::new(dead_letter_failures.clone()),
             Box::new(invalid_annotations.clone()),
             Box::new(callbacks.clone()),
+            Box::new(cancelled.clone()),
+            Box::new(status_writes.clone()),
             Box::new(callbacks_pending.clone()),
             Box::new(callbacks_pending_bytes.clone()),
             Box::new(callback_budget_wait.clone()),
@@ -335,6 +360,8 @@ impl Metrics {
             dead_letter_failures,
             invalid_annotations,
             callbacks,
+            cancelled,
+            status_writes,
             callbacks_pending,
             callbacks_pending_bytes,
             callback_budget_wait,
@@ -442,6 +469,20 @@ impl Metrics {
             .inc();
     }
 
+    /// A call settled because it was cancelled; `stage` is `queued` or `running`.
+    pub fn cancelled(&self, f: &FunctionMetrics, stage: &str) {
+        self.cancelled
+            .with_label_values(&[&self.queue, &f.label, stage])
+            .inc();
+    }
+
+    /// A call record's write: `ok` or `error`.
+    pub fn status_write(&self, result: &str) {
+        self.status_writes
+            .with_label_values(&[&self.queue, result])
+            .inc();
+    }
+
     pub fn callback(&self, result: &str) {
         self.callbacks
             .with_label_values(&[&self.queue, result])
@@ -476,6 +517,7 @@ pub struct FrontDoorMetrics {
     accepted: CounterVec,
     duplicates: CounterVec,
     rejected: CounterVec,
+    calls: CounterVec,
     publish_seconds: HistogramVec,
     pub reconnects: Counter,
     functions: Mutex<std::collections::HashSet<String>>,
@@ -508,6 +550,14 @@ impl FrontDoorMetrics {
             &["reason"],
         )
         .unwrap();
+        let calls = CounterVec::new(
+            Opts::new(
+                "queue_worker_frontdoor_calls_total",
+                "Requests about a call by its id: op cancel (DELETE) or status (GET), by result: accepted, unknown, finished, found, off (call_status is off) or error.",
+            ),
+            &["op", "result"],
+        )
+        .unwrap();
         let publish_seconds = HistogramVec::new(
             HistogramOpts::new(
                 "queue_worker_frontdoor_publish_seconds",
@@ -528,6 +578,7 @@ impl FrontDoorMetrics {
             Box::new(accepted.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(duplicates.clone()),
             Box::new(rejected.clone()),
+            Box::new(calls.clone()),
             Box::new(publish_seconds.clone()),
             Box::new(reconnects.clone()),
             Box::new(log_lines_dropped().clone()),
@@ -542,6 +593,7 @@ impl FrontDoorMetrics {
             accepted,
             duplicates,
             rejected,
+            calls,
             publish_seconds,
             reconnects,
             functions: Mutex::default(),
@@ -571,6 +623,11 @@ impl FrontDoorMetrics {
     /// A refused request; `reason` is one of [`FRONTDOOR_REJECTIONS`].
     pub fn rejected(&self, reason: &str) {
         self.rejected.with_label_values(&[reason]).inc();
+    }
+
+    /// A cancel or status request and how it was answered.
+    pub fn call_request(&self, op: &str, result: &str) {
+        self.calls.with_label_values(&[op, result]).inc();
     }
 
     pub fn registry(&self) -> &Registry {
@@ -610,9 +667,12 @@ mod tests {
         m.dead_letter_failures.inc();
         m.invalid_annotation(&f, "com.openfaas.retry.attempts");
         m.callback("delivered");
+        m.cancelled(&f, "queued");
+        m.status_write("ok");
         m.reconnects.inc();
         let door = FrontDoorMetrics::new();
         door.accepted("faas-request", "sleep.openfaas-fn", true, 0.001);
+        door.call_request("cancel", "accepted");
         let text = m.render() + &door.render();
         for name in NAMES {
             assert!(text.contains(name), "{name} missing:\n{text}");

@@ -47,6 +47,8 @@ pub struct Callback {
     pub body: Bytes,
     /// `X-Start-Time` values of the original request.
     pub start_times: Vec<String>,
+    /// `X-Call-Status`, for a call that ended without the function's answer: `cancelled`.
+    pub state: Option<&'static str>,
 }
 
 impl Callback {
@@ -74,6 +76,9 @@ impl Callback {
         set("x-retry", self.attempt.min(self.max_attempts).to_string());
         set("x-retry-max", self.max_attempts.to_string());
         set("user-agent", USER_AGENT.to_string());
+        if let Some(state) = self.state {
+            set("x-call-status", state.to_string());
+        }
         for t in &self.start_times {
             if let Ok(v) = HeaderValue::from_str(t) {
                 h.append(HeaderName::from_static("x-start-time"), v);
@@ -362,6 +367,7 @@ mod tests {
             response_headers,
             body: Bytes::from_static(b"hello"),
             start_times: vec!["123".into()],
+            state: None,
         };
         let h = cb.headers();
         assert_eq!(h["x-call-id"], "c1");

@@ -25,8 +25,10 @@ use crate::telemetry::metrics::{FunctionMetrics, Metrics, UNKNOWN_FUNCTION};
 use crate::worker::callback::{Callback, Callbacks, Reservation};
 use crate::worker::deadletter::{DeadLetters, Entry, Reason};
 use crate::worker::invoke::Invoker;
+use crate::nats::calls::{Record, State};
 use crate::worker::job::{Decoder, Invocation, Job, Settle};
 use crate::worker::lease::with_lease;
+use crate::worker::lifecycle::{Begin, Cancels, StatusWriter};
 use crate::worker::limiter::Signal;
 use crate::worker::retry::{decide, CallResult, Decision, GiveUpReason, RetryPolicy};
 use crate::worker::slot::Slot;
@@ -70,6 +72,10 @@ pub struct Worker {
     /// Messages received and not yet settled: what this replica's presence answer says it
     /// holds (`nats/presence.rs`).
     pub held: Arc<AtomicUsize>,
+    /// The queue's cancels, watched from `OF_<queue>-calls`.
+    pub cancels: Arc<Cancels>,
+    /// Writes each call's record (`call_status`); `None` when off.
+    pub status: Option<StatusWriter>,
 }
 
 /// Counts a message as held while it lives.
@@ -112,6 +118,22 @@ struct Outcome {
     status: u16,
     headers: HeaderMap,
     body: Bytes,
+    /// `X-Call-Status` of the callback, for a call that ended without a function result
+    /// (`cancelled`).
+    state: Option<&'static str>,
+}
+
+/// The status a callback reports for a cancelled call (nginx's "client closed request",
+/// the usual code for a request its caller abandoned).
+pub const CANCELLED_STATUS: u16 = 499;
+
+/// How a call's wait ended.
+enum Ended {
+    Answered(crate::worker::invoke::Response),
+    /// The drain deadline passed: hand the message back.
+    Deadline,
+    /// Cancelled by its id: settle it, do not retry.
+    Cancelled,
 }
 
 impl Worker {
@@ -181,6 +203,15 @@ impl Worker {
         if let Some(slot) = &slot {
             slot.learn_cap(self.cap_for(&inv, &f));
         }
+        let cancel = match self.cancels.begin(&inv.call_id) {
+            Begin::Run(guard) => guard,
+            Begin::Cancelled => {
+                // Boxed: rare path.
+                Box::pin(self.settle_cancelled(&job, inv, &f, "queued", policy.max_attempts))
+                    .await;
+                return;
+            }
+        };
 
         let call_slot = match &self.calls {
             None => None,
@@ -202,6 +233,13 @@ impl Worker {
             tracing::debug!(callId = %inv.call_id, body = %String::from_utf8_lossy(&inv.request.body), "Request body");
         }
 
+        if let Some(st) = &self.status {
+            let mut r = self.record(st, &inv, &job, &f.label, State::Running);
+            r.max_attempts = Some(policy.max_attempts);
+            r.started_at = Some(r.updated_at);
+            st.write(&r).await;
+        }
+
         f.inflight.inc();
         // The body moves into the request (no copy); nothing after the call reads it.
         let body = bytes::Bytes::from(std::mem::take(&mut inv.request.body));
@@ -210,19 +248,31 @@ impl Worker {
                 .invoker
                 .call(&inv, body, inv.callback.is_some() || self.debug);
             tokio::select! {
-                resp = self.leased(&job, call) => Some(resp),
-                _ = self.deadline.cancelled() => None,
+                resp = self.leased(&job, call) => Ended::Answered(resp),
+                _ = self.deadline.cancelled() => Ended::Deadline,
+                // Dropping the call's future drops its HTTP request.
+                _ = cancel.cancelled() => Ended::Cancelled,
             }
         };
         f.inflight.dec();
         // The next prefetched message may start now; this one's pull slot is kept until
         // it is settled.
         drop(call_slot);
-        let Some(resp) = resp else {
-            tracing::warn!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, "Drain deadline reached; call abandoned and message handed back");
-            job.settle(Settle::Nak(None)).await;
-            return;
+        let resp = match resp {
+            Ended::Answered(resp) => resp,
+            Ended::Deadline => {
+                tracing::warn!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, "Drain deadline reached; call abandoned and message handed back");
+                job.settle(Settle::Nak(None)).await;
+                return;
+            }
+            Ended::Cancelled => {
+                drop(slot);
+                Box::pin(self.settle_cancelled(&job, inv, &f, "running", policy.max_attempts))
+                    .await;
+                return;
+            }
         };
+        drop(cancel);
 
         let status = resp.status_label();
         f.duration.observe(resp.duration.as_secs_f64());
@@ -258,11 +308,23 @@ impl Worker {
                 }
                 job.settle(Settle::Ack).await;
                 self.metrics.processed.inc();
+                if let Some(st) = &self.status {
+                    let mut r = self.record(st, &inv, &job, &f.label, State::Succeeded);
+                    self.ended(&mut r, &resp, policy.max_attempts);
+                    st.write(&r).await;
+                }
                 true
             }
             Decision::Retry { after } => {
                 job.settle(Settle::Nak(Some(after))).await;
                 f.retries.inc();
+                if let Some(st) = &self.status {
+                    let mut r = self.record(st, &inv, &job, &f.label, State::Waiting);
+                    self.ended(&mut r, &resp, policy.max_attempts);
+                    r.finished_at = None;
+                    r.next_attempt_at = Some(r.updated_at + after);
+                    st.write(&r).await;
+                }
                 tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, retry_in = after.as_secs_f64(), "Retry scheduled");
                 false
             }
@@ -298,7 +360,16 @@ impl Worker {
                 // later (the function's backoff, counted from the attempts allowed).
                 let extra = job.attempt.saturating_sub(policy.max_attempts) + 1;
                 // Boxed, as above: rare path, large future.
-                Box::pin(self.dead_letter(&job, &entry, &f.label, policy.base_delay(extra))).await
+                let stored =
+                    Box::pin(self.dead_letter(&job, &entry, &f.label, policy.base_delay(extra)))
+                        .await;
+                if let (true, Some(st)) = (stored, &self.status) {
+                    let mut r = self.record(st, &inv, &job, &f.label, State::Failed);
+                    self.ended(&mut r, &resp, policy.max_attempts);
+                    r.reason = Some(entry.reason.as_str().to_string());
+                    st.write(&r).await;
+                }
+                stored
             }
         };
         if !finished {
@@ -308,6 +379,7 @@ impl Worker {
             status: resp.status.unwrap_or(503),
             headers: resp.headers,
             body: resp.body,
+            state: None,
         };
         let Some(cb) = self.callback(inv, &job, outcome, policy.max_attempts) else {
             return;
@@ -324,6 +396,68 @@ impl Worker {
         // The callback has its place: the slot may go.
         drop(slot);
         self.send_callback(cb, place);
+    }
+
+    /// A call record of this job in `state`, with what every write knows.
+    fn record(
+        &self,
+        st: &StatusWriter,
+        inv: &Invocation,
+        job: &Job,
+        function: &str,
+        state: State,
+    ) -> Record {
+        let mut r = st.record(&inv.call_id, state, function);
+        r.seq = Some(job.stream_sequence);
+        r.attempt = Some(job.attempt);
+        if let Some(at) = job.queued_at() {
+            r.queued_at = at;
+        }
+        r
+    }
+
+    /// Fills in how an attempt ended.
+    fn ended(&self, r: &mut Record, resp: &crate::worker::invoke::Response, max_attempts: u32) {
+        r.max_attempts = Some(max_attempts);
+        r.status = Some(resp.status.unwrap_or(0));
+        r.duration_seconds = Some(resp.duration.as_secs_f64());
+        r.started_at = Some(r.updated_at - resp.duration);
+        r.finished_at = Some(r.updated_at);
+    }
+
+    /// Settles a cancelled call (`stage`: `queued`, never called; `running`, its request
+    /// dropped): acknowledged, so it is neither run nor retried, then recorded and its
+    /// callback told (`X-Call-Status: cancelled`).
+    async fn settle_cancelled(
+        &self,
+        job: &Job,
+        inv: Invocation,
+        f: &FunctionMetrics,
+        stage: &'static str,
+        max_attempts: u32,
+    ) {
+        job.settle(Settle::Ack).await;
+        self.metrics.processed.inc();
+        self.metrics.cancelled(f, stage);
+        tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, stage, "Cancelled");
+        if let Some(st) = &self.status {
+            let mut r = self.record(st, &inv, job, &f.label, State::Cancelled);
+            r.reason = Some(stage.to_string());
+            r.finished_at = Some(r.updated_at);
+            st.write(&r).await;
+        }
+        let outcome = Outcome {
+            status: CANCELLED_STATUS,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            state: Some("cancelled"),
+        };
+        let Some(cb) = self.callback(inv, job, outcome, max_attempts) else {
+            return;
+        };
+        if let Some((cb, place)) = self.wait_for_budget(cb).await {
+            self.send_callback(cb, place);
+        }
     }
 
     /// Runs `work` while renewing `job`'s lease every `progress_interval`; the renewal never
@@ -475,6 +609,7 @@ impl Worker {
             response_headers: outcome.headers,
             body: outcome.body,
             start_times,
+            state: outcome.state,
         };
         Some(cb)
     }

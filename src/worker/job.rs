@@ -46,6 +46,11 @@ impl Job {
         })
     }
 
+    /// When JetStream stored the message (its publish time; the same on every delivery).
+    pub fn queued_at(&self) -> Option<time::OffsetDateTime> {
+        self.message.info().ok().map(|i| i.published)
+    }
+
     pub fn payload(&self) -> &[u8] {
         &self.message.payload
     }

@@ -30,6 +30,7 @@ pub mod functions;
 pub mod invoke;
 pub mod job;
 pub mod lease;
+pub mod lifecycle;
 pub mod limiter;
 pub mod pull;
 pub mod retry;

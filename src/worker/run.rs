@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::config::{Config, ScalingMode};
+use crate::nats::calls::{self, CallsLayout};
 use crate::nats::consumers::{claim_function_mode, FunctionClaim};
 use crate::nats::presence;
 use crate::nats::stream::{self, DeadLetterLayout, Layout, LayoutError};
@@ -35,6 +36,7 @@ use crate::worker::flow::Worker;
 use crate::worker::functions::{keep_marker, FunctionPuller};
 use crate::worker::invoke::Invoker;
 use crate::worker::job::Decoder;
+use crate::worker::lifecycle::{Cancels, StatusWriter};
 use crate::worker::pull::{PullLimits, Puller};
 use crate::worker::schedule::Scheduler;
 use crate::worker::slot::{Pool, Slot};
@@ -161,17 +163,19 @@ async fn work(
     let js = async_nats::jetstream::new(client.clone());
     let layout = Layout::of(config);
     let dead_layout = DeadLetterLayout::of(config);
+    let calls_layout = CallsLayout::of(config, &config.queue);
 
     // Function mode: whether the stream is ours yet (static replicas may still be running
     // calls on their consumer; the pull loop takes it over once they have ended).
     let claimed = Arc::new(AtomicBool::new(false));
     // Set up the streams and the consumer, waiting out an unavailable server.
     let mut wait = Duration::from_millis(200);
-    let consumer_info = loop {
+    let (consumer_info, calls_store) = loop {
         let attempt = async {
             stream::ensure_stream(&js, &layout).await?;
             stream::ensure_dead_letter_stream(&js, &dead_layout).await?;
-            match config.mode {
+            let calls_store = calls::ensure_bucket(&js, &calls_layout).await?;
+            let info = match config.mode {
                 // Function mode's consumers come and go with the work (`functions.rs`); the
                 // stream is claimed first (static mode's durable goes, the marker comes).
                 ScalingMode::Function => match claim_function_mode(&js, &layout, false).await {
@@ -195,7 +199,8 @@ async fn work(
                     Err(LayoutError::Blocked(_)) => Ok(None),
                     Err(e) => Err(e),
                 },
-            }
+            }?;
+            Ok::<_, LayoutError>((info, calls_store))
         };
         let result = tokio::select! {
             r = attempt => r,
@@ -273,6 +278,12 @@ async fn work(
     let tracker = TaskTracker::new();
     let deadline = CancellationToken::new();
     let held = Arc::new(AtomicUsize::new(0));
+    // Cancels are watched until the drain has ended: a cancel must reach calls still running.
+    let cancels = Cancels::new(config.calls.ttl);
+    tokio::spawn(cancels.clone().watch(calls_store, poller_stop.clone()));
+    let status = config.calls.status.then(|| {
+        StatusWriter::new(js.clone(), &config.queue, metrics.clone(), tracker.clone())
+    });
     let worker = Arc::new(Worker {
         invoker,
         callbacks,
@@ -295,6 +306,8 @@ async fn work(
         debug: config.debug,
         warned: Default::default(),
         held: held.clone(),
+        cancels,
+        status,
     });
     // Static mode: tell a function-mode replica taking the stream over what this replica
     // holds, until the drain has ended (`nats/presence.rs`).

@@ -179,6 +179,12 @@ worker and the front door, which read the same configuration.
   value: {{ include "queue-worker.str" .Values.deadLetter.maxAge | quote }}
 - name: dead_letter_max_bytes
   value: {{ include "queue-worker.str" .Values.deadLetter.maxBytes | quote }}
+- name: call_status
+  value: {{ include "queue-worker.str" .Values.callStatus.enabled | quote }}
+- name: call_status_ttl
+  value: {{ include "queue-worker.str" .Values.callStatus.ttl | quote }}
+- name: call_status_max_bytes
+  value: {{ include "queue-worker.str" .Values.callStatus.maxBytes | quote }}
 - name: callback_max_attempts
   value: {{ include "queue-worker.str" .Values.callback.maxAttempts | quote }}
 - name: callback_timeout

@@ -1,0 +1,306 @@
+//! A call's life by its id, on the worker's side: cancels (every replica watches the
+//! queue's `c.>` keys, see `nats/calls.rs`) and, with `call_status`, the record of each
+//! call's state.
+//!
+//! A cancel that arrives before the call's message is handled is kept in [`Cancels`]; the
+//! message is then settled without a call. A cancel that finds the call running trips its
+//! token, and the job drops the HTTP request at once. Both checks and both insertions happen
+//! under one lock, so a cancel and a start that race cannot miss each other.
+//!
+//! Per job this costs one lock, a map insert and a remove (no I/O); status writes are
+//! JetStream publishes whose acknowledgement is awaited on a tracked task, never by the job,
+//! and are sent in order on the one connection, so a call's records land in the order they
+//! were written.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::nats::calls::{self, Record, State};
+use crate::telemetry::metrics::Metrics;
+
+/// Cancelled ids and running calls.
+#[derive(Default)]
+struct Registry {
+    cancelled: HashSet<String>,
+    /// When each id was cancelled, oldest first: ids older than the bucket's TTL are gone
+    /// from the bucket and are dropped here too, so memory stays bounded by the bucket.
+    order: VecDeque<(Instant, String)>,
+    /// Running calls by id: their token and how many messages share it (ids are chosen by
+    /// callers and may repeat).
+    running: HashMap<String, (CancellationToken, usize)>,
+}
+
+/// What a job learns when it starts.
+pub enum Begin {
+    /// Cancelled before it started: settle it, do not call.
+    Cancelled,
+    /// Run it; the guard's token trips if a cancel arrives meanwhile.
+    Run(Guard),
+}
+
+/// Registered as running until dropped.
+pub struct Guard {
+    cancels: Arc<Cancels>,
+    id: String,
+    token: CancellationToken,
+}
+
+impl Guard {
+    /// Resolves when the call is cancelled.
+    pub async fn cancelled(&self) {
+        self.token.cancelled().await
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.token.is_cancelled()
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let mut r = self.cancels.lock();
+        if let Some((_, n)) = r.running.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                r.running.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// The replica's view of the queue's cancels.
+pub struct Cancels {
+    registry: Mutex<Registry>,
+    ttl: Duration,
+}
+
+impl Cancels {
+    pub fn new(ttl: Duration) -> Arc<Cancels> {
+        Arc::new(Cancels {
+            registry: Mutex::new(Registry::default()),
+            ttl,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A job with `call_id` starts.
+    pub fn begin(self: &Arc<Self>, call_id: &str) -> Begin {
+        let mut r = self.lock();
+        if r.cancelled.contains(call_id) {
+            return Begin::Cancelled;
+        }
+        let token = match r.running.get_mut(call_id) {
+            Some((token, n)) => {
+                *n += 1;
+                token.clone()
+            }
+            None => {
+                let token = CancellationToken::new();
+                r.running
+                    .insert(call_id.to_string(), (token.clone(), 1));
+                token
+            }
+        };
+        Begin::Run(Guard {
+            cancels: self.clone(),
+            id: call_id.to_string(),
+            token,
+        })
+    }
+
+    /// A cancel of `call_id` was seen (written now, or found at start-up); true when it
+    /// stopped a running call.
+    pub fn cancel(&self, call_id: &str) -> bool {
+        let now = Instant::now();
+        let mut r = self.lock();
+        while let Some((at, _)) = r.order.front() {
+            if now.duration_since(*at) < self.ttl {
+                break;
+            }
+            if let Some((_, id)) = r.order.pop_front() {
+                r.cancelled.remove(&id);
+            }
+        }
+        if r.cancelled.insert(call_id.to_string()) {
+            r.order.push_back((now, call_id.to_string()));
+        }
+        match r.running.get(call_id) {
+            Some((token, _)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How many cancelled ids are remembered.
+    pub fn len(&self) -> usize {
+        self.lock().cancelled.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Watches the bucket's cancels until `stop`: those already there first, then each new
+    /// one. A watch that fails or ends (NATS restarted, bucket re-created) is started again.
+    pub async fn watch(self: Arc<Self>, store: kv::Store, stop: CancellationToken) {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            let watch = tokio::select! {
+                w = store.watch_with_history("c.>") => w,
+                _ = stop.cancelled() => return,
+            };
+            match watch {
+                Ok(mut entries) => loop {
+                    let next = tokio::select! {
+                        e = entries.next() => e,
+                        _ = stop.cancelled() => return,
+                    };
+                    match next {
+                        Some(Ok(entry)) => {
+                            wait = Duration::from_millis(100);
+                            if entry.operation != kv::Operation::Put {
+                                continue;
+                            }
+                            let Some(id) = entry.key.strip_prefix("c.").and_then(calls::id_of)
+                            else {
+                                continue;
+                            };
+                            if self.cancel(&id) {
+                                tracing::info!(callId = %id, "Cancel received; dropping the running call");
+                            } else {
+                                tracing::debug!(callId = %id, "Cancel received");
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "watching cancels failed; watching again");
+                            break;
+                        }
+                        None => break,
+                    }
+                },
+                Err(e) => tracing::warn!(error = %e, retry_in = ?wait, "cannot watch cancels; trying again"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => return,
+            }
+            wait = (wait * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Writes call records (`call_status`).
+pub struct StatusWriter {
+    js: jetstream::Context,
+    /// `$KV.<bucket>.s.`
+    prefix: String,
+    queue: String,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+}
+
+impl StatusWriter {
+    pub fn new(
+        js: jetstream::Context,
+        queue: &str,
+        metrics: Arc<Metrics>,
+        tracker: TaskTracker,
+    ) -> StatusWriter {
+        StatusWriter {
+            js,
+            prefix: format!("$KV.{}.s.", calls::bucket_name(queue)),
+            queue: queue.to_string(),
+            metrics,
+            tracker,
+        }
+    }
+
+    /// A record of this queue in `state`.
+    pub fn record(&self, call_id: &str, state: State, function: &str) -> Record {
+        Record::new(call_id, state, function, &self.queue)
+    }
+
+    /// Sends `record` now (in order with this job's earlier writes); its acknowledgement is
+    /// awaited on a tracked task, and a failure is counted and logged, never retried: a
+    /// status is information, the queue is the truth.
+    pub async fn write(&self, record: &Record) {
+        let payload = match serde_json::to_vec(record) {
+            Ok(p) => Bytes::from(p),
+            Err(_) => return,
+        };
+        let subject = format!("{}{}", self.prefix, calls::key_of(&record.call_id));
+        let metrics = self.metrics.clone();
+        match self.js.publish(subject, payload).await {
+            Ok(ack) => {
+                let call_id = record.call_id.clone();
+                self.tracker.spawn(async move {
+                    match tokio::time::timeout(Duration::from_secs(10), ack).await {
+                        Ok(Ok(_)) => metrics.status_write("ok"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(callId = %call_id, error = %e, "call status not stored");
+                            metrics.status_write("error");
+                        }
+                        Err(_) => metrics.status_write("error"),
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::debug!(callId = %record.call_id, error = %e, "call status not sent");
+                metrics.status_write("error");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_cancel_reaches_a_call_whichever_comes_first() {
+        let c = Cancels::new(Duration::from_secs(60));
+        // Cancelled before it starts: never runs.
+        assert!(!c.cancel("a"));
+        assert!(matches!(c.begin("a"), Begin::Cancelled));
+        // Started first: the cancel trips its token, and every message sharing the id.
+        let (Begin::Run(one), Begin::Run(two)) = (c.begin("b"), c.begin("b")) else {
+            panic!("b was not cancelled");
+        };
+        assert!(!one.is_cancelled());
+        assert!(c.cancel("b"));
+        assert!(one.is_cancelled() && two.is_cancelled());
+        one.cancelled().await;
+        // Once both are gone nothing is registered as running.
+        drop((one, two));
+        assert!(c.lock().running.is_empty());
+        // Another id is untouched.
+        let Begin::Run(other) = c.begin("c") else {
+            panic!("c was cancelled");
+        };
+        assert!(!other.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancels_older_than_the_bucket_ttl_are_forgotten() {
+        let c = Cancels::new(Duration::from_secs(10));
+        c.cancel("old");
+        tokio::time::advance(Duration::from_secs(11)).await;
+        c.cancel("new");
+        assert_eq!(c.len(), 1);
+        assert!(matches!(c.begin("old"), Begin::Run(_)));
+        assert!(matches!(c.begin("new"), Begin::Cancelled));
+    }
+}
