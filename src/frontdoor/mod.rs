@@ -618,7 +618,12 @@ impl Door {
         } else if self.config.calls.status {
             // Stored: record it as queued before answering, so a status request right
             // after the 202 finds it. A failure here loses a status, never the call.
-            let mut record = Record::new(&call_id, call_records::State::Queued, name.qualified(), &queue);
+            let mut record = Record::new(
+                &call_id,
+                call_records::State::Queued,
+                name.qualified(),
+                &queue,
+            );
             record.seq = Some(ack.sequence);
             if let Err(e) = self.calls.queued(&record).await {
                 tracing::warn!(call_id, error = %e, "call stored, but its status was not recorded");

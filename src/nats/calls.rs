@@ -84,11 +84,23 @@ pub struct Record {
     #[serde(with = "time::serde::rfc3339")]
     pub queued_at: OffsetDateTime,
     /// When the latest attempt started.
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub started_at: Option<OffsetDateTime>,
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub next_attempt_at: Option<OffsetDateTime>,
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub finished_at: Option<OffsetDateTime>,
     /// The function's last HTTP status (0 when it never answered).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -276,12 +288,10 @@ pub async fn ensure_bucket(
                 }
                 Response::Err { error }
                     if error.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST => {}
-                Response::Err { error } => {
-                    return Err(LayoutError::Incompatible(format!(
-                        "cannot create the call records bucket {} (call_status_max_bytes={}): {error}",
-                        layout.bucket, layout.max_bytes
-                    )))
-                }
+                Response::Err { error } => return Err(LayoutError::Incompatible(format!(
+                    "cannot create the call records bucket {} (call_status_max_bytes={}): {error}",
+                    layout.bucket, layout.max_bytes
+                ))),
             }
         }
         Response::Err { error } => return Err(unavailable(error)),
@@ -410,7 +420,10 @@ impl CallBook {
     }
 
     /// The record of `call_id` and its revision, from the first bucket that has one.
-    pub async fn find(&self, call_id: &str) -> Result<Option<(kv::Store, Record, u64)>, CallsError> {
+    pub async fn find(
+        &self,
+        call_id: &str,
+    ) -> Result<Option<(kv::Store, Record, u64)>, CallsError> {
         let key = status_key(call_id);
         for queue in self.queues().await? {
             let store = match self.existing(&queue).await? {
@@ -536,7 +549,10 @@ impl CallBook {
     pub async fn queued(&self, record: &Record) -> Result<(), CallsError> {
         let store = self.store(&record.queue).await?;
         let value = Bytes::from(serde_json::to_vec(record).map_err(failed)?);
-        match store.create(status_key(&record.call_id), value.clone()).await {
+        match store
+            .create(status_key(&record.call_id), value.clone())
+            .await
+        {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 // An older call with the same id (ended) is replaced; a worker's record of

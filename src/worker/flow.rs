@@ -21,11 +21,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::nats::calls::{Record, State};
 use crate::telemetry::metrics::{FunctionMetrics, Metrics, UNKNOWN_FUNCTION};
 use crate::worker::callback::{Callback, Callbacks, Reservation};
 use crate::worker::deadletter::{DeadLetters, Entry, Reason};
 use crate::worker::invoke::Invoker;
-use crate::nats::calls::{Record, State};
 use crate::worker::job::{Decoder, Invocation, Job, Settle};
 use crate::worker::lease::with_lease;
 use crate::worker::lifecycle::{Begin, Cancels, StatusWriter};
@@ -207,8 +207,7 @@ impl Worker {
             Begin::Run(guard) => guard,
             Begin::Cancelled => {
                 // Boxed: rare path.
-                Box::pin(self.settle_cancelled(&job, inv, &f, "queued", policy.max_attempts))
-                    .await;
+                Box::pin(self.settle_cancelled(&job, inv, &f, "queued", policy.max_attempts)).await;
                 return;
             }
         };

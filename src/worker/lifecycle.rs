@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::time::Instant;
@@ -80,6 +80,8 @@ impl Drop for Guard {
 pub struct Cancels {
     registry: Mutex<Registry>,
     ttl: Duration,
+    /// Cancelled once the bucket's cancels at start-up are in `registry`.
+    loaded: CancellationToken,
 }
 
 impl Cancels {
@@ -87,6 +89,7 @@ impl Cancels {
         Arc::new(Cancels {
             registry: Mutex::new(Registry::default()),
             ttl,
+            loaded: CancellationToken::new(),
         })
     }
 
@@ -107,8 +110,7 @@ impl Cancels {
             }
             None => {
                 let token = CancellationToken::new();
-                r.running
-                    .insert(call_id.to_string(), (token.clone(), 1));
+                r.running.insert(call_id.to_string(), (token.clone(), 1));
                 token
             }
         };
@@ -153,45 +155,30 @@ impl Cancels {
         self.len() == 0
     }
 
-    /// Watches the bucket's cancels until `stop`: those already there first, then each new
-    /// one. A watch that fails or ends (NATS restarted, bucket re-created) is started again.
-    pub async fn watch(self: Arc<Self>, store: kv::Store, stop: CancellationToken) {
+    /// Resolves once the cancels already in the bucket are loaded: the worker pulls nothing
+    /// before, so a call cancelled while no worker ran is never called.
+    pub async fn loaded(&self) {
+        self.loaded.cancelled().await
+    }
+
+    /// Watches the bucket's cancels (`c.>`) until `stop`: those already there first (then
+    /// [`Cancels::loaded`] resolves), then each new one. An ordered consumer, made again
+    /// when it fails or ends (NATS restarted, bucket re-created); cancels seen twice are
+    /// harmless.
+    pub async fn watch(
+        self: Arc<Self>,
+        js: jetstream::Context,
+        bucket: String,
+        stop: CancellationToken,
+    ) {
         let mut wait = Duration::from_millis(100);
         loop {
-            let watch = tokio::select! {
-                w = store.watch_with_history("c.>") => w,
+            let watched = tokio::select! {
+                r = self.watch_once(&js, &bucket, &mut wait) => r,
                 _ = stop.cancelled() => return,
             };
-            match watch {
-                Ok(mut entries) => loop {
-                    let next = tokio::select! {
-                        e = entries.next() => e,
-                        _ = stop.cancelled() => return,
-                    };
-                    match next {
-                        Some(Ok(entry)) => {
-                            wait = Duration::from_millis(100);
-                            if entry.operation != kv::Operation::Put {
-                                continue;
-                            }
-                            let Some(id) = entry.key.strip_prefix("c.").and_then(calls::id_of)
-                            else {
-                                continue;
-                            };
-                            if self.cancel(&id) {
-                                tracing::info!(callId = %id, "Cancel received; dropping the running call");
-                            } else {
-                                tracing::debug!(callId = %id, "Cancel received");
-                            }
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "watching cancels failed; watching again");
-                            break;
-                        }
-                        None => break,
-                    }
-                },
-                Err(e) => tracing::warn!(error = %e, retry_in = ?wait, "cannot watch cancels; trying again"),
+            if let Err(e) = watched {
+                tracing::warn!(bucket, error = %e, retry_in = ?wait, "cannot watch cancels; trying again");
             }
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -199,6 +186,60 @@ impl Cancels {
             }
             wait = (wait * 2).min(Duration::from_secs(5));
         }
+    }
+
+    async fn watch_once(
+        &self,
+        js: &jetstream::Context,
+        bucket: &str,
+        wait: &mut Duration,
+    ) -> anyhow::Result<()> {
+        let stream = js.get_stream(format!("KV_{bucket}")).await?;
+        let consumer = stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: js.client().new_inbox(),
+                filter_subject: format!("$KV.{bucket}.c.>"),
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await?;
+        let mut initial = consumer.cached_info().num_pending;
+        if initial == 0 {
+            self.loaded.cancel();
+        }
+        let mut messages = consumer.messages().await?;
+        while let Some(message) = messages.next().await {
+            let message = message?;
+            *wait = Duration::from_millis(100);
+            if initial > 0 {
+                initial -= 1;
+                if initial == 0 {
+                    self.loaded.cancel();
+                }
+            }
+            let removed = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+            if removed {
+                continue;
+            }
+            let Some(id) = message
+                .subject
+                .as_str()
+                .rsplit_once(".c.")
+                .and_then(|(_, key)| calls::id_of(key))
+            else {
+                continue;
+            };
+            if self.cancel(&id) {
+                tracing::info!(callId = %id, "Cancel received; dropping the running call");
+            } else {
+                tracing::debug!(callId = %id, "Cancel received");
+            }
+        }
+        anyhow::bail!("the watch ended")
     }
 }
 

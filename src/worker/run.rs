@@ -170,11 +170,11 @@ async fn work(
     let claimed = Arc::new(AtomicBool::new(false));
     // Set up the streams and the consumer, waiting out an unavailable server.
     let mut wait = Duration::from_millis(200);
-    let (consumer_info, calls_store) = loop {
+    let consumer_info = loop {
         let attempt = async {
             stream::ensure_stream(&js, &layout).await?;
             stream::ensure_dead_letter_stream(&js, &dead_layout).await?;
-            let calls_store = calls::ensure_bucket(&js, &calls_layout).await?;
+            calls::ensure_bucket(&js, &calls_layout).await?;
             let info = match config.mode {
                 // Function mode's consumers come and go with the work (`functions.rs`); the
                 // stream is claimed first (static mode's durable goes, the marker comes).
@@ -200,7 +200,7 @@ async fn work(
                     Err(e) => Err(e),
                 },
             }?;
-            Ok::<_, LayoutError>((info, calls_store))
+            Ok::<_, LayoutError>(info)
         };
         let result = tokio::select! {
             r = attempt => r,
@@ -219,6 +219,22 @@ async fn work(
             }
         }
     };
+    // Cancels are watched until the drain has ended (a cancel must reach calls still
+    // running); nothing is pulled before those already stored are loaded.
+    let poller_stop = CancellationToken::new();
+    let cancels = Cancels::new(config.calls.ttl);
+    tokio::spawn(cancels.clone().watch(
+        js.clone(),
+        calls_layout.bucket.clone(),
+        poller_stop.clone(),
+    ));
+    tokio::select! {
+        _ = cancels.loaded() => {}
+        _ = shutdown.cancelled() => {
+            poller_stop.cancel();
+            return Ok(());
+        }
+    }
     health.layout_ready.store(true, Ordering::Relaxed);
     let max_payload = client.server_info().max_payload as u64;
     if max_payload > config.dead_letter.max_bytes {
@@ -228,7 +244,6 @@ async fn work(
             "dead_letter_max_bytes is below the server's max_payload: one large dead letter could evict all the others"
         );
     }
-    let poller_stop = CancellationToken::new();
     let (poller, snapshots) = match config.mode {
         ScalingMode::Static => {
             tracing::info!(stream = %layout.stream, durable = %layout.durable, "Subscribed");
@@ -278,12 +293,10 @@ async fn work(
     let tracker = TaskTracker::new();
     let deadline = CancellationToken::new();
     let held = Arc::new(AtomicUsize::new(0));
-    // Cancels are watched until the drain has ended: a cancel must reach calls still running.
-    let cancels = Cancels::new(config.calls.ttl);
-    tokio::spawn(cancels.clone().watch(calls_store, poller_stop.clone()));
-    let status = config.calls.status.then(|| {
-        StatusWriter::new(js.clone(), &config.queue, metrics.clone(), tracker.clone())
-    });
+    let status = config
+        .calls
+        .status
+        .then(|| StatusWriter::new(js.clone(), &config.queue, metrics.clone(), tracker.clone()));
     let worker = Arc::new(Worker {
         invoker,
         callbacks,
