@@ -15,24 +15,24 @@ use serde_json::json;
 use super::{check_call_id, Door};
 use crate::nats::calls::{CancelOutcome, Record};
 
-/// The call id of `/async-function/<call-id>`, percent-decoded.
-fn call_id(uri: &Uri) -> Result<String, Response> {
-    let raw = uri
-        .path()
-        .strip_prefix("/async-function/")
-        .unwrap_or_default();
+/// The call id of `/async-function/<call-id>`, percent-decoded; `None` when it is not one
+/// the front door would accept.
+fn call_id(uri: &Uri) -> Option<String> {
+    let raw = uri.path().strip_prefix("/async-function/")?;
     let id = percent_encoding::percent_decode_str(raw)
         .decode_utf8()
-        .map(|s| s.into_owned())
-        .unwrap_or_default();
-    match check_call_id(&id) {
-        Ok(_) if !id.is_empty() => Ok(id),
-        _ => Err(answer(
-            StatusCode::BAD_REQUEST,
-            None,
-            json!({"error": format!("expected /async-function/<call-id> with a call id of at most {} visible ASCII characters", super::MAX_CALL_ID)}),
-        )),
-    }
+        .ok()?
+        .into_owned();
+    (!id.is_empty() && check_call_id(&id).is_ok()).then_some(id)
+}
+
+fn bad_id(door: &Door, op: &str) -> Response {
+    door.metrics.call_request(op, "bad_request");
+    answer(
+        StatusCode::BAD_REQUEST,
+        None,
+        json!({"error": format!("expected /async-function/<call-id> with a call id of at most {} visible ASCII characters", super::MAX_CALL_ID)}),
+    )
 }
 
 fn answer(status: StatusCode, call_id: Option<&str>, body: serde_json::Value) -> Response {
@@ -55,12 +55,8 @@ fn record_json(record: &Record) -> serde_json::Value {
 }
 
 pub(super) async fn cancel(door: &Door, uri: &Uri) -> Response {
-    let id = match call_id(uri) {
-        Ok(id) => id,
-        Err(r) => {
-            door.metrics.call_request("cancel", "bad_request");
-            return r;
-        }
+    let Some(id) = call_id(uri) else {
+        return bad_id(door, "cancel");
     };
     let (status, result, body) = match door.calls.cancel(&id).await {
         Ok(CancelOutcome::Accepted(record)) => {
@@ -98,12 +94,8 @@ pub(super) async fn cancel(door: &Door, uri: &Uri) -> Response {
 }
 
 pub(super) async fn status(door: &Door, uri: &Uri) -> Response {
-    let id = match call_id(uri) {
-        Ok(id) => id,
-        Err(r) => {
-            door.metrics.call_request("status", "bad_request");
-            return r;
-        }
+    let Some(id) = call_id(uri) else {
+        return bad_id(door, "status");
     };
     if !door.config.calls.status {
         door.metrics.call_request("status", "off");

@@ -288,10 +288,12 @@ pub async fn ensure_bucket(
                 }
                 Response::Err { error }
                     if error.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST => {}
-                Response::Err { error } => return Err(LayoutError::Incompatible(format!(
+                Response::Err { error } => {
+                    return Err(LayoutError::Incompatible(format!(
                     "cannot create the call records bucket {} (call_status_max_bytes={}): {error}",
                     layout.bucket, layout.max_bytes
-                ))),
+                )))
+                }
             }
         }
         Response::Err { error } => return Err(unavailable(error)),
