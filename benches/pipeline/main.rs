@@ -17,6 +17,10 @@
 //! backlog (stored → invoke start, static mode for contrast), and one worker with 5,000
 //! function consumers, first busy, then idle.
 //!
+//! Call status (issue 18, `call_status`): static mode's end-to-end run at each level with
+//! the setting off and on, alternating in the same run, so the cost of recording each
+//! call's state (two small KV writes per call) is read against its own baseline.
+//!
 //! Adaptive concurrency (issue 16, `benches/pipeline/adaptive.rs`) runs OpenFaaS's own load
 //! tests against a simulated platform (`queue_worker::dev::platform`: replicas that answer
 //! 429 above their `max_inflight`, an autoscaler), each with the limiter off and on.
@@ -27,7 +31,8 @@
 //! many-function runs measure, default both), `--backlog 10000` and `--new-functions 60`
 //! (the backlog ahead of the new functions, and new functions per run), `--consumers 5000`
 //! and `--consumer-secs 10` (function consumers, and each phase's window), `--scenarios
-//! LIST` (any of throughput,many,latency,memory,new-function,consumers,adaptive; default all),
+//! LIST` (any of throughput,status,many,latency,memory,new-function,consumers,adaptive;
+//! default all),
 //! `--adaptive-scenarios docs,blog,two` (default all), `--adaptive-runs R` (default 1) and
 //! `--adaptive-scale F` (multiplies the scenarios' time scales; default 1),
 //! `--adaptive-limiter-only` (skip the greedy baselines, for tuning; no targets then),
@@ -51,8 +56,9 @@ use report::{count, mib, micros, millis, quantile, ratio, Samples, Table};
 use scenarios::{Bench, ManyConsumers, Mode, DEFAULT_MAX_INFLIGHT};
 
 /// The scenarios `--scenarios` can pick.
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "throughput",
+    "status",
     "many",
     "latency",
     "memory",
@@ -331,6 +337,19 @@ struct Results {
     new_fn: Vec<(Mode, NewFunctionRuns)>,
     consumers: Vec<ManyConsumers>,
     adaptive: Option<adaptive::Results>,
+    /// Per level: static mode end to end with `call_status` off and on, same run.
+    status: Vec<(usize, StatusRuns)>,
+}
+
+#[derive(Default)]
+struct StatusRuns {
+    off: Samples,
+    on: Samples,
+    on_vs_off: Samples,
+    cpu_off: Samples,
+    cpu_on: Samples,
+    server_off: Samples,
+    server_on: Samples,
 }
 
 #[derive(Default)]
@@ -424,6 +443,40 @@ async fn run() -> anyhow::Result<()> {
             }
             if *level == top {
                 top_e2e = static_rate;
+            }
+        }
+        if o.runs("status") {
+            for &level in &o.levels {
+                let off = bench.end_to_end(Mode::Static, o.n, level, 1).await?;
+                bench.worker_env.push(("call_status".into(), "true".into()));
+                let on = bench.end_to_end(Mode::Static, o.n, level, 1).await;
+                bench.worker_env.pop();
+                let on = on?;
+                eprintln!(
+                    "  call_status at {level:>4}: off {:>8}/s  on {:>8}/s ({:.2} ×)  worker {:.1} / {:.1} µs CPU/call  nats-server {:.1} / {:.1}",
+                    count(off.rate),
+                    count(on.rate),
+                    on.rate / off.rate,
+                    micros_of(off.cpu_per_call),
+                    micros_of(on.cpu_per_call),
+                    micros_of(off.server_per_call),
+                    micros_of(on.server_per_call),
+                );
+                let idx = match r.status.iter().position(|(l, _)| *l == level) {
+                    Some(i) => i,
+                    None => {
+                        r.status.push((level, StatusRuns::default()));
+                        r.status.len() - 1
+                    }
+                };
+                let st = &mut r.status[idx].1;
+                st.off.push(off.rate);
+                st.on.push(on.rate);
+                st.on_vs_off.push(on.rate / off.rate);
+                st.cpu_off.push(micros_of(off.cpu_per_call));
+                st.cpu_on.push(micros_of(on.cpu_per_call));
+                st.server_off.push(micros_of(off.server_per_call));
+                st.server_on.push(micros_of(on.server_per_call));
             }
         }
         if o.functions > 1 && o.runs("many") {
@@ -783,6 +836,9 @@ fn render(o: &Options, r: &Results, bench: &Bench) -> anyhow::Result<String> {
         out.push('\n');
     }
 
+    if !r.status.is_empty() {
+        render_status(&mut out, r);
+    }
     if let Some(a) = &r.adaptive {
         out.push_str(&adaptive::render(a));
     }
@@ -914,6 +970,38 @@ fn render_function_throughput(out: &mut String, r: &Results) {
             l.fn_vs_static.show(ratio),
             medians(&l.cpu_us, &l.fn_cpu_us),
             medians(&l.server_e2e_us, &l.fn_server_us),
+        ]);
+    }
+    out.push_str(&t.render());
+    out.push('\n');
+}
+
+/// Static mode with `call_status` off and on, per level.
+fn render_status(out: &mut String, r: &Results) {
+    out.push_str("### Call status: throughput with `call_status` off and on (invocations/s)\n\n");
+    out.push_str(
+        "Static mode end to end, one function, the same jobs; the worker runs once with \
+         `call_status=false` and once with `call_status=true` at each level, in the same run. \
+         With it on, each call's record is written twice (running, then succeeded) to the KV \
+         bucket `OF_<queue>-calls`: two JetStream publishes whose acknowledgements are awaited \
+         off the job's path. \"on ÷ off\" is per run, then the median taken.\n\n",
+    );
+    let mut t = Table::new(&[
+        "max_inflight",
+        "off",
+        "on",
+        "on ÷ off",
+        "worker CPU µs/call: off / on",
+        "nats-server CPU µs/call: off / on",
+    ]);
+    for (level, st) in &r.status {
+        t.row(vec![
+            level.to_string(),
+            st.off.show(count),
+            st.on.show(count),
+            st.on_vs_off.show(ratio),
+            medians(&st.cpu_off, &st.cpu_on),
+            medians(&st.server_off, &st.server_on),
         ]);
     }
     out.push_str(&t.render());

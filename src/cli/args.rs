@@ -217,6 +217,16 @@ impl DeadFilter {
     }
 }
 
+/// An HTTP method (a token), upper-cased.
+pub fn parse_method(s: &str) -> Result<String, String> {
+    let m = s.trim().to_ascii_uppercase();
+    if !m.is_empty() && m.len() <= 32 && m.bytes().all(|b| b.is_ascii_alphabetic()) {
+        Ok(m)
+    } else {
+        Err(format!("{s:?} is not an HTTP method"))
+    }
+}
+
 /// A function name as the worker and the gateway accept it (checked again, and qualified,
 /// by [`function_name`] once the configuration names the default namespace).
 pub fn parse_function(s: &str) -> Result<String, String> {
@@ -269,6 +279,9 @@ pub struct PublishArgs {
     /// Query string without `?`.
     #[arg(long, default_value = "")]
     pub query: String,
+    /// HTTP method the function is called with.
+    #[arg(long, default_value = "POST", value_parser = parse_method)]
+    pub method: String,
     /// A function annotation as KEY=VALUE (repeatable), as the gateway copies them into the
     /// message, e.g. `--annotation com.openfaas.retry.attempts=3`.
     #[arg(long = "annotation", short = 'a', value_name = "KEY=VALUE")]

@@ -51,6 +51,7 @@ pub async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Re
                 annotations,
                 path: args.path,
                 query: args.query,
+                method: args.method,
                 callback_url: args.callback_url,
                 ..Default::default()
             };
