@@ -385,5 +385,14 @@ async fn a_method_override_queues_a_delete_invocation() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+    // The command line's way.
+    let (code, out, err) = cli(&env.nats.url(), &["publish", "things", "--method", "get"]).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    env.gateway
+        .wait_for("the second call", Duration::from_secs(10), |g| {
+            g.calls_to("things") == 2
+        })
+        .await;
+    assert_eq!(env.gateway.calls().pop().unwrap().method, reqwest::Method::GET);
     crate::support::stop(worker).await;
 }
