@@ -13,7 +13,7 @@ fn unreachable(e: crate::nats::calls::CallsError) -> CliError {
 
 fn unknown(call_id: &str) -> CliError {
     CliError::UnknownCall(format!(
-        "no call with id {call_id:?} (or its record is older than call_status_ttl)"
+        "no call with id {call_id:?}: unknown, older than call_status_ttl, or the workers run without call_status"
     ))
 }
 

@@ -168,15 +168,7 @@ async fn call(cmd: CallCommand, config: &Config) -> Result<(), CliError> {
     let book = crate::nats::calls::CallBook::new(js, config.clone());
     match cmd {
         CallCommand::Cancel { call_id, json } => cli::call::cancel(&book, &call_id, json).await,
-        CallCommand::Status { call_id, json } => {
-            if !config.calls.status {
-                return Err(CliError::Usage(
-                    "call status needs call_status=true (the workers record states only then)"
-                        .into(),
-                ));
-            }
-            cli::call::status(&book, &call_id, json).await
-        }
+        CallCommand::Status { call_id, json } => cli::call::status(&book, &call_id, json).await,
     }
 }
 

@@ -484,10 +484,11 @@ impl CallBook {
         Ok(self.find(call_id).await?.map(|(_, r, _)| r))
     }
 
-    /// Cancels `call_id`. With `call_status` the record decides the answer; the cancel is
+    /// Cancels `call_id`. A record, when there is one, decides the answer; the cancel is
     /// written to the record's bucket, and a call not yet running is marked cancelled at
-    /// once (only if no worker wrote in between). Without it, the cancel goes to every
-    /// queue's bucket and is accepted: nothing records which ids exist or ended.
+    /// once (only if no worker wrote in between). Without a record, the id is unknown with
+    /// `call_status`; without it nothing records which ids exist or ended, so the cancel
+    /// goes to every queue's bucket and is accepted.
     pub async fn cancel(&self, call_id: &str) -> Result<CancelOutcome, CallsError> {
         let cancel = Bytes::from(
             serde_json::to_vec(&json!({
@@ -498,11 +499,12 @@ impl CallBook {
             }))
             .unwrap_or_default(),
         );
-        if !self.config.calls.status {
-            let mut queues = vec![self.config.queue.clone()];
-            queues.extend(self.queues().await?);
-            queues.dedup();
-            for queue in queues {
+        let Some((store, mut record, revision)) = self.find(call_id).await? else {
+            if self.config.calls.status {
+                return Ok(CancelOutcome::Unknown);
+            }
+            // No record, and none expected: the cancel goes to every queue's bucket.
+            for queue in self.queues().await? {
                 let store = self.store(&queue).await?;
                 store
                     .put(cancel_key(call_id), cancel.clone())
@@ -510,9 +512,6 @@ impl CallBook {
                     .map_err(failed)?;
             }
             return Ok(CancelOutcome::Accepted(None));
-        }
-        let Some((store, mut record, revision)) = self.find(call_id).await? else {
-            return Ok(CancelOutcome::Unknown);
         };
         match record.state {
             State::Succeeded | State::Failed | State::Expired => {
