@@ -53,7 +53,6 @@ pub async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Re
                 query: args.query,
                 method: args.method,
                 callback_url: args.callback_url,
-                ..Default::default()
             };
             let ids = crate::message::publish::publish(&config, &sub, args.count).await?;
             crate::outln!(
