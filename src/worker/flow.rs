@@ -227,6 +227,13 @@ impl Worker {
             },
         };
 
+        // Cancelled while it waited for a call slot (prefetch): not started, so not called.
+        if cancel.is_cancelled() {
+            drop(call_slot);
+            Box::pin(self.settle_cancelled(&job, inv, &f, "queued", policy.max_attempts)).await;
+            return;
+        }
+
         tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, bytes = inv.request.body.len(), url = %inv.url, "Invoke");
         if self.debug {
             tracing::debug!(callId = %inv.call_id, body = %String::from_utf8_lossy(&inv.request.body), "Request body");
