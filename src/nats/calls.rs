@@ -278,29 +278,60 @@ pub async fn ensure_bucket(
             }
         }
         Response::Err { error } if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
-            let resp: Response<stream::Info> = js
-                .request(format!("STREAM.CREATE.{}", layout.stream()), &wanted)
-                .await
-                .map_err(unavailable)?;
-            match resp {
-                Response::Ok(_) => {
-                    tracing::info!(bucket = %layout.bucket, ttl = ?layout.ttl, max_bytes = layout.max_bytes, "Created call records bucket")
-                }
-                Response::Err { error }
-                    if error.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST => {}
-                Response::Err { error } => {
-                    return Err(LayoutError::Incompatible(format!(
-                    "cannot create the call records bucket {} (call_status_max_bytes={}): {error}",
-                    layout.bucket, layout.max_bytes
-                )))
-                }
-            }
+            create_bucket(js, layout, wanted).await?
         }
         Response::Err { error } => return Err(unavailable(error)),
     }
     js.get_key_value(layout.bucket.clone())
         .await
         .map_err(unavailable)
+}
+
+async fn create_bucket(
+    js: &jetstream::Context,
+    layout: &CallsLayout,
+    wanted: stream::Config,
+) -> Result<(), LayoutError> {
+    let create = |config: stream::Config| async move {
+        let resp: Response<stream::Info> = js
+            .request(format!("STREAM.CREATE.{}", layout.stream()), &config)
+            .await
+            .map_err(unavailable)?;
+        Ok::<_, LayoutError>(resp)
+    };
+    let error = match create(wanted.clone()).await? {
+        Response::Ok(_) => {
+            tracing::info!(bucket = %layout.bucket, ttl = ?layout.ttl, max_bytes = layout.max_bytes, "Created call records bucket");
+            return Ok(());
+        }
+        // Another process won the race.
+        Response::Err { error }
+            if error.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
+        {
+            return Ok(())
+        }
+        Response::Err { error } => error,
+    };
+    // As for the dead-letter stream: JetStream could not reserve call_status_max_bytes (a
+    // small max_file_store, an account limit). Bounded by age only is better than a worker
+    // that does not start.
+    let mut uncapped = wanted;
+    uncapped.max_bytes = -1;
+    match create(uncapped).await? {
+        Response::Ok(_) => {
+            tracing::warn!(bucket = %layout.bucket, call_status_max_bytes = layout.max_bytes, error = %error, "could not create the call records bucket with call_status_max_bytes; created it bounded by call_status_ttl only. Lower call_status_max_bytes to what JetStream can hold.");
+            Ok(())
+        }
+        Response::Err { error: second }
+            if second.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
+        {
+            Ok(())
+        }
+        Response::Err { error: second } => Err(LayoutError::Incompatible(format!(
+            "cannot create the call records bucket {} (call_status_max_bytes={}): {error}; without a size cap: {second}",
+            layout.bucket, layout.max_bytes
+        ))),
+    }
 }
 
 /// Reading or writing a record failed (NATS trouble); the caller answers 503 / exits 3.
