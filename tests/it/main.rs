@@ -12,6 +12,7 @@ mod frontdoor;
 mod function_mode;
 mod function_mode_faults;
 mod layout;
+mod lifecycle_timing;
 mod limiter;
 mod queue;
 mod reliability;
