@@ -149,4 +149,25 @@ mod layout_rules {
             Vec::<String>::new()
         );
     }
+
+    #[test]
+    fn the_timing_gate_is_pure() {
+        // When a call may run is a function of plain values: `now` is passed in, never read.
+        for io in [
+            "async_nats",
+            "crate::nats",
+            "hyper",
+            "reqwest",
+            "tokio",
+            "async fn",
+            "::now()",
+            "Instant",
+        ] {
+            assert_eq!(
+                mentioning("worker/timing.rs", io),
+                Vec::<String>::new(),
+                "worker/timing.rs uses {io}"
+            );
+        }
+    }
 }

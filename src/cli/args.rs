@@ -286,6 +286,19 @@ pub struct PublishArgs {
     /// message, e.g. `--annotation com.openfaas.retry.attempts=3`.
     #[arg(long = "annotation", short = 'a', value_name = "KEY=VALUE")]
     pub annotations: Vec<String>,
+    /// Do not start the call before this time: an RFC 3339 time (2026-05-01T12:00:00Z) or a
+    /// delay in seconds from now (30, 1.5), at most 7 days ahead. Stored as the
+    /// X-Not-Before header, in RFC 3339.
+    #[arg(long, value_name = "RFC3339|SECONDS", value_parser = parse_not_before)]
+    pub not_before: Option<String>,
+}
+
+/// `--not-before`: checked here (a usage error, exit 2), anchored to the time of publishing
+/// by the command.
+pub fn parse_not_before(s: &str) -> Result<String, String> {
+    crate::message::not_before::Spec::parse(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Args)]

@@ -5,7 +5,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::cli::{print_table, CliError};
-use crate::nats::calls::{CallBook, CancelOutcome, Record};
+use crate::nats::calls::{CallBook, CancelOutcome, Record, State};
 
 fn unreachable(e: crate::nats::calls::CallsError) -> CliError {
     CliError::NoJetStream(e.to_string())
@@ -19,21 +19,21 @@ fn unknown(call_id: &str) -> CliError {
 
 pub async fn cancel(book: &CallBook, call_id: &str, json: bool) -> Result<(), CliError> {
     match book.cancel(call_id).await.map_err(unreachable)? {
-        CancelOutcome::Accepted(record) => {
+        CancelOutcome::Accepted { found, record } => {
             if json {
                 crate::outln!(
                     "{}",
-                    serde_json::json!({"call_id": call_id, "result": "accepted", "call": record})
+                    serde_json::json!({"call_id": call_id, "result": "accepted", "state": found, "call": record})
                 );
             } else {
-                match record {
-                    Some(r) => crate::outln!(
-                        "cancelled {call_id} ({}{})",
-                        r.state.as_str(),
-                        if r.state.as_str() == "running" {
-                            ": its request is dropped by the replica running it"
-                        } else {
-                            ": it will not run"
+                match found {
+                    Some(found) => crate::outln!(
+                        "cancelled {call_id} (it was {}{})",
+                        found.as_str(),
+                        match found {
+                            State::Running => ": its request is dropped by the replica running it",
+                            State::Cancelled => " already",
+                            _ => ": it will not run",
                         }
                     ),
                     None => crate::outln!(
@@ -95,6 +95,7 @@ fn rows(r: &Record) -> Vec<Vec<String>> {
     add("duration", r.duration_seconds.map(|d| format!("{d:.3}s")));
     add("reason", r.reason.clone());
     add("queued at", time(Some(r.queued_at)));
+    add("not before", time(r.not_before));
     add("started at", time(r.started_at));
     add("next attempt at", time(r.next_attempt_at));
     add("finished at", time(r.finished_at));

@@ -37,6 +37,23 @@ pub async fn run(command: Option<Command>, config: Option<Config>) -> anyhow::Re
                     .ok_or_else(|| anyhow::anyhow!("--header {h:?}: expected 'Name: value'"))?;
                 headers.push((k.trim().to_string(), v.trim().to_string()));
             }
+            // The start time, from --not-before or a -H X-Not-Before, stored as RFC 3339 (a
+            // delay means nothing once the message waits in the stream).
+            let header = crate::message::not_before::HEADER;
+            let given: Vec<String> = headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(header))
+                .map(|(_, v)| v.clone())
+                .chain(args.not_before.clone())
+                .collect();
+            if given.len() > 1 {
+                anyhow::bail!("give the start time once: --not-before or --header '{header}: ...'");
+            }
+            if let Some(raw) = given.first() {
+                let at = crate::message::not_before::parse(raw, std::time::SystemTime::now())?;
+                headers.retain(|(k, _)| !k.eq_ignore_ascii_case(header));
+                headers.push((header.to_string(), crate::message::not_before::format(at)));
+            }
             let mut annotations = Vec::new();
             for a in &args.annotations {
                 let (k, v) = a

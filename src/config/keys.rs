@@ -51,6 +51,7 @@ keys! {
     "max_retry_wait" = "120s": "Longest delay between retries. At least 100ms.",
     "retry_http_codes" = "408,429,500,502,503,504": "HTTP status codes that are retried.",
     "backoff" = "exponential": "exponential, full (random in [0, d]) or equal (d/2 + random in [0, d/2]); empty means exponential.",
+    "max_call_age" = "0": "A call still queued this long after it became due (published, or its X-Not-Before start time) is not run: it goes to the dead-letter stream (reason expired) and its failure callback is sent. Checked at every delivery, retries included. 0: no limit. A function's com.openfaas.queue.max_age annotation overrides it.",
     "max_message_bytes" = "8MiB": "Largest message the worker decodes; a bigger one goes to the dead-letter stream (reason too_large).",
     "dead_letter_max_age" = "168h": "How long the dead-letter stream OF_<queue>-dead keeps an entry.",
     "dead_letter_max_bytes" = "1GiB": "Size cap of the dead-letter stream; when full, the oldest entries are removed.",

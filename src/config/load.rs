@@ -132,6 +132,8 @@ impl Config {
             )));
         }
 
+        let max_call_age =
+            Some(r.duration("max_call_age", Duration::ZERO, None)?).filter(|d| !d.is_zero());
         let max_message_bytes = r.size("max_message_bytes", 1024, 1 << 30)? as usize;
         let dead_letter = DeadLetterConfig {
             max_age: r.duration("dead_letter_max_age", Duration::from_secs(60), None)?,
@@ -204,6 +206,7 @@ impl Config {
             limiter,
             upstream_timeout,
             retry,
+            max_call_age,
             max_message_bytes,
             dead_letter,
             calls,

@@ -239,6 +239,9 @@ pub struct Config {
     pub limiter: bool,
     pub upstream_timeout: Duration,
     pub retry: RetryPolicy,
+    /// `max_call_age`: a call still queued this long after it became due is dead-lettered as
+    /// `expired` instead of run; `None` (0) for no limit.
+    pub max_call_age: Option<Duration>,
     /// Largest payload decoded; larger messages are dead-lettered as `too_large`.
     pub max_message_bytes: usize,
     pub dead_letter: DeadLetterConfig,

@@ -59,11 +59,12 @@ pub(super) async fn cancel(door: &Door, uri: &Uri) -> Response {
         return bad_id(door, "cancel");
     };
     let (status, result, body) = match door.calls.cancel(&id).await {
-        Ok(CancelOutcome::Accepted(record)) => {
-            tracing::info!(callId = %id, state = record.as_ref().map(|r| r.state.as_str()), "Cancel accepted");
+        Ok(CancelOutcome::Accepted { found, record }) => {
+            tracing::info!(callId = %id, found = found.map(|s| s.as_str()), "Cancel accepted");
             let mut body = json!({"call_id": id, "result": "accepted"});
-            if let Some(r) = record {
-                body["state"] = json!(r.state);
+            if let (Some(found), Some(r)) = (found, record) {
+                // The state the cancel found the call in; `call` is its record now.
+                body["state"] = json!(found);
                 body["call"] = record_json(&r);
             } else {
                 body["note"] = json!("call_status is off: the call is cancelled if it is still queued or running; an unknown or finished id is not reported");

@@ -4,9 +4,12 @@
 //!
 //! One request, in order:
 //! 1. name and path from the URL (`fn` or `fn.namespace`; 400 otherwise), body read up to
-//!    the limit (413), `X-Callback-Url` parsed (400), `X-Call-Id` kept or made;
+//!    the limit (413), `X-Callback-Url` parsed (400), `X-Not-Before` (an RFC 3339 time or a
+//!    delay in seconds from the request's arrival) checked and stored as an RFC 3339 time
+//!    (400), `X-Call-Id` kept or made;
 //! 2. optionally, the function looked up at the gateway (404 when unknown, 503 when the
-//!    gateway cannot say), which also gives its `com.openfaas.queue` and retry annotations;
+//!    gateway cannot say), which also gives its `com.openfaas.queue`, retry, maximum-age and
+//!    concurrency-cap annotations;
 //! 3. the queue chosen: `frontdoor_queues`, then the annotation, then `queue_name`;
 //! 4. the `QueueRequest` published to `<queue>.<fn>.<ns>` with `Nats-Msg-Id` =
 //!    `<call id>:<fingerprint of subject, method, path, query and body>`;
@@ -30,7 +33,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, context::PublishErrorKind};
@@ -45,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{is_queue_name, Config};
 use crate::message::function::FunctionName;
+use crate::message::not_before;
 use crate::message::request::QueueRequest;
 use crate::nats::calls::{self as call_records, CallBook, Record};
 use crate::nats::stream::{self, Layout, LayoutError};
@@ -56,6 +60,12 @@ use lookup::{Found, Lookup};
 pub const QUEUE_ANNOTATION: &str = "com.openfaas.queue";
 /// Annotations copied into the message for the worker (`com.openfaas.retry.*`).
 pub const COPIED_ANNOTATION_PREFIX: &str = "com.openfaas.retry.";
+/// Other annotations the worker reads from the message, copied too: the function's
+/// maximum age and its concurrency cap (function mode).
+pub const COPIED_ANNOTATIONS: &[&str] = &[
+    crate::worker::flow::MAX_AGE_ANNOTATION,
+    crate::worker::flow::MAX_INFLIGHT_ANNOTATION,
+];
 /// Longest `X-Call-Id` accepted: it becomes the `Nats-Msg-Id`.
 pub const MAX_CALL_ID: usize = 128;
 /// Room kept in `max_payload` for the request's headers and JSON besides the encoded body
@@ -463,6 +473,8 @@ impl Door {
         headers: &HeaderMap,
         body: Body,
     ) -> Result<String, Rejection> {
+        // A delay in `X-Not-Before` counts from here.
+        let received = SystemTime::now();
         let (name, path) = split_path(uri.path(), &self.config.default_namespace)?;
         let function = name.as_written();
         let max_payload = self.client.server_info().max_payload as u64;
@@ -494,6 +506,7 @@ impl Door {
             None => None,
             Some(raw) => Some(parse_callback(raw)?),
         };
+        let start = start_time(headers, received)?;
         let call_id = match header_str(headers, "x-call-id")? {
             Some(id) => check_call_id(id)?.to_string(),
             None => crate::message::publish::new_call_id(),
@@ -518,10 +531,10 @@ impl Door {
                     if queue.is_none() {
                         queue = self.annotated_queue(function, all.get(QUEUE_ANNOTATION));
                     }
-                    annotations.extend(
-                        all.into_iter()
-                            .filter(|(k, _)| k.starts_with(COPIED_ANNOTATION_PREFIX)),
-                    );
+                    annotations.extend(all.into_iter().filter(|(k, _)| {
+                        k.starts_with(COPIED_ANNOTATION_PREFIX)
+                            || COPIED_ANNOTATIONS.contains(&k.as_str())
+                    }));
                 }
                 Err(e) => {
                     // Logged once per failed lookup (by `Lookup`), not once per request.
@@ -565,9 +578,12 @@ impl Door {
         for (name, value) in headers {
             // The call id is set once below: an empty or repeated X-Call-Id must not leave
             // the message with an id other than the one answered and used for dedup.
+            // X-Not-Before is stored once, as the absolute time it was checked to be.
             if name == header::HOST
-                || name.as_str() == "x-call-id"
-                || name.as_str() == "x-http-method-override"
+                || matches!(
+                    name.as_str(),
+                    "x-call-id" | "x-not-before" | "x-http-method-override"
+                )
             {
                 continue;
             }
@@ -575,6 +591,9 @@ impl Door {
                 &canonical_header(name.as_str()),
                 String::from_utf8_lossy(value.as_bytes()).into_owned(),
             );
+        }
+        if let Some(at) = start {
+            request.append_header(not_before::HEADER, not_before::format(at));
         }
         request.stamp(&call_id);
         let payload = serde_json::to_vec(&request)
@@ -625,6 +644,7 @@ impl Door {
                 &queue,
             );
             record.seq = Some(ack.sequence);
+            record.not_before = start.map(time::OffsetDateTime::from);
             if let Err(e) = self.calls.queued(&record).await {
                 tracing::warn!(call_id, error = %e, "call stored, but its status was not recorded");
                 self.metrics.call_request("record", "error");
@@ -859,6 +879,24 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>,
             .to_str()
             .map(|s| Some(s.trim()).filter(|s| !s.is_empty()))
             .map_err(|_| Rejection::bad(format!("header {name} is not valid text"))),
+    }
+}
+
+/// `X-Not-Before` as an absolute time: RFC 3339, or a delay in seconds from `received`;
+/// refused (400) when malformed, negative, more than 7 days ahead, or sent twice.
+fn start_time(headers: &HeaderMap, received: SystemTime) -> Result<Option<SystemTime>, Rejection> {
+    if headers.get_all("x-not-before").iter().count() > 1 {
+        return Err(Rejection::bad(format!(
+            "{} was sent more than once; send one: {}",
+            not_before::HEADER,
+            not_before::ALLOWED
+        )));
+    }
+    match header_str(headers, "x-not-before")? {
+        None => Ok(None),
+        Some(raw) => not_before::parse(raw, received)
+            .map(Some)
+            .map_err(|e| Rejection::bad(e.to_string())),
     }
 }
 

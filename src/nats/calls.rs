@@ -83,6 +83,13 @@ pub struct Record {
     pub max_attempts: Option<u32>,
     #[serde(with = "time::serde::rfc3339")]
     pub queued_at: OffsetDateTime,
+    /// A delayed call's start time (`X-Not-Before`), on its `queued` record.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub not_before: Option<OffsetDateTime>,
     /// When the latest attempt started.
     #[serde(
         default,
@@ -129,6 +136,7 @@ impl Record {
             attempt: None,
             max_attempts: None,
             queued_at: now,
+            not_before: None,
             started_at: None,
             next_attempt_at: None,
             finished_at: None,
@@ -347,8 +355,12 @@ fn failed(e: impl std::fmt::Display) -> CallsError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum CancelOutcome {
     /// Queued, waiting to retry or running (or already cancelled): it will not run, or is
-    /// being stopped. `None` without `call_status`, when the state cannot be known.
-    Accepted(Option<Record>),
+    /// being stopped. `found` is the state the cancel found it in, `record` the record as it
+    /// is now; both `None` when there is no record to tell (without `call_status`).
+    Accepted {
+        found: Option<State>,
+        record: Option<Record>,
+    },
     /// No record of that id (only with `call_status`).
     Unknown,
     /// It already ended (succeeded, failed or expired).
@@ -542,20 +554,29 @@ impl CallBook {
                     .await
                     .map_err(failed)?;
             }
-            return Ok(CancelOutcome::Accepted(None));
+            return Ok(CancelOutcome::Accepted {
+                found: None,
+                record: None,
+            });
         };
         match record.state {
             State::Succeeded | State::Failed | State::Expired => {
                 return Ok(CancelOutcome::Finished(record))
             }
-            State::Cancelled => return Ok(CancelOutcome::Accepted(Some(record))),
+            State::Cancelled => {
+                return Ok(CancelOutcome::Accepted {
+                    found: Some(State::Cancelled),
+                    record: Some(record),
+                })
+            }
             State::Queued | State::Running | State::Waiting => {}
         }
         store
             .put(cancel_key(call_id), cancel)
             .await
             .map_err(failed)?;
-        if matches!(record.state, State::Queued | State::Waiting) {
+        let found = record.state;
+        if matches!(found, State::Queued | State::Waiting) {
             // No worker holds it: say so now. If a worker wrote meanwhile (it started the
             // call), its own record wins, and it writes `cancelled` when it stops the call.
             let was = record.state;
@@ -573,7 +594,10 @@ impl CallBook {
                 Err(e) => return Err(failed(e)),
             }
         }
-        Ok(CancelOutcome::Accepted(Some(record)))
+        Ok(CancelOutcome::Accepted {
+            found: Some(found),
+            record: Some(record),
+        })
     }
 
     /// Records a call the front door (or `publish`) just stored, unless a worker already

@@ -40,6 +40,8 @@ pub const NAMES: &[&str] = &[
     "queue_worker_concurrency_probes_total",
     "queue_worker_dead_lettered_total",
     "queue_worker_dead_letter_failures_total",
+    "queue_worker_calls_deferred_total",
+    "queue_worker_calls_expired_total",
     "queue_worker_invalid_annotations_total",
     "queue_worker_callbacks_total",
     "queue_worker_calls_cancelled_total",
@@ -79,6 +81,10 @@ pub struct FunctionMetrics {
     /// `X-OpenFaaS-Internal` or `Retry-After`.
     pub rejections: Counter,
     pub probes: Counter,
+    /// Deliveries handed back before their start time (`X-Not-Before`).
+    pub deferred: Counter,
+    /// Calls dead-lettered as `expired` (past their maximum age, never run this time).
+    pub expired: Counter,
     /// The concurrency limit last exported, so the series is set only when it changes.
     pub limit_shown: AtomicUsize,
 }
@@ -99,6 +105,8 @@ pub struct Metrics {
     rejections: CounterVec,
     concurrency_limit: GaugeVec,
     probes: CounterVec,
+    deferred: CounterVec,
+    expired: CounterVec,
     dead_lettered: CounterVec,
     pub dead_letter_failures: Counter,
     invalid_annotations: CounterVec,
@@ -221,6 +229,22 @@ impl Metrics {
             qf,
         )
         .unwrap();
+        let deferred = CounterVec::new(
+            Opts::new(
+                "queue_worker_calls_deferred_total",
+                "Deliveries handed back to JetStream before their start time (X-Not-Before), to be redelivered then; no slot or timer is kept for them.",
+            ),
+            qf,
+        )
+        .unwrap();
+        let expired = CounterVec::new(
+            Opts::new(
+                "queue_worker_calls_expired_total",
+                "Calls not run because they were still queued past their maximum age (max_call_age, com.openfaas.queue.max_age): dead-lettered as expired.",
+            ),
+            qf,
+        )
+        .unwrap();
         let dead_lettered = CounterVec::new(
             Opts::new(
                 "queue_worker_dead_lettered_total",
@@ -240,7 +264,7 @@ impl Metrics {
         let invalid_annotations = CounterVec::new(
             Opts::new(
                 "queue_worker_invalid_annotations_total",
-                "Messages whose com.openfaas.retry.* annotation was invalid and replaced by the worker's setting.",
+                "Messages whose com.openfaas.retry.* or com.openfaas.queue.* annotation was invalid and replaced by the worker's setting, or whose X-Not-Before header was invalid and ignored (annotation=\"X-Not-Before\").",
             ),
             &["queue_name", "function_name", "annotation"],
         )
@@ -314,6 +338,8 @@ impl Metrics {
             Box::new(rejections.clone()),
             Box::new(concurrency_limit.clone()),
             Box::new(probes.clone()),
+            Box::new(deferred.clone()),
+            Box::new(expired.clone()),
             Box::new(dead_lettered.clone()),
             Box::new(dead_letter_failures.clone()),
             Box::new(invalid_annotations.clone()),
@@ -356,6 +382,8 @@ impl Metrics {
             rejections,
             concurrency_limit,
             probes,
+            deferred,
+            expired,
             dead_lettered,
             dead_letter_failures,
             invalid_annotations,
@@ -393,6 +421,8 @@ impl Metrics {
             retries: self.retries.with_label_values(&values),
             rejections: self.rejections.with_label_values(&values),
             probes: self.probes.with_label_values(&values),
+            deferred: self.deferred.with_label_values(&values),
+            expired: self.expired.with_label_values(&values),
             limit_shown: AtomicUsize::new(0),
         });
         map.insert(label.to_string(), f.clone());
@@ -661,6 +691,8 @@ mod tests {
         f.retries.inc();
         f.rejections.inc();
         f.probes.inc();
+        f.deferred.inc();
+        f.expired.inc();
         m.set_concurrency_limit(&f, 3);
         f.duration.observe(0.1);
         m.dead_lettered("sleep.openfaas-fn", "attempts_exhausted");

@@ -1,5 +1,6 @@
 //! The dead-letter stream `OF_<queue>-dead`: a message the worker gave up on (attempts
-//! exhausted) or cannot run (undecodable, too large) is stored there, with why, before the
+//! exhausted), cannot run (undecodable, too large) or may no longer run (expired) is stored
+//! there, with why, before the
 //! original is terminated. Nothing leaves the work queue without a trace.
 //!
 //! An entry is the original payload, unchanged, on `<queue>-dead.<fn>.<ns>` (or
@@ -24,7 +25,8 @@ pub mod header {
     pub const REASON: &str = "Dead-Letter-Reason";
     /// The `Function` of the message as submitted (absent when it could not be read).
     pub const FUNCTION: &str = "Dead-Letter-Function";
-    /// Deliveries of the message when it was given up (the JetStream delivery count).
+    /// Attempts when it was given up: the JetStream delivery count (less a deferral to the
+    /// start time); for `expired`, the calls made before it expired.
     pub const ATTEMPTS: &str = "Dead-Letter-Attempts";
     /// The last call's result: an HTTP status, `timeout` or `error` (absent: never called).
     pub const STATUS: &str = "Dead-Letter-Status";
@@ -55,16 +57,20 @@ pub enum Reason {
     BadFunction,
     /// `Path` or `QueryString` cannot form a URL.
     BadUrl,
+    /// Still queued past its maximum age (`max_call_age`, `com.openfaas.queue.max_age`),
+    /// counted from when it became due: not run.
+    Expired,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Reason::AttemptsExhausted,
         Reason::TooLarge,
         Reason::Malformed,
         Reason::MissingFunction,
         Reason::BadFunction,
         Reason::BadUrl,
+        Reason::Expired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +81,7 @@ impl Reason {
             Reason::MissingFunction => "missing_function",
             Reason::BadFunction => "bad_function",
             Reason::BadUrl => "bad_url",
+            Reason::Expired => "expired",
         }
     }
 

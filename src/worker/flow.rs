@@ -1,6 +1,10 @@
-//! The life of one message, as a straight line: ② decode → ③ invoke (renewing the lease
-//! while the call runs) → ④ decide → ⑤ settle (ack, delayed NAK, or dead-letter then
-//! terminate) → ⑥ callback → ⑦ record.
+//! The life of one message, as a straight line: ② decode → gate (not before its start
+//! time, not past its maximum age: `timing.rs`) → ③ invoke (renewing the lease while the
+//! call runs) → ④ decide → ⑤ settle (ack, delayed NAK, or dead-letter then terminate) →
+//! ⑥ callback → ⑦ record.
+//!
+//! A call before its start time is handed straight back (NAK with the time left): it keeps
+//! no slot, task or timer here while it waits, the server holds it.
 //!
 //! The slot (semaphore permit) is held from delivery until the message is settled and its
 //! callback, if any, has a place in the callback budget; then the callback is delivered on
@@ -12,7 +16,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream;
 use bytes::Bytes;
@@ -21,6 +25,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::duration;
+use crate::message::not_before;
 use crate::nats::calls::{Record, State};
 use crate::telemetry::metrics::{FunctionMetrics, Metrics, UNKNOWN_FUNCTION};
 use crate::worker::callback::{Callback, Callbacks, Reservation};
@@ -32,6 +38,7 @@ use crate::worker::lifecycle::{Begin, Cancels, StatusWriter};
 use crate::worker::limiter::Signal;
 use crate::worker::retry::{decide, CallResult, Decision, GiveUpReason, RetryPolicy};
 use crate::worker::slot::Slot;
+use crate::worker::timing::{self, Gate};
 
 /// How long a dead-letter store may go on after the drain deadline before the message is
 /// handed back (within the 5 s the drain allows tasks after its deadline). A store that
@@ -44,6 +51,17 @@ const DRAIN_STORE_GRACE: Duration = Duration::from_secs(2);
 /// (function mode).
 pub const MAX_INFLIGHT_ANNOTATION: &str = "com.openfaas.queue.max_inflight";
 
+/// The annotation that sets a function's maximum age (a Go duration; `0` for none),
+/// overriding `max_call_age`.
+pub const MAX_AGE_ANNOTATION: &str = "com.openfaas.queue.max_age";
+
+/// The `X-Function-Status` of the callback of a call that expired: 410 Gone, the call was
+/// not run (this time) and will not be. A function's own answers reach the callback with
+/// their own status; a receiver that must tell an expiry from a function answering 410
+/// finds the explanation in the body (`text/plain`, starting with `expired:`) and the
+/// dead-letter entry.
+pub const EXPIRED_STATUS: u16 = 410;
+
 /// Shared by every job task.
 pub struct Worker {
     pub invoker: Invoker,
@@ -51,6 +69,9 @@ pub struct Worker {
     pub metrics: Arc<Metrics>,
     /// The worker's policy; a message's `com.openfaas.retry.*` annotations override it.
     pub retry: RetryPolicy,
+    /// `max_call_age` (`None`: no limit); a message's `com.openfaas.queue.max_age` overrides
+    /// it.
+    pub max_call_age: Option<Duration>,
     pub decoder: Decoder,
     pub dead_letters: DeadLetters,
     pub progress_interval: Duration,
@@ -150,7 +171,7 @@ impl Worker {
     }
 
     async fn handle(&self, msg: jetstream::Message, slot: Option<Slot>) {
-        let Some(job) = Job::new(msg) else {
+        let Some(mut job) = Job::new(msg) else {
             tracing::warn!("received a message without JetStream metadata; ignoring it");
             return;
         };
@@ -203,6 +224,12 @@ impl Worker {
         if let Some(slot) = &slot {
             slot.learn_cap(self.cap_for(&inv, &f));
         }
+        // Not before its start time, not past its maximum age (first delivery or a retry);
+        // a cancel comes first: a cancelled call is settled whatever its time.
+        let now = SystemTime::now();
+        let start = self.not_before(&inv, &job, &f);
+        let max_age = self.max_age_for(&inv, &f);
+        job.attempt = timing::attempt(job.delivered, job.published, start, now);
         let cancel = match self.cancels.begin(&inv.call_id) {
             Begin::Run(guard) => guard,
             Begin::Cancelled => {
@@ -211,6 +238,15 @@ impl Worker {
                 return;
             }
         };
+        match timing::gate(now, job.published, start, max_age) {
+            Gate::Run => {}
+            Gate::Defer(wait) => return self.defer(&job, &inv, &f, slot.take(), wait).await,
+            Gate::Expire { age } => {
+                let max_age = max_age.unwrap_or_default();
+                // Boxed: rare path, large future (a dead-letter store).
+                return Box::pin(self.expire(job, inv, &f, &policy, slot, age, max_age)).await;
+            }
+        }
 
         let call_slot = match &self.calls {
             None => None,
@@ -416,9 +452,7 @@ impl Worker {
         let mut r = st.record(&inv.call_id, state, function);
         r.seq = Some(job.stream_sequence);
         r.attempt = Some(job.attempt);
-        if let Some(at) = job.queued_at() {
-            r.queued_at = at;
-        }
+        r.queued_at = time::OffsetDateTime::from(job.published);
         r
     }
 
@@ -540,6 +574,148 @@ impl Worker {
                 None
             }
         }
+    }
+
+    /// The call's start time (`X-Not-Before`). A value that cannot be read (a producer other
+    /// than ours) is counted, logged once per function, and ignored: the call starts at once,
+    /// never dead-lettered for it.
+    fn not_before(&self, inv: &Invocation, job: &Job, f: &FunctionMetrics) -> Option<SystemTime> {
+        let value = inv
+            .request
+            .header_value(not_before::HEADER)
+            .filter(|v| !v.trim().is_empty())?;
+        match not_before::parse_stored(value, job.published) {
+            Ok(at) => Some(at),
+            Err(e) => {
+                self.metrics.invalid_annotation(f, not_before::HEADER);
+                let key = format!("{}\0{}", inv.request.function, not_before::HEADER);
+                if self.warned.first(key) {
+                    tracing::warn!(function = %inv.request.function, header = not_before::HEADER, error = %e, "Invalid start time in a message; the call starts at once (logged once per function)");
+                }
+                None
+            }
+        }
+    }
+
+    /// The maximum age of this call: the function's `com.openfaas.queue.max_age` when it set
+    /// a valid one (`0`: none), else `max_call_age`. An invalid value is counted and logged
+    /// once per value, and the setting applies.
+    fn max_age_for(&self, inv: &Invocation, f: &FunctionMetrics) -> Option<Duration> {
+        let Some(value) = inv
+            .request
+            .annotations
+            .get(MAX_AGE_ANNOTATION)
+            .filter(|v| !v.trim().is_empty())
+        else {
+            return self.max_call_age;
+        };
+        match duration::parse(value) {
+            Some(d) => Some(d).filter(|d| !d.is_zero()),
+            None => {
+                self.metrics.invalid_annotation(f, MAX_AGE_ANNOTATION);
+                let key = format!("{}\0{MAX_AGE_ANNOTATION}\0{value}", inv.request.function);
+                if self.warned.first(key) {
+                    tracing::warn!(function = %inv.request.function, annotation = MAX_AGE_ANNOTATION, value = %value, expected = "a duration like 30s, 10m or 1h (0: no limit)", "Invalid annotation; using max_call_age instead");
+                }
+                self.max_call_age
+            }
+        }
+    }
+
+    /// Before its start time: the slot goes back (with, in function mode, when to pull the
+    /// function again) and JetStream redelivers the message when the time left is up. No
+    /// slot, task or timer is held meanwhile.
+    async fn defer(
+        &self,
+        job: &Job,
+        inv: &Invocation,
+        f: &FunctionMetrics,
+        slot: Option<Slot>,
+        wait: Duration,
+    ) {
+        f.deferred.inc();
+        tracing::debug!(callId = %inv.call_id, function = %inv.request.function, delivery = job.delivered, start_in = wait.as_secs_f64(), "Not before its start time; handed back until then");
+        // Released first, so the pull loop's next request and this NAK leave in one write;
+        // the message cannot come back before the NAK's delay.
+        if let Some(slot) = slot {
+            slot.defer(wait);
+        }
+        job.settle(Settle::Nak(Some(wait))).await;
+    }
+
+    /// Past its maximum age: dead-lettered as `expired` without a call, then the failure
+    /// callback ([`EXPIRED_STATUS`], `X-Retry` = the calls made before, the reason in the
+    /// body). If the entry cannot be stored, the message stays queued and comes back.
+    #[allow(clippy::too_many_arguments)]
+    async fn expire(
+        &self,
+        job: Job,
+        inv: Invocation,
+        f: &FunctionMetrics,
+        policy: &RetryPolicy,
+        slot: Option<Slot>,
+        age: Duration,
+        max_age: Duration,
+    ) {
+        // This delivery makes no call: the calls made are the attempts before it.
+        let made = job.attempt.saturating_sub(1);
+        tracing::warn!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, age = age.as_secs_f64(), max_age = max_age.as_secs_f64(), "Expired: queued past its maximum age; moving it to the dead-letter stream without calling it");
+        let error = format!(
+            "expired: due {:.3}s ago, over its maximum age of {}; {made} call(s) made before",
+            age.as_secs_f64(),
+            duration::format(max_age)
+        );
+        let entry = Entry {
+            reason: Reason::Expired,
+            function: Some(inv.function.as_written()),
+            function_label: Some(&inv.function),
+            attempts: made,
+            last_status: None,
+            error: &error,
+            call_id: Some(&inv.call_id),
+            original_subject: job.subject(),
+            original_sequence: job.stream_sequence,
+            payload: job.payload_bytes(),
+        };
+        if !self
+            .dead_letter(&job, &entry, &f.label, policy.base_delay(1))
+            .await
+        {
+            return;
+        }
+        f.expired.inc();
+        if let Some(st) = &self.status {
+            let mut r = self.record(st, &inv, &job, &f.label, State::Expired);
+            r.attempt = Some(made);
+            r.max_attempts = Some(policy.max_attempts);
+            r.reason = Some(Reason::Expired.as_str().to_string());
+            r.finished_at = Some(r.updated_at);
+            st.write(&r).await;
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            reqwest::header::CONTENT_TYPE,
+            reqwest::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        let outcome = Outcome {
+            status: EXPIRED_STATUS,
+            headers,
+            body: Bytes::from(error),
+            state: Some("expired"),
+        };
+        let Some(mut cb) = self.callback(inv, &job, outcome, policy.max_attempts) else {
+            return;
+        };
+        cb.attempt = made;
+        let (cb, place) = match self.callbacks.try_reserve(cb.body.len()) {
+            Some(place) => (cb, place),
+            None => match self.wait_for_budget(cb).await {
+                Some(waited) => waited,
+                None => return,
+            },
+        };
+        drop(slot);
+        self.send_callback(cb, place);
     }
 
     /// Stores the message in the dead-letter stream, then terminates it. Returns whether it

@@ -2,7 +2,7 @@
 //! decoded invocation. [`Job::settle`] is the only place a [`Settle`] becomes a JetStream ack,
 //! so the meaning of every outcome is written down once.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::{self, AckKind};
 
@@ -24,10 +24,16 @@ pub enum Settle {
 /// A message as delivered, before or after decoding.
 pub struct Job {
     message: jetstream::Message,
-    /// The JetStream delivery count: 1 for the first try. It is the attempt number, so no
-    /// attempt state lives in the worker.
+    /// The attempt number: JetStream's delivery count (1 for the first try), so no attempt
+    /// state lives in the worker. The flow lowers it by one for a call whose first delivery
+    /// was deferred to its start time (`timing::attempt`).
     pub attempt: u32,
+    /// JetStream's delivery count, as delivered.
+    pub delivered: u32,
     pub stream_sequence: u64,
+    /// When the message was stored in the stream (the server's clock): a call's age counts
+    /// from here, or from its start time.
+    pub published: SystemTime,
     /// When this replica received the message; durations in callbacks count from here.
     pub received: Instant,
 }
@@ -38,17 +44,15 @@ impl Job {
         let info = message.info().ok()?;
         let attempt = u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX);
         let stream_sequence = info.stream_sequence;
+        let published = SystemTime::from(info.published);
         Some(Job {
             message,
             attempt,
+            delivered: attempt,
             stream_sequence,
+            published,
             received: Instant::now(),
         })
-    }
-
-    /// When JetStream stored the message (its publish time; the same on every delivery).
-    pub fn queued_at(&self) -> Option<time::OffsetDateTime> {
-        self.message.info().ok().map(|i| i.published)
     }
 
     pub fn payload(&self) -> &[u8] {

@@ -10,6 +10,9 @@
 //! - [`slot`]: the right to run one message, in either mode; it gives itself back on drop.
 //! - [`flow`]: one message's straight line, from delivery to callback.
 //! - [`job`]: ② a delivered message, its decode and its settle (the JetStream ack kinds).
+//! - [`timing`]: the pure gate after the decode: not before its start time (`X-Not-Before`,
+//!   a NAK until then), not past its maximum age (dead-lettered as `expired`); and the
+//!   attempt number's correction for a deferral.
 //! - [`lease`]: keeping a message's lease while it waits or its call runs.
 //! - [`invoke`] (over [`connector`]): ③ the HTTP call to the function.
 //! - [`retry`]: ④ the pure decision: ack, retry later, or give up.
@@ -38,5 +41,6 @@ pub mod run;
 pub mod schedule;
 pub mod slot;
 pub mod stale;
+pub mod timing;
 
 pub use run::{start, Running};

@@ -302,6 +302,7 @@ async fn work(
         callbacks,
         metrics: metrics.clone(),
         retry: config.retry.clone(),
+        max_call_age: config.max_call_age,
         decoder,
         dead_letters: DeadLetters::new(
             js.clone(),

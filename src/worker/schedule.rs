@@ -43,6 +43,12 @@
 //!   consecutive empty request up to 5 s (what an idle replica pays to probe functions whose work runs elsewhere: one empty pull per 5 s each). Partly filled: 200 ms, and the doubling starts
 //!   over. Any delivery (even an unexpected one) or a depth increase means there is work
 //!   and clears it. A request filled completely ends without a status and dries nothing.
+//! - **Due**: a message handed back until its start time (`X-Not-Before`, `timing.rs`) is
+//!   invisible to pulls until then, so its function's empty pulls back off towards 5 s. The
+//!   hand-back tells [`Scheduler::due`] when it returns; at that time the function's dry
+//!   time ends and its backoff starts over, so the message is pulled within moments of its
+//!   start. At most [`MAX_DUES`] such times are kept per replica (16 bytes each; beyond,
+//!   the backoff alone finds them, within 5 s); they are hints, lost with the replica.
 //! - **Cost**: O(1) amortised per slot handed out and per event, never O(functions): the
 //!   ring holds each function at most once (`in_ring`) and is pruned lazily (eligibility is
 //!   checked when an entry is popped), dry timers sit in a min-heap whose outdated entries
@@ -70,6 +76,8 @@ pub type FnId = usize;
 const DRY_BASE: Duration = Duration::from_millis(200);
 /// The longest a function stays dry, however many empty requests in a row.
 const DRY_MAX: Duration = Duration::from_secs(5);
+/// Start times of handed-back messages kept at once (see "Due" in the module docs).
+pub const MAX_DUES: usize = 10_000;
 
 /// What happened to a delivered message, see [`Scheduler::delivered`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +173,9 @@ pub struct Scheduler {
     /// `(dry_until, f)`; an entry is live while `f` is still dry until exactly then and has
     /// depth. Outdated entries are skipped; the top is always live (see `prune_wakes`).
     wakes: BinaryHeap<Reverse<(Instant, FnId)>>,
+    /// `(at, f)`: a message of `f` handed back until `at` is deliverable again then
+    /// ([`Scheduler::due`]); at most [`MAX_DUES`].
+    dues: BinaryHeap<Reverse<(Instant, FnId)>>,
     /// Functions that may hold assigned slots and no outstanding request; drained by `assign`.
     to_request: Vec<FnId>,
     /// Adaptive concurrency is on (`limiter_enabled`).
@@ -191,6 +202,7 @@ impl Scheduler {
             fns: Vec::new(),
             ring: VecDeque::new(),
             wakes: BinaryHeap::new(),
+            dues: BinaryHeap::new(),
             to_request: Vec::new(),
             adaptive: false,
             seeds: 0,
@@ -468,10 +480,26 @@ impl Scheduler {
         self.touch(f);
     }
 
-    /// The earliest instant a dry function with depth > 0 becomes eligible again (the engine
-    /// sleeps until then, then calls `assign`). `None`: no timer needed.
+    /// A message of `f` was handed back until `at` (its start time): at `at`, `f`'s dry time
+    /// ends and its empty-pull backoff starts over, so it is pulled then (see "Due" in the
+    /// module docs). A cool-down stands. Ignored past [`MAX_DUES`] start times kept; a
+    /// stale one (the function was forgotten and its id reused) costs one pull at most.
+    pub fn due(&mut self, f: FnId, at: Instant) {
+        if self.dues.len() < MAX_DUES {
+            self.dues.push(Reverse((at, f)));
+        }
+    }
+
+    /// The earliest instant a dry function with depth > 0 becomes eligible again, or a
+    /// handed-back message is due (the engine sleeps until then, then calls `assign`).
+    /// `None`: no timer needed.
     pub fn next_wake(&self) -> Option<Instant> {
-        self.wakes.peek().map(|Reverse((t, _))| *t)
+        let dry = self.wakes.peek().map(|Reverse((t, _))| *t);
+        let due = self.dues.peek().map(|Reverse((t, _))| *t);
+        match (dry, due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Slots neither assigned, requested nor running.
@@ -534,8 +562,21 @@ impl Scheduler {
         }
     }
 
-    /// Ends every dry time that is up at `now`.
+    /// Ends every dry time that is up at `now`, and those of functions with a message due.
     fn wake(&mut self, now: Instant) {
+        while let Some(&Reverse((t, f))) = self.dues.peek() {
+            if t > now {
+                break;
+            }
+            self.dues.pop();
+            if let Some(s) = self.fns.get_mut(f) {
+                if !s.cooling {
+                    s.dry_until = None;
+                    s.empty_streak = 0;
+                }
+            }
+            self.touch(f);
+        }
         while let Some(&Reverse((t, f))) = self.wakes.peek() {
             if t > now {
                 break;
@@ -900,6 +941,47 @@ mod tests {
             s.release(A);
         }
         assert_eq!(empty(&mut s), ms(200), "the doubling started over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handed_back_message_is_pulled_at_its_start_time_not_after_the_backoff() {
+        let mut s = Scheduler::new(1);
+        add(&mut s, A, 1, None);
+        assert_eq!(assign_and_fill(&mut s), vec![A]);
+        // Handed back until 1.5 s from now; its slot goes back.
+        let start = Instant::now() + ms(1_500);
+        s.due(A, start);
+        s.release(A);
+        s.check();
+        // The stream still counts it, but pulls come back empty: the backoff grows.
+        for _ in 0..3 {
+            assert_eq!(s.assign(Instant::now()), vec![(A, 1)]);
+            s.request_ended(A, Instant::now());
+            s.check();
+            let wake = s.next_wake().unwrap();
+            tokio::time::advance(wake - Instant::now()).await;
+        }
+        // 200 + 400 + 800 ms: now 1.4 s, dry until 3.0 s; the start time wakes it at 1.5 s.
+        assert_eq!(s.assign(Instant::now()), vec![(A, 1)]);
+        s.request_ended(A, Instant::now());
+        assert_eq!(
+            s.next_wake(),
+            Some(start),
+            "woken at its start, not at 3.0 s"
+        );
+        tokio::time::advance(start - Instant::now()).await;
+        assert_eq!(s.assign(Instant::now()), vec![(A, 1)]);
+        s.check();
+        // Too early after all (the server's timer): the backoff starts over at 200 ms.
+        s.request_ended(A, Instant::now());
+        assert_eq!(s.next_wake(), Some(Instant::now() + ms(200)));
+        s.check();
+        // Due times past the bound are not kept (the backoff finds those messages).
+        let mut s = Scheduler::new(1);
+        for i in 0..MAX_DUES + 5 {
+            s.due(B, Instant::now() + ms(i as u64 + 1));
+        }
+        assert_eq!(s.dues.len(), MAX_DUES);
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,6 +12,7 @@
 //! slot.
 
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
@@ -85,6 +86,26 @@ impl Slot {
             pool.wake.notify_one();
         }
         Some(observed)
+    }
+}
+
+/// How long after its start time a handed-back message is pulled in function mode: the
+/// server's redelivery timer starts when the NAK reaches it and fires about a millisecond
+/// late, so a pull at the very start time would often find nothing yet.
+const DUE_SLACK: Duration = Duration::from_millis(20);
+
+impl Slot {
+    /// The message was handed back (NAK) to be redelivered `wait` from now, its start time;
+    /// the slot goes back. Function mode pulls the function again then (plus
+    /// [`DUE_SLACK`]) rather than after its empty-pull backoff, which may have grown to 5 s
+    /// while the message was invisible ([`Scheduler::due`]). Static mode's pull requests
+    /// wait on the server, which delivers the message to them when it is due.
+    pub fn defer(self, wait: Duration) {
+        if let Held::Function { function, pool, .. } = &self.0 {
+            if let Some(at) = tokio::time::Instant::now().checked_add(wait + DUE_SLACK) {
+                pool.lock().due(*function, at);
+            }
+        }
     }
 }
 

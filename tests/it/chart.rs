@@ -391,6 +391,7 @@ fn default_values_give_openfaas_defaults_probes_and_a_locked_down_pod() {
     assert_eq!(c.nats.urls, ["nats://nats.openfaas:4222"]);
     assert!(matches!(c.nats.auth, NatsAuth::None));
     assert_eq!(c.drain_timeout, Duration::from_secs(25));
+    assert_eq!(c.max_call_age, None, "no maximum age unless set");
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 
     // faas-netes' selector, so `helm upgrade` from their chart keeps the Deployment.
@@ -483,6 +484,7 @@ fn every_option_renders_objects_that_fit_together() {
             .unwrap()
     );
     assert_eq!(c.drain_timeout, Duration::from_secs(60));
+    assert_eq!(c.max_call_age, Some(Duration::from_secs(6 * 3600)));
     assert_eq!(c.stream_poll_interval, Duration::from_secs(2), "extraEnv");
     assert_eq!(
         s(at(
@@ -741,6 +743,8 @@ fn bad_values_are_refused_naming_the_value() {
         ("upstreamTimeout=60", "/upstreamTimeout"),
         ("nats.consumer.ackWait=30", "/nats/consumer/ackWait"),
         ("maxRetryWait=120", "/maxRetryWait"),
+        ("maxCallAge=3600", "/maxCallAge"),
+        ("maxCallAge=-1h", "/maxCallAge"),
         // Below the worker's floors: refused at install, not in a crash-looping pod.
         ("initialRetryWait=0", "/initialRetryWait"),
         ("initialRetryWait=50ms", "/initialRetryWait"),

@@ -508,6 +508,8 @@ async fn unknown_functions_get_404_and_annotations_choose_the_queue() {
         &[
             ("com.openfaas.queue", "slow-fns"),
             ("com.openfaas.retry.attempts", "2"),
+            ("com.openfaas.queue.max_age", "10m"),
+            ("com.openfaas.queue.max_inflight", "3"),
             ("com.openfaas.scale.max", "5"),
         ],
     );
@@ -576,6 +578,13 @@ async fn unknown_functions_get_404_and_annotations_choose_the_queue() {
             .map(String::as_str),
         Some("2")
     );
+    // The worker also reads these two from the message.
+    for (k, v) in [
+        ("com.openfaas.queue.max_age", "10m"),
+        ("com.openfaas.queue.max_inflight", "3"),
+    ] {
+        assert_eq!(req.annotations.get(k).map(String::as_str), Some(v), "{k}");
+    }
     assert!(!req.annotations.contains_key("com.openfaas.scale.max"));
     let default = stream_messages(&js, "OF_faas-request").await;
     assert_eq!(default.len(), 21);

@@ -202,7 +202,7 @@ async fn a_cancel_reaches_the_replica_that_runs_the_call() {
     let (code, out, err) = cli(&env.nats.url(), &["call", "cancel", &second]).await;
     assert_eq!(code, Some(0), "{out}{err}");
     // The CLI runs without call_status of its own; the workers' record tells it the state.
-    assert!(out.contains("(running"), "{out}");
+    assert!(out.contains("(it was running"), "{out}");
     env.gateway.wait_callbacks(2).await;
     assert!(asked.elapsed() < Duration::from_secs(3));
     assert_eq!(
@@ -397,5 +397,58 @@ async fn a_method_override_queues_a_delete_invocation() {
         env.gateway.calls().pop().unwrap().method,
         reqwest::Method::GET
     );
+    crate::support::stop(worker).await;
+}
+
+/// A delayed call shows its start time while queued, and can be cancelled before it: it is
+/// never called, whatever its time. A call queued past its maximum age shows `expired`, and
+/// its callback says so.
+#[tokio::test]
+async fn delayed_and_expired_calls_in_status_and_cancel() {
+    let env = Env::start().await;
+    let on = [("call_status", "true"), ("max_call_age", "1s")];
+    let door = env.frontdoor(&on).await;
+    let r = reqwest::Client::new()
+        .post(url(&door, "/async-function/later"))
+        .header("X-Not-Before", "30")
+        .header("X-Callback-Url", env.gateway.callback_url("later"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let later = r.headers()["x-call-id"].to_str().unwrap().to_string();
+    let queued = wait_state(&door, &later, "queued", |v| state(v) == "queued").await;
+    let at = |v: &Value, field: &str| {
+        time::OffsetDateTime::parse(
+            v[field].as_str().unwrap(),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap()
+    };
+    let ahead = at(&queued, "not_before") - at(&queued, "queued_at");
+    assert!(
+        ahead > time::Duration::seconds(29) && ahead < time::Duration::seconds(31),
+        "{queued}"
+    );
+    let old = post(&door, &env, "stale", "stale").await;
+    // Older than max_call_age by the time a worker sees it.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, body) = delete(&door, &later).await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["state"], "queued", "{body}");
+    let worker = env.worker(&on).await;
+    env.gateway.wait_callbacks(2).await;
+    assert_eq!(env.gateway.calls().len(), 0, "neither call runs");
+    assert_eq!(
+        env.gateway.callback_for("later").header("x-call-status"),
+        "cancelled"
+    );
+    let expired = env.gateway.callback_for("stale");
+    assert_eq!(expired.header("x-call-status"), "expired");
+    let record = wait_state(&door, &old, "expired", |v| state(v) == "expired").await;
+    assert_eq!(record["reason"], "expired", "{record}");
+    assert_eq!(delete(&door, &old).await.0, 409);
+    let record = wait_state(&door, &later, "cancelled", |v| state(v) == "cancelled").await;
+    assert_eq!(record["reason"], "queued", "{record}");
     crate::support::stop(worker).await;
 }

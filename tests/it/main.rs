@@ -13,6 +13,7 @@ mod function_mode;
 mod function_mode_faults;
 mod layout;
 mod lifecycle;
+mod lifecycle_timing;
 mod limiter;
 mod queue;
 mod reliability;

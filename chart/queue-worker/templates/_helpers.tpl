@@ -175,6 +175,8 @@ worker and the front door, which read the same configuration.
   value: {{ include "queue-worker.str" .Values.drainTimeout | quote }}
 - name: max_message_bytes
   value: {{ include "queue-worker.str" .Values.maxMessageBytes | quote }}
+- name: max_call_age
+  value: {{ include "queue-worker.str" .Values.maxCallAge | quote }}
 - name: dead_letter_max_age
   value: {{ include "queue-worker.str" .Values.deadLetter.maxAge | quote }}
 - name: dead_letter_max_bytes
