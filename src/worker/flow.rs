@@ -240,7 +240,10 @@ impl Worker {
         };
         match timing::gate(now, job.published, start, max_age) {
             Gate::Run => {}
-            Gate::Defer(wait) => return self.defer(&job, &inv, &f, slot.take(), wait).await,
+            Gate::Defer(wait) => {
+                // Boxed: rare path (as are the status writes below, off by default).
+                return Box::pin(self.defer(&job, &inv, &f, slot.take(), wait)).await;
+            }
             Gate::Expire { age } => {
                 let max_age = max_age.unwrap_or_default();
                 // Boxed: rare path, large future (a dead-letter store).
@@ -279,7 +282,7 @@ impl Worker {
             let mut r = self.record(st, &inv, &job, &f.label, State::Running);
             r.max_attempts = Some(policy.max_attempts);
             r.started_at = Some(r.updated_at);
-            st.write(&r).await;
+            Box::pin(st.write(r)).await;
         }
 
         f.inflight.inc();
@@ -353,7 +356,7 @@ impl Worker {
                 if let Some(st) = &self.status {
                     let mut r = self.record(st, &inv, &job, &f.label, State::Succeeded);
                     self.ended(&mut r, &resp, policy.max_attempts);
-                    st.write(&r).await;
+                    Box::pin(st.write(r)).await;
                 }
                 true
             }
@@ -365,7 +368,7 @@ impl Worker {
                     self.ended(&mut r, &resp, policy.max_attempts);
                     r.finished_at = None;
                     r.next_attempt_at = Some(r.updated_at + after);
-                    st.write(&r).await;
+                    Box::pin(st.write(r)).await;
                 }
                 tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, retry_in = after.as_secs_f64(), "Retry scheduled");
                 false
@@ -409,7 +412,7 @@ impl Worker {
                     let mut r = self.record(st, &inv, &job, &f.label, State::Failed);
                     self.ended(&mut r, &resp, policy.max_attempts);
                     r.reason = Some(entry.reason.as_str().to_string());
-                    st.write(&r).await;
+                    Box::pin(st.write(r)).await;
                 }
                 stored
             }
@@ -484,7 +487,7 @@ impl Worker {
             let mut r = self.record(st, &inv, job, &f.label, State::Cancelled);
             r.reason = Some(stage.to_string());
             r.finished_at = Some(r.updated_at);
-            st.write(&r).await;
+            Box::pin(st.write(r)).await;
         }
         let outcome = Outcome {
             status: CANCELLED_STATUS,
@@ -690,7 +693,7 @@ impl Worker {
             r.max_attempts = Some(policy.max_attempts);
             r.reason = Some(Reason::Expired.as_str().to_string());
             r.finished_at = Some(r.updated_at);
-            st.write(&r).await;
+            Box::pin(st.write(r)).await;
         }
         let mut headers = HeaderMap::new();
         headers.insert(

@@ -277,8 +277,11 @@ impl StatusWriter {
     /// Sends `record` now (in order with this job's earlier writes); its acknowledgement is
     /// awaited on a tracked task, and a failure is counted and logged, never retried: a
     /// status is information, the queue is the truth.
-    pub async fn write(&self, record: &Record) {
-        let payload = match serde_json::to_vec(record) {
+    ///
+    /// Takes the record by value, so a caller that boxes this future (the job's task does,
+    /// to keep its own future small when status is off) keeps nothing of it in its frame.
+    pub async fn write(&self, record: Record) {
+        let payload = match serde_json::to_vec(&record) {
             Ok(p) => Bytes::from(p),
             Err(_) => return,
         };
