@@ -28,12 +28,14 @@ pub async fn cancel(book: &CallBook, call_id: &str, json: bool) -> Result<(), Cl
             } else {
                 match found {
                     Some(found) => crate::outln!(
-                        "cancelled {call_id} (it was {}{})",
+                        "cancelled {call_id} (last recorded {}{})",
                         found.as_str(),
                         match found {
                             State::Running => ": its request is dropped by the replica running it",
-                            State::Cancelled => " already",
-                            _ => ": it will not run",
+                            State::Cancelled => ": it was cancelled already",
+                            // A call that started less than 100 ms ago is still recorded as
+                            // queued or waiting; it is dropped like a running one.
+                            _ => ": it will not run, or is dropped if it just started",
                         }
                     ),
                     None => crate::outln!(
