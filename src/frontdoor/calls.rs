@@ -74,7 +74,7 @@ pub(super) async fn cancel(door: &Door, uri: &Uri) -> Response {
         Ok(CancelOutcome::Unknown) => (
             StatusCode::NOT_FOUND,
             "unknown",
-            json!({"call_id": id, "error": "no call with this id (or its record is older than call_status_ttl)"}),
+            json!({"call_id": id, "error": "no call with this id (or its record is older than call_status_ttl)", "note": "the cancel is kept all the same: a call queued without a record (by the OpenFaaS gateway or queue-worker publish) will not run"}),
         ),
         Ok(CancelOutcome::Finished(r)) => (
             StatusCode::CONFLICT,

@@ -529,9 +529,9 @@ impl CallBook {
 
     /// Cancels `call_id`. A record, when there is one, decides the answer; the cancel is
     /// written to the record's bucket, and a call not yet running is marked cancelled at
-    /// once (only if no worker wrote in between). Without a record, the id is unknown with
-    /// `call_status`; without it nothing records which ids exist or ended, so the cancel
-    /// goes to every queue's bucket and is accepted.
+    /// once (only if no worker wrote in between). Without a record the cancel goes to every
+    /// queue's bucket; the id is then unknown with `call_status`, and accepted without it
+    /// (nothing records which ids exist or ended).
     pub async fn cancel(&self, call_id: &str) -> Result<CancelOutcome, CallsError> {
         let cancel = Bytes::from(
             serde_json::to_vec(&json!({
@@ -543,16 +543,18 @@ impl CallBook {
             .unwrap_or_default(),
         );
         let Some((store, mut record, revision)) = self.find(call_id).await? else {
-            if self.config.calls.status {
-                return Ok(CancelOutcome::Unknown);
-            }
-            // No record, and none expected: the cancel goes to every queue's bucket.
+            // No record: the cancel goes to every queue's bucket all the same, since a call
+            // put on the queue by a publisher that records nothing (the OpenFaaS gateway,
+            // `queue-worker publish`) has none until a worker starts it.
             for queue in self.queues().await? {
                 let store = self.store(&queue).await?;
                 store
                     .put(cancel_key(call_id), cancel.clone())
                     .await
                     .map_err(failed)?;
+            }
+            if self.config.calls.status {
+                return Ok(CancelOutcome::Unknown);
             }
             return Ok(CancelOutcome::Accepted {
                 found: None,

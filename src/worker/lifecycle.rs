@@ -168,15 +168,25 @@ impl Cancels {
     pub async fn watch(
         self: Arc<Self>,
         js: jetstream::Context,
-        bucket: String,
+        layout: calls::CallsLayout,
         stop: CancellationToken,
     ) {
+        let bucket = layout.bucket.clone();
         let mut wait = Duration::from_millis(100);
+        let mut first = true;
         loop {
+            // After a failure the bucket may be gone (deleted by an operator): made again,
+            // as the dead-letter stream is.
             let watched = tokio::select! {
-                r = self.watch_once(&js, &bucket, &mut wait) => r,
+                r = async {
+                    if !first {
+                        calls::ensure_bucket(&js, &layout).await?;
+                    }
+                    self.watch_once(&js, &bucket, &mut wait).await
+                } => r,
                 _ = stop.cancelled() => return,
             };
+            first = false;
             if let Err(e) = watched {
                 tracing::warn!(bucket, error = %e, retry_in = ?wait, "cannot watch cancels; trying again");
             }

@@ -223,11 +223,11 @@ async fn work(
     // running); nothing is pulled before those already stored are loaded.
     let poller_stop = CancellationToken::new();
     let cancels = Cancels::new(config.calls.ttl);
-    tokio::spawn(cancels.clone().watch(
-        js.clone(),
-        calls_layout.bucket.clone(),
-        poller_stop.clone(),
-    ));
+    tokio::spawn(
+        cancels
+            .clone()
+            .watch(js.clone(), calls_layout.clone(), poller_stop.clone()),
+    );
     tokio::select! {
         _ = cancels.loaded() => {}
         _ = shutdown.cancelled() => {

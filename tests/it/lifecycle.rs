@@ -455,3 +455,31 @@ async fn delayed_and_expired_calls_in_status_and_cancel() {
     assert_eq!(record["reason"], "queued", "{record}");
     crate::support::stop(worker).await;
 }
+
+/// With `call_status` on, a call put on the queue without a record (by `publish`, as the
+/// OpenFaaS gateway does) is unknown to a cancel (404), but the cancel is kept: the call
+/// never runs.
+#[tokio::test]
+async fn a_call_queued_without_a_record_is_cancelled_all_the_same() {
+    let env = Env::start().await;
+    let on = [("call_status", "true")];
+    let door = env.frontdoor(&on).await;
+    let mut sub = crate::support::job("plain", &env);
+    sub.body = b"x".to_vec();
+    let ids = queue_worker::message::publish::publish(&env.config(&[]), &sub, 1)
+        .await
+        .unwrap();
+    let (status, body) = delete(&door, &ids[0]).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(get(&door, &ids[0]).await.0, 404);
+    let worker = env.worker(&on).await;
+    env.gateway.wait_callbacks(1).await;
+    assert_eq!(env.gateway.calls_to("plain"), 0);
+    assert_eq!(
+        env.gateway.callback_for("plain").header("x-call-status"),
+        "cancelled"
+    );
+    let record = wait_state(&door, &ids[0], "cancelled", |v| state(v) == "cancelled").await;
+    assert_eq!(record["reason"], "queued", "{record}");
+    crate::support::stop(worker).await;
+}
