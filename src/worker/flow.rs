@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream;
 use bytes::Bytes;
+use futures_util::future::{Abortable, Aborted};
 use reqwest::header::HeaderMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -233,8 +234,8 @@ impl Worker {
         let start = self.not_before(&inv, &job, &f);
         let max_age = self.max_age_for(&inv, &f);
         job.attempt = timing::attempt(job.delivered, job.published, start, now);
-        let cancel = match self.cancels.begin(&inv.call_id) {
-            Begin::Run(guard) => guard,
+        let (cancel, abort) = match self.cancels.begin(&inv.call_id) {
+            Begin::Run(guard, abort) => (guard, abort),
             Begin::Cancelled => {
                 // Boxed: rare path.
                 Box::pin(self.settle_cancelled(&job, inv, &f, "queued", policy.max_attempts)).await;
@@ -297,7 +298,8 @@ impl Worker {
             let call = self
                 .invoker
                 .call(&inv, body, inv.callback.is_some() || self.debug);
-            let call = self.leased(&job, call);
+            // A cancel aborts the call: its future, and with it the HTTP request, is dropped.
+            let call = Abortable::new(self.leased(&job, call), abort);
             tokio::pin!(call);
             loop {
                 let announce = async {
@@ -307,10 +309,11 @@ impl Worker {
                     }
                 };
                 tokio::select! {
-                    resp = &mut call => break Ended::Answered(resp),
+                    resp = &mut call => break match resp {
+                        Ok(resp) => Ended::Answered(resp),
+                        Err(Aborted) => Ended::Cancelled,
+                    },
                     _ = self.deadline.cancelled() => break Ended::Deadline,
-                    // Dropping the call's future drops its HTTP request.
-                    _ = cancel.cancelled() => break Ended::Cancelled,
                     _ = announce => {
                         if let (Some(st), Some(mut r)) = (&self.status, running.take()) {
                             r.updated_at = time::OffsetDateTime::now_utc();

@@ -18,11 +18,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
+use futures_util::future::{AbortHandle, AbortRegistration};
 use futures_util::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::message::fingerprint::Fnv1a;
 use crate::nats::calls::{self, Record, State};
 use crate::telemetry::metrics::Metrics;
 
@@ -33,46 +35,43 @@ struct Registry {
     /// When each id was cancelled, oldest first: ids older than the bucket's TTL are gone
     /// from the bucket and are dropped here too, so memory stays bounded by the bucket.
     order: VecDeque<(Instant, String)>,
-    /// Running calls by id: their token and how many messages share it (ids are chosen by
-    /// callers and may repeat).
-    running: HashMap<String, (CancellationToken, usize)>,
+    /// Running calls by (FNV-1a 64 of the call id, a number of the job's own): no copy of
+    /// the id per job. Ids are chosen by callers and may repeat, so a cancel stops every
+    /// job with the id's hash (a scan of at most `max_inflight` entries, only on a cancel).
+    running: HashMap<(u64, u64), AbortHandle>,
+    next: u64,
+}
+
+fn hash(call_id: &str) -> u64 {
+    Fnv1a::default().bytes(call_id.as_bytes()).finish()
 }
 
 /// What a job learns when it starts.
 pub enum Begin {
     /// Cancelled before it started: settle it, do not call.
     Cancelled,
-    /// Run it; the guard's token trips if a cancel arrives meanwhile.
-    Run(Guard),
+    /// Run it inside `Abortable::new(call, registration)`: a cancel arriving meanwhile
+    /// aborts it (an atomic flag checked at each poll; no lock on the call's path).
+    Run(Guard, AbortRegistration),
 }
 
 /// Registered as running until dropped.
 pub struct Guard {
     cancels: Arc<Cancels>,
-    id: String,
-    token: CancellationToken,
+    key: (u64, u64),
+    handle: AbortHandle,
 }
 
 impl Guard {
-    /// Resolves when the call is cancelled.
-    pub async fn cancelled(&self) {
-        self.token.cancelled().await
-    }
-
+    /// A cancel arrived since the job began.
     pub fn is_cancelled(&self) -> bool {
-        self.token.is_cancelled()
+        self.handle.is_aborted()
     }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let mut r = self.cancels.lock();
-        if let Some((_, n)) = r.running.get_mut(&self.id) {
-            *n -= 1;
-            if *n == 0 {
-                r.running.remove(&self.id);
-            }
-        }
+        self.cancels.lock().running.remove(&self.key);
     }
 }
 
@@ -99,32 +98,31 @@ impl Cancels {
 
     /// A job with `call_id` starts.
     pub fn begin(self: &Arc<Self>, call_id: &str) -> Begin {
+        let h = hash(call_id);
+        let (handle, registration) = AbortHandle::new_pair();
         let mut r = self.lock();
-        if r.cancelled.contains(call_id) {
+        if !r.cancelled.is_empty() && r.cancelled.contains(call_id) {
             return Begin::Cancelled;
         }
-        let token = match r.running.get_mut(call_id) {
-            Some((token, n)) => {
-                *n += 1;
-                token.clone()
-            }
-            None => {
-                let token = CancellationToken::new();
-                r.running.insert(call_id.to_string(), (token.clone(), 1));
-                token
-            }
-        };
-        Begin::Run(Guard {
-            cancels: self.clone(),
-            id: call_id.to_string(),
-            token,
-        })
+        let key = (h, r.next);
+        r.next = r.next.wrapping_add(1);
+        r.running.insert(key, handle.clone());
+        drop(r);
+        Begin::Run(
+            Guard {
+                cancels: self.clone(),
+                key,
+                handle,
+            },
+            registration,
+        )
     }
 
     /// A cancel of `call_id` was seen (written now, or found at start-up); true when it
     /// stopped a running call.
     pub fn cancel(&self, call_id: &str) -> bool {
         let now = Instant::now();
+        let h = hash(call_id);
         let mut r = self.lock();
         while let Some((at, _)) = r.order.front() {
             if now.duration_since(*at) < self.ttl {
@@ -137,13 +135,14 @@ impl Cancels {
         if r.cancelled.insert(call_id.to_string()) {
             r.order.push_back((now, call_id.to_string()));
         }
-        match r.running.get(call_id) {
-            Some((token, _)) => {
-                token.cancel();
-                true
+        let mut stopped = false;
+        for ((of, _), handle) in &r.running {
+            if *of == h {
+                handle.abort();
+                stopped = true;
             }
-            None => false,
         }
+        stopped
     }
 
     /// How many cancelled ids are remembered.
@@ -323,27 +322,41 @@ impl StatusWriter {
 mod tests {
     use super::*;
 
+    fn run(
+        c: &Arc<Cancels>,
+        id: &str,
+    ) -> (
+        Guard,
+        futures_util::future::Abortable<std::future::Pending<()>>,
+    ) {
+        match c.begin(id) {
+            Begin::Run(guard, reg) => (
+                guard,
+                futures_util::future::Abortable::new(std::future::pending(), reg),
+            ),
+            Begin::Cancelled => panic!("{id} was cancelled"),
+        }
+    }
+
     #[tokio::test]
     async fn a_cancel_reaches_a_call_whichever_comes_first() {
         let c = Cancels::new(Duration::from_secs(60));
         // Cancelled before it starts: never runs.
         assert!(!c.cancel("a"));
         assert!(matches!(c.begin("a"), Begin::Cancelled));
-        // Started first: the cancel trips its token, and every message sharing the id.
-        let (Begin::Run(one), Begin::Run(two)) = (c.begin("b"), c.begin("b")) else {
-            panic!("b was not cancelled");
-        };
+        // Started first: the cancel aborts it, and every message sharing the id.
+        let (one, call_one) = run(&c, "b");
+        let (two, call_two) = run(&c, "b");
         assert!(!one.is_cancelled());
         assert!(c.cancel("b"));
         assert!(one.is_cancelled() && two.is_cancelled());
-        one.cancelled().await;
+        assert!(call_one.await.is_err(), "the call is aborted");
+        assert!(call_two.await.is_err());
         // Once both are gone nothing is registered as running.
         drop((one, two));
         assert!(c.lock().running.is_empty());
         // Another id is untouched.
-        let Begin::Run(other) = c.begin("c") else {
-            panic!("c was cancelled");
-        };
+        let (other, _) = run(&c, "c");
         assert!(!other.is_cancelled());
     }
 
@@ -354,7 +367,7 @@ mod tests {
         tokio::time::advance(Duration::from_secs(11)).await;
         c.cancel("new");
         assert_eq!(c.len(), 1);
-        assert!(matches!(c.begin("old"), Begin::Run(_)));
+        assert!(matches!(c.begin("old"), Begin::Run(..)));
         assert!(matches!(c.begin("new"), Begin::Cancelled));
     }
 }
