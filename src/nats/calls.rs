@@ -153,27 +153,47 @@ pub fn bucket_name(queue: &str) -> String {
     format!("OF_{queue}-calls")
 }
 
+/// Longest key kept readable; a longer one (an id of over ~100 unusual bytes, which the
+/// OpenFaaS gateway passes through) becomes a 128-bit hash, so a subject never nears the
+/// server's 4 KiB control line.
+const MAX_KEY: usize = 200;
+
 /// The key of a call id (see the module doc): the id itself when it is plain, else `=` and
-/// its bytes in hex.
-pub fn key_of(call_id: &str) -> String {
+/// its bytes in hex, or `==` and a 128-bit hash of it when that would be over [`MAX_KEY`].
+pub fn key_of(call_id: &str) -> std::borrow::Cow<'_, str> {
+    use crate::message::fingerprint::Fnv1a;
     let plain = !call_id.is_empty()
         && call_id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if plain {
-        call_id.to_string()
-    } else {
-        let mut k = String::with_capacity(1 + 2 * call_id.len());
-        k.push('=');
-        for b in call_id.bytes() {
-            k.push_str(&format!("{b:02x}"));
-        }
-        k
+    if plain && call_id.len() <= MAX_KEY {
+        return std::borrow::Cow::Borrowed(call_id);
     }
+    if 1 + 2 * call_id.len() > MAX_KEY {
+        let a = Fnv1a::default()
+            .part(b"call-key-a")
+            .part(call_id.as_bytes())
+            .finish();
+        let b = Fnv1a::default()
+            .part(b"call-key-b")
+            .part(call_id.as_bytes())
+            .finish();
+        return std::borrow::Cow::Owned(format!("=={a:016x}{b:016x}"));
+    }
+    let mut k = String::with_capacity(1 + 2 * call_id.len());
+    k.push('=');
+    for b in call_id.bytes() {
+        k.push_str(&format!("{b:02x}"));
+    }
+    std::borrow::Cow::Owned(k)
 }
 
-/// The call id of a key made by [`key_of`]; `None` for a key it cannot have made.
+/// The call id of a key made by [`key_of`]; `None` for a key it cannot have made or that
+/// is a hash.
 pub fn id_of(key: &str) -> Option<String> {
+    if key.starts_with("==") {
+        return None;
+    }
     match key.strip_prefix('=') {
         None => Some(key.to_string()).filter(|k| !k.is_empty()),
         Some(hex) => {
@@ -590,8 +610,21 @@ impl CallBook {
             let value = Bytes::from(serde_json::to_vec(&record).map_err(failed)?);
             match store.update(status_key(call_id), value, revision).await {
                 Ok(_) => {}
+                // A worker wrote in between: what it wrote decides (it may have finished).
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    record.state = was;
+                    record = match self.find(call_id).await? {
+                        Some((_, now, _)) => now,
+                        None => {
+                            record.state = was;
+                            record
+                        }
+                    };
+                    if matches!(
+                        record.state,
+                        State::Succeeded | State::Failed | State::Expired
+                    ) {
+                        return Ok(CancelOutcome::Finished(record));
+                    }
                 }
                 Err(e) => return Err(failed(e)),
             }
@@ -667,6 +700,11 @@ mod tests {
             assert_eq!(id_of(&key).as_deref(), Some(id), "{id}");
         }
         assert_eq!(key_of("abc-1_2"), "abc-1_2");
+        let long = "é".repeat(300);
+        let hashed = key_of(&long);
+        assert!(hashed.starts_with("==") && hashed.len() == 34, "{hashed}");
+        assert_ne!(hashed, key_of(&"é".repeat(301)));
+        assert_eq!(id_of(&hashed), None);
         assert_eq!(key_of("a.b"), "=612e62");
         assert_eq!(id_of("=6"), None);
         assert_eq!(id_of("=zz"), None);

@@ -288,7 +288,7 @@ impl Metrics {
         let status_writes = CounterVec::new(
             Opts::new(
                 "queue_worker_call_status_writes_total",
-                "Call records written to OF_<queue>-calls (call_status), by result: ok or error (not stored; the call is unaffected).",
+                "Call records written to OF_<queue>-calls (call_status), by result: ok, error (not stored) or dropped (the writer's queue was full); the call is unaffected either way.",
             ),
             &["queue_name", "result"],
         )

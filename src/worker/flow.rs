@@ -234,7 +234,7 @@ impl Worker {
         let start = self.not_before(&inv, &job, &f);
         let max_age = self.max_age_for(&inv, &f);
         job.attempt = timing::attempt(job.delivered, job.published, start, now);
-        let (cancel, abort) = match self.cancels.begin(&inv.call_id) {
+        let (cancel, abort) = match self.cancels.begin(&inv.call_id, job.published) {
             Begin::Run(guard, abort) => (guard, abort),
             Begin::Cancelled => {
                 // Boxed: rare path.
@@ -317,7 +317,7 @@ impl Worker {
                     _ = announce => {
                         if let (Some(st), Some(mut r)) = (&self.status, running.take()) {
                             r.updated_at = time::OffsetDateTime::now_utc();
-                            Box::pin(st.write(r)).await;
+                            st.write(r);
                         }
                     }
                 }
@@ -335,7 +335,8 @@ impl Worker {
                 return;
             }
             Ended::Cancelled => {
-                drop(slot);
+                // The slot is kept until the callback has a place in the budget, as on
+                // every other path (it goes when this returns).
                 Box::pin(self.settle_cancelled(&job, inv, &f, "running", policy.max_attempts))
                     .await;
                 return;
@@ -380,7 +381,7 @@ impl Worker {
                 if let Some(st) = &self.status {
                     let mut r = self.record(st, &inv, &job, &f.label, State::Succeeded);
                     self.ended(&mut r, &resp, policy.max_attempts);
-                    Box::pin(st.write(r)).await;
+                    st.write(r);
                 }
                 true
             }
@@ -392,7 +393,7 @@ impl Worker {
                     self.ended(&mut r, &resp, policy.max_attempts);
                     r.finished_at = None;
                     r.next_attempt_at = Some(r.updated_at + after);
-                    Box::pin(st.write(r)).await;
+                    st.write(r);
                 }
                 tracing::info!(callId = %inv.call_id, function = %inv.request.function, delivery = job.attempt, retry_in = after.as_secs_f64(), "Retry scheduled");
                 false
@@ -436,7 +437,7 @@ impl Worker {
                     let mut r = self.record(st, &inv, &job, &f.label, State::Failed);
                     self.ended(&mut r, &resp, policy.max_attempts);
                     r.reason = Some(entry.reason.as_str().to_string());
-                    Box::pin(st.write(r)).await;
+                    st.write(r);
                 }
                 stored
             }
@@ -511,7 +512,7 @@ impl Worker {
             let mut r = self.record(st, &inv, job, &f.label, State::Cancelled);
             r.reason = Some(stage.to_string());
             r.finished_at = Some(r.updated_at);
-            Box::pin(st.write(r)).await;
+            st.write(r);
         }
         let outcome = Outcome {
             status: CANCELLED_STATUS,
@@ -717,7 +718,7 @@ impl Worker {
             r.max_attempts = Some(policy.max_attempts);
             r.reason = Some(Reason::Expired.as_str().to_string());
             r.finished_at = Some(r.updated_at);
-            Box::pin(st.write(r)).await;
+            st.write(r);
         }
         let mut headers = HeaderMap::new();
         headers.insert(

@@ -12,9 +12,9 @@
 //! and are sent in order on the one connection, so a call's records land in the order they
 //! were written.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::{self, consumer};
 use bytes::Bytes;
@@ -22,28 +22,35 @@ use futures_util::future::{AbortHandle, AbortRegistration};
 use futures_util::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::message::fingerprint::Fnv1a;
 use crate::nats::calls::{self, Record, State};
 use crate::telemetry::metrics::Metrics;
 
-/// Cancelled ids and running calls.
+/// Most cancels one replica remembers; past it the oldest are forgotten first. The bucket
+/// bounds them too, but a flood of cancels of unknown ids must not grow a worker's memory
+/// with it (about 100 bytes each).
+const MAX_CANCELS: usize = 250_000;
+
+/// Cancelled calls and running calls.
 #[derive(Default)]
 struct Registry {
-    cancelled: HashSet<String>,
-    /// When each id was cancelled, oldest first: ids older than the bucket's TTL are gone
-    /// from the bucket and are dropped here too, so memory stays bounded by the bucket.
+    /// By key (`nats/calls.rs` `key_of`: the id itself for usual ids): when the cancel was
+    /// stored (the server's clock), and when this replica saw it.
+    cancelled: HashMap<String, (SystemTime, Instant)>,
+    /// Keys in the order they were seen, for forgetting the oldest (an entry whose key was
+    /// seen again later is skipped).
     order: VecDeque<(Instant, String)>,
-    /// Running calls by (FNV-1a 64 of the call id, a number of the job's own): no copy of
-    /// the id per job. Ids are chosen by callers and may repeat, so a cancel stops every
-    /// job with the id's hash (a scan of at most `max_inflight` entries, only on a cancel).
-    running: HashMap<(u64, u64), AbortHandle>,
+    /// Running calls by (FNV-1a 64 of the key, a number of the job's own), with when their
+    /// message was stored: no copy of the id per job. Ids are chosen by callers and may
+    /// repeat, so a cancel stops every job with that hash stored before it (a scan of at
+    /// most `max_inflight` entries, only on a cancel).
+    running: HashMap<(u64, u64), (AbortHandle, SystemTime)>,
     next: u64,
 }
 
-fn hash(call_id: &str) -> u64 {
-    Fnv1a::default().bytes(call_id.as_bytes()).finish()
+fn hash(key: &str) -> u64 {
+    Fnv1a::default().bytes(key.as_bytes()).finish()
 }
 
 /// What a job learns when it starts.
@@ -96,48 +103,56 @@ impl Cancels {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A job with `call_id` starts.
-    pub fn begin(self: &Arc<Self>, call_id: &str) -> Begin {
-        let h = hash(call_id);
+    /// A job with `call_id`, whose message was stored at `stored`, starts. A cancel applies
+    /// to the calls stored before it only: a caller that reuses an id after cancelling it
+    /// gets its new call run.
+    pub fn begin(self: &Arc<Self>, call_id: &str, stored: SystemTime) -> Begin {
+        let key = calls::key_of(call_id);
+        let h = hash(&key);
         let (handle, registration) = AbortHandle::new_pair();
         let mut r = self.lock();
-        if !r.cancelled.is_empty() && r.cancelled.contains(call_id) {
+        if !r.cancelled.is_empty()
+            && r.cancelled
+                .get(key.as_ref())
+                .is_some_and(|(at, _)| stored <= *at)
+        {
             return Begin::Cancelled;
         }
-        let key = (h, r.next);
-        r.next = r.next.wrapping_add(1);
-        r.running.insert(key, handle.clone());
+        let n = r.next;
+        r.next = n.wrapping_add(1);
+        r.running.insert((h, n), (handle.clone(), stored));
         drop(r);
         Begin::Run(
             Guard {
                 cancels: self.clone(),
-                key,
+                key: (h, n),
                 handle,
             },
             registration,
         )
     }
 
-    /// A cancel of `call_id` was seen (written now, or found at start-up); true when it
-    /// stopped a running call.
-    pub fn cancel(&self, call_id: &str) -> bool {
+    /// A cancel of the call with key `key`, stored at `at`, was seen (written now, or found
+    /// at start-up); true when it stopped a running call.
+    pub fn cancel(&self, key: &str, at: SystemTime) -> bool {
         let now = Instant::now();
-        let h = hash(call_id);
+        let h = hash(key);
         let mut r = self.lock();
-        while let Some((at, _)) = r.order.front() {
-            if now.duration_since(*at) < self.ttl {
+        while let Some((seen, _)) = r.order.front() {
+            if now.duration_since(*seen) < self.ttl && r.cancelled.len() < MAX_CANCELS {
                 break;
             }
-            if let Some((_, id)) = r.order.pop_front() {
-                r.cancelled.remove(&id);
+            if let Some((seen, old)) = r.order.pop_front() {
+                if r.cancelled.get(&old).is_some_and(|(_, s)| *s == seen) {
+                    r.cancelled.remove(&old);
+                }
             }
         }
-        if r.cancelled.insert(call_id.to_string()) {
-            r.order.push_back((now, call_id.to_string()));
-        }
+        r.cancelled.insert(key.to_string(), (at, now));
+        r.order.push_back((now, key.to_string()));
         let mut stopped = false;
-        for ((of, _), handle) in &r.running {
-            if *of == h {
+        for ((of, _), (handle, stored)) in &r.running {
+            if *of == h && *stored <= at {
                 handle.abort();
                 stopped = true;
             }
@@ -220,61 +235,59 @@ impl Cancels {
         while let Some(message) = messages.next().await {
             let message = message?;
             *wait = Duration::from_millis(100);
+            let removed = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+            let key = message.subject.as_str().rsplit_once(".c.").map(|(_, k)| k);
+            if let (false, Some(key)) = (removed, key) {
+                // When JetStream stored the cancel: it applies to calls stored before.
+                let at = message
+                    .info()
+                    .map(|i| SystemTime::from(i.published))
+                    .unwrap_or_else(|_| SystemTime::now());
+                let shown = calls::id_of(key).unwrap_or_else(|| key.to_string());
+                if self.cancel(key, at) {
+                    tracing::info!(callId = %shown, "Cancel received; dropping the running call");
+                } else {
+                    tracing::debug!(callId = %shown, "Cancel received");
+                }
+            }
+            // Only once this one is in: nothing is pulled before every stored cancel is.
             if initial > 0 {
                 initial -= 1;
                 if initial == 0 {
                     self.loaded.cancel();
                 }
             }
-            let removed = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("KV-Operation"))
-                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-            if removed {
-                continue;
-            }
-            let Some(id) = message
-                .subject
-                .as_str()
-                .rsplit_once(".c.")
-                .and_then(|(_, key)| calls::id_of(key))
-            else {
-                continue;
-            };
-            if self.cancel(&id) {
-                tracing::info!(callId = %id, "Cancel received; dropping the running call");
-            } else {
-                tracing::debug!(callId = %id, "Cancel received");
-            }
         }
         anyhow::bail!("the watch ended")
     }
 }
 
-/// Writes call records (`call_status`).
+/// Records waiting to be written; past it a record is dropped and counted, never waited for.
+const STATUS_QUEUE: usize = 10_000;
+
+/// Writes call records (`call_status`): jobs hand records to one writer task through a
+/// bounded queue and never wait, so a slow or stalled server costs records, not calls. The
+/// task publishes them in order on the one connection (a call's records land in the order
+/// they were made) and awaits each acknowledgement on its own task.
 pub struct StatusWriter {
-    js: jetstream::Context,
-    /// `$KV.<bucket>.s.`
-    prefix: String,
+    tx: tokio::sync::mpsc::Sender<Record>,
     queue: String,
     metrics: Arc<Metrics>,
-    tracker: TaskTracker,
 }
 
 impl StatusWriter {
-    pub fn new(
-        js: jetstream::Context,
-        queue: &str,
-        metrics: Arc<Metrics>,
-        tracker: TaskTracker,
-    ) -> StatusWriter {
+    pub fn new(js: jetstream::Context, queue: &str, metrics: Arc<Metrics>) -> StatusWriter {
+        let (tx, rx) = tokio::sync::mpsc::channel(STATUS_QUEUE);
+        let prefix = format!("$KV.{}.s.", calls::bucket_name(queue));
+        tokio::spawn(write_records(js, prefix, rx, metrics.clone()));
         StatusWriter {
-            js,
-            prefix: format!("$KV.{}.s.", calls::bucket_name(queue)),
+            tx,
             queue: queue.to_string(),
             metrics,
-            tracker,
         }
     }
 
@@ -283,23 +296,32 @@ impl StatusWriter {
         Record::new(call_id, state, function, &self.queue)
     }
 
-    /// Sends `record` now (in order with this job's earlier writes); its acknowledgement is
-    /// awaited on a tracked task, and a failure is counted and logged, never retried: a
-    /// status is information, the queue is the truth.
-    ///
-    /// Takes the record by value, so a caller that boxes this future (the job's task does,
-    /// to keep its own future small when status is off) keeps nothing of it in its frame.
-    pub async fn write(&self, record: Record) {
-        let payload = match serde_json::to_vec(&record) {
-            Ok(p) => Bytes::from(p),
-            Err(_) => return,
+    /// Queues `record` for writing, after this job's earlier records; dropped and counted
+    /// (`result="dropped"`) when the queue is full. A status is information; the work queue
+    /// is the truth.
+    pub fn write(&self, record: Record) {
+        if self.tx.try_send(record).is_err() {
+            self.metrics.status_write("dropped");
+        }
+    }
+}
+
+async fn write_records(
+    js: jetstream::Context,
+    prefix: String,
+    mut rx: tokio::sync::mpsc::Receiver<Record>,
+    metrics: Arc<Metrics>,
+) {
+    while let Some(record) = rx.recv().await {
+        let Ok(payload) = serde_json::to_vec(&record) else {
+            continue;
         };
-        let subject = format!("{}{}", self.prefix, calls::key_of(&record.call_id));
-        let metrics = self.metrics.clone();
-        match self.js.publish(subject, payload).await {
+        let subject = format!("{prefix}{}", calls::key_of(&record.call_id));
+        match js.publish(subject, Bytes::from(payload)).await {
             Ok(ack) => {
-                let call_id = record.call_id.clone();
-                self.tracker.spawn(async move {
+                let metrics = metrics.clone();
+                let call_id = record.call_id;
+                tokio::spawn(async move {
                     match tokio::time::timeout(Duration::from_secs(10), ack).await {
                         Ok(Ok(_)) => metrics.status_write("ok"),
                         Ok(Err(e)) => {
@@ -329,7 +351,7 @@ mod tests {
         Guard,
         futures_util::future::Abortable<std::future::Pending<()>>,
     ) {
-        match c.begin(id) {
+        match c.begin(id, SystemTime::UNIX_EPOCH) {
             Begin::Run(guard, reg) => (
                 guard,
                 futures_util::future::Abortable::new(std::future::pending(), reg),
@@ -342,13 +364,16 @@ mod tests {
     async fn a_cancel_reaches_a_call_whichever_comes_first() {
         let c = Cancels::new(Duration::from_secs(60));
         // Cancelled before it starts: never runs.
-        assert!(!c.cancel("a"));
-        assert!(matches!(c.begin("a"), Begin::Cancelled));
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        assert!(!c.cancel("a", t(10)));
+        assert!(matches!(c.begin("a", t(5)), Begin::Cancelled));
+        // A call stored after the cancel (the caller reused the id) runs.
+        assert!(matches!(c.begin("a", t(11)), Begin::Run(..)));
         // Started first: the cancel aborts it, and every message sharing the id.
         let (one, call_one) = run(&c, "b");
         let (two, call_two) = run(&c, "b");
         assert!(!one.is_cancelled());
-        assert!(c.cancel("b"));
+        assert!(c.cancel("b", t(10)));
         assert!(one.is_cancelled() && two.is_cancelled());
         assert!(call_one.await.is_err(), "the call is aborted");
         assert!(call_two.await.is_err());
@@ -363,11 +388,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn cancels_older_than_the_bucket_ttl_are_forgotten() {
         let c = Cancels::new(Duration::from_secs(10));
-        c.cancel("old");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(10);
+        c.cancel("old", t);
         tokio::time::advance(Duration::from_secs(11)).await;
-        c.cancel("new");
+        c.cancel("new", t);
         assert_eq!(c.len(), 1);
-        assert!(matches!(c.begin("old"), Begin::Run(..)));
-        assert!(matches!(c.begin("new"), Begin::Cancelled));
+        assert!(matches!(
+            c.begin("old", SystemTime::UNIX_EPOCH),
+            Begin::Run(..)
+        ));
+        assert!(matches!(
+            c.begin("new", SystemTime::UNIX_EPOCH),
+            Begin::Cancelled
+        ));
     }
 }

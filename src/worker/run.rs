@@ -296,7 +296,7 @@ async fn work(
     let status = config
         .calls
         .status
-        .then(|| StatusWriter::new(js.clone(), &config.queue, metrics.clone(), tracker.clone()));
+        .then(|| StatusWriter::new(js.clone(), &config.queue, metrics.clone()));
     let worker = Arc::new(Worker {
         invoker,
         callbacks,

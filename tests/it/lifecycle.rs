@@ -483,3 +483,37 @@ async fn a_call_queued_without_a_record_is_cancelled_all_the_same() {
     assert_eq!(record["reason"], "queued", "{record}");
     crate::support::stop(worker).await;
 }
+
+/// A cancel applies to the calls stored before it: a caller that reuses the call id of a
+/// cancelled call gets its new call run.
+#[tokio::test]
+async fn a_call_id_reused_after_its_cancel_runs() {
+    let env = Env::start().await;
+    let door = env.frontdoor(&[]).await;
+    let send = |body: &'static str| {
+        reqwest::Client::new()
+            .post(url(&door, "/async-function/again"))
+            .header("X-Call-Id", "reused-id-1")
+            .header("X-Callback-Url", env.gateway.callback_url(body))
+            .body(body)
+            .send()
+    };
+    assert_eq!(send("first").await.unwrap().status(), 202);
+    assert_eq!(delete(&door, "reused-id-1").await.0, 202);
+    let worker = env.worker(&[]).await;
+    env.gateway.wait_callbacks(1).await;
+    assert_eq!(
+        env.gateway.callback_for("first").header("x-call-status"),
+        "cancelled"
+    );
+    assert_eq!(send("second").await.unwrap().status(), 202);
+    env.gateway.wait_callbacks(2).await;
+    assert_eq!(env.gateway.calls_to("again"), 1, "the new call runs");
+    assert_eq!(
+        env.gateway
+            .callback_for("second")
+            .header("x-function-status"),
+        "200"
+    );
+    crate::support::stop(worker).await;
+}
