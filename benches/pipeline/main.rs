@@ -982,9 +982,10 @@ fn render_status(out: &mut String, r: &Results) {
     out.push_str(
         "Static mode end to end, one function, the same jobs; the worker runs once with \
          `call_status=false` and once with `call_status=true` at each level, in the same run. \
-         With it on, each call's record is written twice (running, then succeeded) to the KV \
-         bucket `OF_<queue>-calls`: two JetStream publishes whose acknowledgements are awaited \
-         off the job's path. \"on ÷ off\" is per run, then the median taken.\n\n",
+         With it on, each of these no-op calls writes one record, its outcome, to the KV \
+         bucket `OF_<queue>-calls` (a call running over 100 ms also writes `running`): a \
+         JetStream publish from one writer task, its acknowledgement awaited off the job's \
+         path. \"on ÷ off\" is per run, then the median taken.\n\n",
     );
     let mut t = Table::new(&[
         "max_inflight",

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use time::OffsetDateTime;
 
-use crate::nats::stream::LayoutError;
+use crate::nats::stream::{unavailable, LayoutError};
 
 /// What became of a call. `Queued` and `Waiting` may still be cancelled before they run;
 /// the last four are final.
@@ -268,10 +268,6 @@ impl CallsLayout {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> LayoutError {
-    LayoutError::Unavailable(e.to_string())
-}
-
 /// Makes sure the bucket exists, bringing an existing one to the configured `max_age` and
 /// `max_bytes`, and opens it.
 pub async fn ensure_bucket(
@@ -306,7 +302,7 @@ pub async fn ensure_bucket(
             }
         }
         Response::Err { error } if error.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {
-            create_bucket(js, layout, wanted).await?
+            create_bucket(js, wanted).await?
         }
         Response::Err { error } => return Err(unavailable(error)),
     }
@@ -315,51 +311,16 @@ pub async fn ensure_bucket(
         .map_err(unavailable)
 }
 
-async fn create_bucket(
-    js: &jetstream::Context,
-    layout: &CallsLayout,
-    wanted: stream::Config,
-) -> Result<(), LayoutError> {
-    let create = |config: stream::Config| async move {
-        let resp: Response<stream::Info> = js
-            .request(format!("STREAM.CREATE.{}", layout.stream()), &config)
-            .await
-            .map_err(unavailable)?;
-        Ok::<_, LayoutError>(resp)
+async fn create_bucket(js: &jetstream::Context, wanted: stream::Config) -> Result<(), LayoutError> {
+    let names = crate::nats::stream::Capped {
+        what: "call records bucket",
+        max_bytes_key: "call_status_max_bytes",
+        max_age_key: "call_status_ttl",
     };
-    let error = match create(wanted.clone()).await? {
-        Response::Ok(_) => {
-            tracing::info!(bucket = %layout.bucket, ttl = ?layout.ttl, max_bytes = layout.max_bytes, "Created call records bucket");
-            return Ok(());
-        }
-        // Another process won the race.
-        Response::Err { error }
-            if error.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
-        {
-            return Ok(())
-        }
-        Response::Err { error } => error,
-    };
-    // As for the dead-letter stream: JetStream could not reserve call_status_max_bytes (a
-    // small max_file_store, an account limit). Bounded by age only is better than a worker
-    // that does not start.
-    let mut uncapped = wanted;
-    uncapped.max_bytes = -1;
-    match create(uncapped).await? {
-        Response::Ok(_) => {
-            tracing::warn!(bucket = %layout.bucket, call_status_max_bytes = layout.max_bytes, error = %error, "could not create the call records bucket with call_status_max_bytes; created it bounded by call_status_ttl only. Lower call_status_max_bytes to what JetStream can hold.");
-            Ok(())
-        }
-        Response::Err { error: second }
-            if second.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
-        {
-            Ok(())
-        }
-        Response::Err { error: second } => Err(LayoutError::Incompatible(format!(
-            "cannot create the call records bucket {} (call_status_max_bytes={}): {error}; without a size cap: {second}",
-            layout.bucket, layout.max_bytes
-        ))),
-    }
+    // `None`: another process created it first, which is as good.
+    crate::nats::stream::create_capped(js, wanted, names)
+        .await
+        .map(|_| ())
 }
 
 /// Reading or writing a record failed (NATS trouble); the caller answers 503 / exits 3.

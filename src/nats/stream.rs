@@ -110,7 +110,7 @@ pub(crate) fn work_consumer(
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> LayoutError {
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> LayoutError {
     LayoutError::Unavailable(e.to_string())
 }
 
@@ -678,45 +678,70 @@ impl DeadLetterLayout {
     }
 }
 
+/// What [`create_capped`] should call the stream and its settings in logs and errors.
+pub(crate) struct Capped<'a> {
+    /// "dead-letter stream", "call records bucket".
+    pub what: &'a str,
+    /// The settings behind its `max_bytes` and `max_age`.
+    pub max_bytes_key: &'a str,
+    pub max_age_key: &'a str,
+}
+
+/// Creates a stream the worker owns with `wanted`'s limits. When that fails (the usual
+/// cause: JetStream cannot reserve `max_bytes`, a small `max_file_store` or an account
+/// limit) it is created again without a size cap, bounded by age only, and a warning says
+/// which setting to lower: better than a worker that does not start. `Ok(None)` when
+/// another process created it first.
+pub(crate) async fn create_capped(
+    js: &jetstream::Context,
+    wanted: stream::Config,
+    names: Capped<'_>,
+) -> Result<Option<stream::Info>, LayoutError> {
+    let create = |config: stream::Config| async move {
+        let resp: Response<stream::Info> = js
+            .request(format!("STREAM.CREATE.{}", config.name), &config)
+            .await
+            .map_err(unavailable)?;
+        Ok::<_, LayoutError>(resp)
+    };
+    let exists = |e: &jetstream::Error| e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST;
+    let error = match create(wanted.clone()).await? {
+        Response::Ok(info) => {
+            tracing::info!(stream = %wanted.name, subjects = ?wanted.subjects, max_age = ?wanted.max_age, max_bytes = wanted.max_bytes, "Created {}", names.what);
+            return Ok(Some(info));
+        }
+        Response::Err { error } if exists(&error) => return Ok(None),
+        Response::Err { error } => error,
+    };
+    let mut uncapped = wanted.clone();
+    uncapped.max_bytes = -1;
+    match create(uncapped).await? {
+        Response::Ok(info) => {
+            tracing::warn!(stream = %wanted.name, max_bytes = wanted.max_bytes, error = %error, "could not create the {} with {}; created it bounded by {} only. Lower {} to what JetStream can hold.", names.what, names.max_bytes_key, names.max_age_key, names.max_bytes_key);
+            Ok(Some(info))
+        }
+        Response::Err { error: second } if exists(&second) => Ok(None),
+        Response::Err { error: second } => Err(LayoutError::Incompatible(format!(
+            "cannot create the {} {} with subjects {:?} ({}={}): {error}; without a size cap: {second}",
+            names.what, wanted.name, wanted.subjects, names.max_bytes_key, wanted.max_bytes
+        ))),
+    }
+}
+
 async fn create_dead_letter_stream(
     js: &jetstream::Context,
     layout: &DeadLetterLayout,
     wanted: stream::Config,
 ) -> Result<stream::Info, LayoutError> {
-    let create = |config: stream::Config| async move {
-        let resp: Response<stream::Info> = js
-            .request(format!("STREAM.CREATE.{}", layout.stream), &config)
-            .await
-            .map_err(unavailable)?;
-        Ok::<_, LayoutError>(resp)
+    let names = Capped {
+        what: "dead-letter stream",
+        max_bytes_key: "dead_letter_max_bytes",
+        max_age_key: "dead_letter_max_age",
     };
-    let error = match create(wanted.clone()).await? {
-        Response::Ok(info) => {
-            tracing::info!(stream = %layout.stream, subjects = ?wanted.subjects, max_age = ?layout.max_age, max_bytes = layout.max_bytes, "Created dead-letter stream");
-            return Ok(info);
-        }
+    match create_capped(js, wanted, names).await? {
+        Some(info) => Ok(info),
         // Another replica won the race: use theirs.
-        Response::Err { error }
-            if error.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST =>
-        {
-            return Box::pin(ensure_dead_letter_stream(js, layout)).await;
-        }
-        Response::Err { error } => error,
-    };
-    // The usual cause: JetStream cannot reserve dead_letter_max_bytes (a small
-    // max_file_store, an account limit). A dead-letter stream bounded by age only is better
-    // than a worker that does not start.
-    let mut uncapped = wanted.clone();
-    uncapped.max_bytes = -1;
-    match create(uncapped).await? {
-        Response::Ok(info) => {
-            tracing::warn!(stream = %layout.stream, dead_letter_max_bytes = layout.max_bytes, error = %error, "could not create the dead-letter stream with dead_letter_max_bytes; created it bounded by dead_letter_max_age only. Lower dead_letter_max_bytes to what JetStream can hold.");
-            Ok(info)
-        }
-        Response::Err { error: second } => Err(LayoutError::Incompatible(format!(
-            "cannot create dead-letter stream {} with subjects {:?} (dead_letter_max_bytes={}): {error}; without a size cap: {second}",
-            layout.stream, wanted.subjects, layout.max_bytes
-        ))),
+        None => Box::pin(ensure_dead_letter_stream(js, layout)).await,
     }
 }
 
