@@ -284,12 +284,8 @@ impl Worker {
 
         // `running` is recorded once the call has run for RUNNING_AFTER: a call that ends
         // sooner writes only its outcome (one record instead of two, see BENCHMARKS.md).
-        let mut running = self.status.as_ref().map(|st| {
-            let mut r = self.record(st, &inv, &job, &f.label, State::Running);
-            r.max_attempts = Some(policy.max_attempts);
-            r.started_at = Some(r.updated_at);
-            r
-        });
+        // The record is built only if it is written.
+        let mut running = self.status.is_some().then(time::OffsetDateTime::now_utc);
 
         f.inflight.inc();
         // The body moves into the request (no copy); nothing after the call reads it.
@@ -315,8 +311,10 @@ impl Worker {
                     },
                     _ = self.deadline.cancelled() => break Ended::Deadline,
                     _ = announce => {
-                        if let (Some(st), Some(mut r)) = (&self.status, running.take()) {
-                            r.updated_at = time::OffsetDateTime::now_utc();
+                        if let (Some(st), Some(started)) = (&self.status, running.take()) {
+                            let mut r = self.record(st, &inv, &job, &f.label, State::Running);
+                            r.max_attempts = Some(policy.max_attempts);
+                            r.started_at = Some(started);
                             st.write(r);
                         }
                     }
